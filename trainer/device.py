@@ -1,0 +1,36 @@
+"""Horovod start-up and the device rule: one rank per GPU, else CPU with OMP threads per rank."""
+from __future__ import annotations
+
+import os
+
+
+def set_cpu_threads(threads: int = 0) -> int:
+    """Set OMP_NUM_THREADS for this rank before MXNet starts its engine; 0 = cores / local ranks.
+
+    Must run before `import mxnet`: MXNet reads the variable once, at import.
+    """
+    if threads <= 0:
+        if "OMP_NUM_THREADS" in os.environ and os.environ.get("CIFAR10_HVD_THREADS_AUTO") != "1":
+            return int(os.environ["OMP_NUM_THREADS"])
+        local = int(os.environ.get("HOROVOD_LOCAL_SIZE") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or 1)
+        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "1")
+    return threads
+
+
+def init_horovod():
+    """Initialise Horovod and return the module (hvd.rank(), hvd.size(), ...)."""
+    import horovod.mxnet as hvd
+
+    hvd.init()
+    return hvd
+
+
+def context(hvd):
+    """mx.gpu(local_rank) when GPUs are visible, else mx.cpu(): the same code path either way."""
+    import mxnet as mx
+
+    if mx.context.num_gpus() > 0:
+        return mx.gpu(hvd.local_rank() % mx.context.num_gpus())
+    return mx.cpu()

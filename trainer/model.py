@@ -1,0 +1,39 @@
+"""The seed's ResNet-18 for 32x32 inputs, with every channel count scaled by width/64."""
+from __future__ import annotations
+
+from mxnet.gluon import nn
+
+
+class Residual(nn.HybridBlock):
+    """Two 3x3 conv-BN layers with an identity or 1x1 strided projection shortcut (d2l's Residual)."""
+
+    def __init__(self, num_channels: int, use_1x1conv: bool = False, strides: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.conv1 = nn.Conv2D(num_channels, kernel_size=3, padding=1, strides=strides)
+        self.conv2 = nn.Conv2D(num_channels, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2D(num_channels, kernel_size=1, strides=strides) if use_1x1conv else None
+        self.bn1 = nn.BatchNorm()
+        self.bn2 = nn.BatchNorm()
+
+    def hybrid_forward(self, F, X):
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = self.bn2(self.conv2(Y))
+        if self.conv3 is not None:
+            X = self.conv3(X)
+        return F.relu(Y + X)
+
+
+def resnet18(num_classes: int = 10, width: int = 64) -> nn.HybridSequential:
+    """ResNet-18 as in the seed: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8)."""
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(width, kernel_size=3, strides=1, padding=1), nn.BatchNorm(), nn.Activation("relu"))
+
+    def stage(num_channels: int, first: bool) -> nn.HybridSequential:
+        blk = nn.HybridSequential()
+        blk.add(Residual(num_channels, use_1x1conv=not first, strides=1 if first else 2))
+        blk.add(Residual(num_channels))
+        return blk
+
+    net.add(stage(width, True), stage(2 * width, False), stage(4 * width, False), stage(8 * width, False))
+    net.add(nn.GlobalAvgPool2D(), nn.Dense(num_classes))
+    return net
