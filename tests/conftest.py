@@ -1,0 +1,65 @@
+"""Shared fixtures: the venv's tools, real horovodrun launches, demo data and a prepared dir."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: the venv first on PATH, Open MPI allowed as root, 1 thread a rank."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 600, check: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """Run `cifar10-hvd ARGS` from the venv and capture its output."""
+    proc = subprocess.run([str(BIN / "cifar10-hvd"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=tool_env(**env), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cifar10-hvd {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def horovodrun(np_: int, cmd: list[str], controller: str = "gloo", timeout: float = 600,
+               check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Launch cmd under a real `horovodrun -np N -H localhost:N --gloo|--mpi`."""
+    args = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}"]
+    if controller == "mpi":
+        args += ["--mpi-args=--oversubscribe"]
+    proc = subprocess.run(args + cmd, capture_output=True, text=True, timeout=timeout,
+                          env=tool_env(**env), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"horovodrun exited {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\n"
+                             f"stderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_src(tmp_path_factory) -> Path:
+    """A small procedural Kaggle-layout dataset (600 train, 97 test), made once per session."""
+    out = tmp_path_factory.mktemp("demo") / "kaggle"
+    run_cli(["demo-data", "--out", str(out), "--train", "600", "--test", "97", "--seed", "0"], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(demo_src, tmp_path_factory) -> Path:
+    """demo_src prepared by `cifar10-hvd prepare` (valid ratio 0.1)."""
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    run_cli(["prepare", "--data", str(demo_src), "--out", str(out), "--workers", "2"], check=True)
+    return out
