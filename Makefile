@@ -1,0 +1,37 @@
+# The README's two commands are `make demo` and `make test`; both start with `make setup`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/cifar10-hvd
+DEMO_DIR ?= demo
+NP ?= 2
+# Open MPI refuses to run as root unless told; CI and containers here run as root.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: setup demo test bench lint clean
+
+# Idempotent: the stamp is newer than everything the install depends on, so a second
+# `make setup` does nothing. Delete .venv to start over.
+setup: $(VENV)/.stack-ok
+
+$(VENV)/.stack-ok: setup.py scripts/install-stack.sh
+	bash scripts/install-stack.sh $(VENV) dev
+	touch $@
+
+demo: setup
+	@[ -d $(DEMO_DIR)/kaggle ] || $(CLI) demo-data --out $(DEMO_DIR)/kaggle --train 5000 --test 1000 --seed 0
+	$(CLI) run --config configs/demo.yaml --data $(DEMO_DIR)/kaggle --workdir $(DEMO_DIR)/run --np $(NP)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

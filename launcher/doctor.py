@@ -1,0 +1,83 @@
+"""`cifar10-hvd doctor`: what the stack has (Python, MXNet, Horovod, MPI, GPUs) and plainly what is missing."""
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import sys
+
+
+def _run(cmd: list[str]) -> str | None:
+    """A command's stdout, or None when it is missing or fails."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+
+
+def checks() -> tuple[list[str], list[str]]:
+    """(report lines, problems) for the current environment."""
+    lines = [f"python      {platform.python_version()} ({sys.executable})"]
+    problems: list[str] = []
+    try:
+        import numpy
+
+        lines.append(f"numpy       {numpy.__version__}")
+        if not numpy.__version__.startswith("1."):
+            problems.append(f"numpy {numpy.__version__}: mxnet 1.9.1 needs numpy 1.x (setup.py pins 1.23.5)")
+    except ImportError:
+        problems.append("numpy is not installed (run `make setup`)")
+    n_gpus = 0
+    try:
+        import mxnet as mx
+        from mxnet.runtime import Features
+
+        feats = Features()
+        n_gpus = mx.context.num_gpus()
+        lines.append(f"mxnet       {mx.__version__} (MKLDNN: {'yes' if feats.is_enabled('MKLDNN') else 'no'}, "
+                     f"CUDA: {'yes' if feats.is_enabled('CUDA') else 'no'}, NCCL: {'yes' if feats.is_enabled('NCCL') else 'no'})")
+        lines.append(f"gpus        {n_gpus} visible to mxnet")
+    except ImportError as e:
+        problems.append(f"mxnet cannot be imported: {e} (run `make setup`)")
+    try:
+        import horovod
+        from horovod.common.util import extension_available, gloo_built, mpi_built, nccl_built
+
+        has_mx = extension_available("mxnet")
+        flags = {"MXNet": has_mx,
+                 "MPI": has_mx and mpi_built(verbose=False),
+                 "Gloo": has_mx and gloo_built(verbose=False),
+                 "NCCL": has_mx and bool(nccl_built(verbose=False))}
+        built = [w for w, ok in flags.items() if ok]
+        lines.append(f"horovod     {horovod.__version__} (built with: {', '.join(built) or 'nothing usable'})")
+        for want in ("MXNet", "MPI", "Gloo"):
+            if want not in built:
+                problems.append(f"horovod is not built with {want} (re-run `make setup`)")
+        if n_gpus and "NCCL" not in built:
+            problems.append("GPUs are visible but horovod has no NCCL operations (build with HOROVOD_GPU_OPERATIONS=NCCL)")
+    except ImportError:
+        problems.append("horovod is not installed (run `make setup`; it builds horovod 0.28.1 against mxnet)")
+    mpi = _run(["mpirun", "--version"])
+    if mpi:
+        lines.append(f"open mpi    {mpi.splitlines()[0]}")
+    else:
+        problems.append("Open MPI is missing: apt-get install -y openmpi-bin libopenmpi-dev")
+    smi = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"])
+    lines.append(f"nvidia-smi  {'; '.join(smi.strip().splitlines()) if smi else 'not found (CPU only)'}")
+    return lines, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the report; exit 1 when something the job needs is missing."""
+    argparse.ArgumentParser(prog="cifar10-hvd doctor", description=__doc__).parse_args(argv)
+    lines, problems = checks()
+    print("\n".join(lines))
+    if problems:
+        print("\nmissing:")
+        print("\n".join(f"  - {p}" for p in problems))
+        return 1
+    print("\nall set: mxnet, horovod (MXNet, MPI, Gloo) and Open MPI are in place")
+    return 0
