@@ -82,6 +82,8 @@ def _check_value(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(meta['choices'])}, got {value!r}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
+    if "min_excl" in meta and value <= meta["min_excl"]:
+        raise ConfigError(f"{source}: key '{name}' must be > {meta['min_excl']}, got {value!r}")
     if "max_excl" in meta and value >= meta["max_excl"]:
         raise ConfigError(f"{source}: key '{name}' must be < {meta['max_excl']}, got {value!r}")
     return value
