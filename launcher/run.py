@@ -1,0 +1,285 @@
+"""`cifar10-hvd run`: the whole job (prepare, tune, final, predict) from one YAML config.
+
+Outside an MPI world it starts each stage itself: `prepare` as one process, the
+training and predict stages through `horovodrun` (the exact command is printed so it
+can be copied). Inside one (started by horovodrun, mpirun or an MPIJob launcher) it
+runs the stages in-process on every rank instead of launching again. Each finished
+stage leaves a marker with a hash of the config it ran with; a re-run skips stages
+whose marker matches and whose outputs are complete.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.report import write_report
+from launcher.run_config import PHASES, RunConfig, load_run_config, parse_phases, write_run_config
+from trainer.checkpoint import FINAL_PARAMS
+from trainer.config import ConfigError
+
+STAGE_DIRS = {"tune": "tune", "final": "final"}
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; carries its name and exit status."""
+
+    def __init__(self, stage: str, code: int):
+        super().__init__(f"stage '{stage}' failed (exit status {code})")
+        self.stage, self.code = stage, code
+
+
+def mpi_world() -> tuple[int, int] | None:
+    """(rank, size) when this process was started by horovodrun/mpirun, else None."""
+    for rank_var, size_var in (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("PMI_RANK", "PMI_SIZE")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return None
+
+
+class Pipeline:
+    """Runs the configured phases in order and records what ran in summary.json."""
+
+    def __init__(self, cfg: RunConfig, config_path: Path, resume: bool):
+        self.cfg = cfg
+        self.resume = resume
+        self.workdir = Path(cfg.workdir).resolve()
+        self.prepared = Path(cfg.prepared).resolve() if cfg.prepared else self.workdir / "prepared"
+        self.world = mpi_world()
+        self.rank = self.world[0] if self.world else 0
+        self.resolved_config = self.workdir / "run-config.yaml"
+        self.markers = self.workdir / ".stages"
+        self.python = sys.executable
+        self.horovodrun = str(Path(sys.executable).parent / "horovodrun")
+        self.config_path = config_path
+
+    # -- config identity -------------------------------------------------------------------------
+    def stage_key(self, stage: str) -> str:
+        """Hash of everything that determines a stage's output (and its inputs' keys)."""
+        d = self.cfg.to_dict()
+        parts: dict[str, Any] = {"prepare": {"data": self.cfg.data, "prepared": str(self.prepared), **d["prepare"]}}
+        parts["tune"] = {"prev": parts["prepare"], "train": d["train"]}
+        parts["final"] = parts["tune"]
+        parts["predict"] = {"prev": parts["final"], "predict": d["predict"]}
+        blob = json.dumps({"stage": stage, **parts[stage]}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def marker(self, stage: str) -> dict | None:
+        path = self.markers / f"{stage}.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def complete(self, stage: str) -> bool:
+        """The stage ran with this config and its outputs are all there."""
+        m = self.marker(stage)
+        if not m or m.get("key") != self.stage_key(stage):
+            return False
+        if stage == "prepare":
+            return (self.prepared / "manifest.json").is_file()
+        if stage in STAGE_DIRS:
+            return (self.workdir / STAGE_DIRS[stage] / FINAL_PARAMS).is_file()
+        return (self.workdir / "submission.csv").is_file()
+
+    # -- launching ---------------------------------------------------------------------------------
+    def horovod_command(self, argv: list[str]) -> list[str]:
+        """horovodrun -np N -H ... --gloo|--mpi python ARGV, from the launch section."""
+        launch = self.cfg.launch
+        cmd = [self.horovodrun, "-np", str(launch.np)]
+        hostfile = launch.hostfile or ""
+        if launch.hosts:
+            cmd += ["-H", launch.hosts]
+        elif hostfile:
+            cmd += ["--hostfile", hostfile]
+        else:
+            cmd += ["-H", f"localhost:{launch.np}"]
+        cmd.append(f"--{launch.controller}")
+        if launch.controller == "mpi" and not launch.hosts and not hostfile:
+            cmd.append("--mpi-args=--oversubscribe")
+        return cmd + [self.python, *argv]
+
+    def execute(self, stage: str, argv: list[str], distributed: bool) -> None:
+        """Run `python ARGV` for a stage: in-process inside an MPI world, else as a (horovodrun) child."""
+        if self.world and distributed:
+            module = argv[1]
+            import importlib
+
+            mod = importlib.import_module("trainer.train" if module == "trainer" else module)
+            code = int(mod.main(argv[2:]) or 0)
+            if code:
+                raise StageFailed(stage, code)
+            return
+        cmd = self.horovod_command(argv) if distributed else [self.python, *argv]
+        print(f"[run] {stage}: {shlex.join(cmd)}", flush=True)
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(self.python).parent}{os.pathsep}{env.get('PATH', '')}"
+        if os.geteuid() == 0:  # Open MPI refuses root unless told; containers and CI run as root
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        code = subprocess.call(cmd, env=env)
+        if code:
+            raise StageFailed(stage, code)
+
+    # -- stages --------------------------------------------------------------------------------------
+    def argv(self, stage: str, out_dir: Path) -> list[str]:
+        """The stage's command line (after `python`)."""
+        if stage == "prepare":
+            if not self.cfg.data:
+                raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
+            p = self.cfg.prepare
+            a = ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared),
+                 "--valid-ratio", repr(p.valid_ratio), "--seed", str(p.seed)]
+            if p.workers:
+                a += ["--workers", str(p.workers)]
+            if p.layout == "folders":
+                a += ["--layout", "folders"]
+            return a
+        if stage in STAGE_DIRS:
+            a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir),
+                 "--config", str(self.resolved_config), "--phase", stage]
+            return a + (["--resume"] if self.resume and (out_dir / "config.json").exists() else [])
+        p = self.cfg.predict
+        return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
+                "--out", str(self.workdir / "submission.csv"), "--batch-size", str(p.batch_size), "--tta", p.tta]
+
+    def run_stage(self, stage: str) -> dict:
+        """Run one stage unless it is complete; return its figures for summary.json."""
+        out_dir = self.workdir / STAGE_DIRS.get(stage, "")
+        if self.complete(stage):
+            print(f"[run] {stage}: up to date, skipped", flush=True)
+            return {**(self.marker(stage) or {}).get("figures", {}), "status": "skipped"}
+        if stage in STAGE_DIRS and out_dir.exists() and not self.resume and self.rank == 0:
+            print(f"[run] {stage}: {out_dir} holds an earlier, unfinished or different run; starting over "
+                  "(pass --resume to continue from its last checkpoint)", flush=True)
+            shutil.rmtree(out_dir)
+        print(f"[run] == stage {stage} ==", flush=True)
+        start = time.time()
+        self.execute(stage, self.argv(stage, out_dir), distributed=stage != "prepare")
+        figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2), **self.figures(stage, out_dir)}
+        if stage == "prepare" or "predict" == stage:
+            count = figures.get("images")
+            if count:
+                figures["images_per_sec_wall"] = round(count / max(figures["wall_seconds"], 1e-9), 1)
+        if self.rank == 0:
+            self.markers.mkdir(parents=True, exist_ok=True)
+            tmp = self.markers / f".{stage}.json.tmp"
+            tmp.write_text(json.dumps({"key": self.stage_key(stage), "figures": figures}, indent=2))
+            os.replace(tmp, self.markers / f"{stage}.json")
+        return figures
+
+    def figures(self, stage: str, out_dir: Path) -> dict:
+        """Figures read back from a finished stage's outputs."""
+        if stage == "prepare":
+            manifest = json.loads((self.prepared / "manifest.json").read_text())
+            splits = manifest["splits"]
+            return {"images": splits["train_valid"]["count"] + splits["test"]["count"],
+                    "train": splits["train"]["count"], "valid": splits["valid"]["count"], "test": splits["test"]["count"]}
+        if stage == "predict":
+            with open(self.workdir / "submission.csv") as f:
+                rows = sum(1 for _ in f) - 1
+            return {"images": rows, "submission": str(self.workdir / "submission.csv")}
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if not rows:
+            return {"epochs": 0}
+        fig = {"epochs": rows[-1]["epoch"] + (0 if rows[0]["epoch"] >= 1 else 1),
+               "train_loss": rows[-1]["train_loss"], "train_acc": rows[-1]["train_acc"],
+               "images_per_sec": round(sum(r["images_per_sec"] for r in rows) / len(rows), 1),
+               "train_seconds": round(sum(r["epoch_seconds"] for r in rows), 2)}
+        if stage == "tune":
+            fig["valid_acc"] = rows[-1]["valid_acc"]
+            fig["best_valid_acc"] = max(r["valid_acc"] for r in rows if r["valid_acc"] is not None)
+        return fig
+
+    def run(self) -> dict:
+        """All configured phases in order; summary.json and the report on rank 0."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            write_run_config(self.cfg, self.resolved_config)
+        summary: dict[str, Any] = {"config": str(self.config_path), "workdir": str(self.workdir),
+                                   "prepared": str(self.prepared), "phases": self.cfg.phases,
+                                   "launch": self.cfg.to_dict()["launch"], "in_mpi_world": bool(self.world),
+                                   "stages": {}}
+        old = self.workdir / "summary.json"
+        if old.exists():
+            try:
+                summary["stages"] = json.loads(old.read_text()).get("stages", {})
+            except json.JSONDecodeError:
+                pass
+        started = time.time()
+        for i, stage in enumerate(self.cfg.phases, start=1):
+            if self.rank == 0:
+                print(f"[run] stage {i}/{len(self.cfg.phases)}: {stage}", flush=True)
+            summary["stages"][stage] = self.run_stage(stage)
+        summary["wall_seconds"] = round(time.time() - started, 2)
+        if self.rank == 0:
+            tune = summary["stages"].get("tune", {})
+            summary["tune_valid_acc"] = tune.get("valid_acc")
+            if (self.workdir / "submission.csv").exists():
+                summary["submission"] = str(self.workdir / "submission.csv")
+            report = write_report(self.workdir, summary)
+            if report:
+                summary["report"] = str(report)
+            tmp = self.workdir / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.workdir / "summary.json")
+        return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cifar10-hvd run", description=__doc__.splitlines()[0],
+                                epilog="Overrides: key=value pairs after the flags, e.g. train.epochs=3 launch.np=4 "
+                                       "(a bare key works when only one section has it).")
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--data", help="Kaggle download: directory, directory of train.7z/test.7z, or the competition zip")
+    p.add_argument("--workdir", help="run directory (default: the config's workdir)")
+    p.add_argument("--prepared", help="an existing prepared directory on shared storage (default: WORKDIR/prepared)")
+    p.add_argument("--np", type=int, help="number of ranks (horovodrun -np)")
+    p.add_argument("--hosts", help="horovodrun -H list, e.g. node1:4,node2:4 (default localhost:NP)")
+    p.add_argument("--hostfile", help="horovodrun --hostfile (e.g. the MPI Operator's /etc/mpi/hostfile)")
+    p.add_argument("--controller", choices=("gloo", "mpi"), help="Horovod controller")
+    p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--resume", action="store_true", help="continue a stage that was cut off from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: exit 0 on success, 2 on a config error, the failing stage's status otherwise."""
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    for key in ("data", "workdir", "prepared"):
+        if getattr(args, key):
+            overrides.append(f"{key}={os.path.abspath(getattr(args, key))}")
+    for key in ("np", "hosts", "hostfile", "controller"):
+        if getattr(args, key) is not None:
+            overrides.append(f"launch.{key}={getattr(args, key)}")
+    try:
+        cfg = load_run_config(args.config, overrides)
+        if args.phases:
+            cfg.phases = parse_phases(args.phases, "--phases")
+        summary = Pipeline(cfg, Path(args.config), args.resume).run()
+    except ConfigError as e:
+        print(f"cifar10-hvd run: {e}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
+        print(f"cifar10-hvd run: {e}; the pipeline stopped there (see the stage's messages above)", file=sys.stderr)
+        return e.code if 0 < e.code < 256 else 1
+    if mpi_world() is None or mpi_world()[0] == 0:
+        print(f"[run] done in {summary['wall_seconds']:.0f} s")
+        if summary["stages"].get("tune", {}).get("valid_acc") is not None:
+            print(f"[run] tune valid accuracy: {summary['stages']['tune']['valid_acc']:.4f}")
+        for key in ("submission", "report"):
+            if key in summary:
+                print(f"[run] {key}: {summary[key]}")
+        print(f"[run] summary: {Path(summary['workdir']) / 'summary.json'}")
+    return 0

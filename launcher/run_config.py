@@ -1,0 +1,131 @@
+"""The run config: one YAML file (configs/*.yaml) that drives every stage, locally or on a cluster.
+
+Top-level keys: data, prepared, workdir, phases, and the sections prepare, train,
+predict, launch. `train` and `predict` are trainer.config's TrainConfig and
+PredictConfig (the single source of hyperparameters); this module owns the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import ConfigError, PredictConfig, TrainConfig, from_mapping, read_yaml
+
+PHASES = ("prepare", "tune", "final", "predict")
+
+
+@dataclass
+class PrepareSection:
+    """Options passed to data_prep.prepare."""
+
+    valid_ratio: float = field(default=0.1, metadata={"min_excl": 0.0, "max_excl": 1.0})
+    seed: int = field(default=0, metadata={"min": 0})
+    workers: int = field(default=0, metadata={"min": 0})
+    layout: str = field(default="packed", metadata={"choices": ("packed", "folders")})
+
+
+@dataclass
+class LaunchSection:
+    """How training and predict are started: horovodrun -np N -H hosts --controller."""
+
+    np: int = field(default=1, metadata={"min": 1})
+    hosts: str = field(default="", metadata={})
+    hostfile: str = field(default="", metadata={})
+    controller: str = field(default="gloo", metadata={"choices": ("gloo", "mpi")})
+
+
+@dataclass
+class RunConfig:
+    """Everything `cifar10-hvd run` needs; built by load_run_config."""
+
+    data: str = ""
+    prepared: str = ""
+    workdir: str = "runs/default"
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    prepare: PrepareSection = field(default_factory=PrepareSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    source: str = "defaults"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, the shape of the YAML file."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+_SECTIONS = {"prepare": PrepareSection, "train": TrainConfig, "predict": PredictConfig, "launch": LaunchSection}
+_SCALARS = ("data", "prepared", "workdir")
+
+
+def parse_phases(value: Any, source: str) -> list[str]:
+    """'prepare,tune' or a YAML list -> validated phase names in pipeline order."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{source}: key 'phases' must be a list of {', '.join(PHASES)}")
+    names = [str(p).strip() for p in items]
+    bad = [p for p in names if p not in PHASES]
+    if bad:
+        raise ConfigError(f"{source}: key 'phases' has unknown phase(s) {', '.join(bad)} (known: {', '.join(PHASES)})")
+    return [p for p in PHASES if p in names]
+
+
+def from_dict(data: dict, source: str) -> RunConfig:
+    """Validate a parsed YAML mapping into a RunConfig; errors name the key and source."""
+    cfg = RunConfig(source=source)
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if value is None:
+                continue
+            base = getattr(cfg, key)
+            setattr(cfg, key, from_mapping(_SECTIONS[key], value, f"{source} ({key})", base))
+        elif key in _SCALARS:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}: key '{key}' must be a string path, got {value!r}")
+            setattr(cfg, key, value)
+        elif key == "phases":
+            cfg.phases = parse_phases(value, source)
+        else:
+            known = ", ".join([*_SCALARS, "phases", *_SECTIONS])
+            raise ConfigError(f"{source}: unknown key '{key}' (known keys: {known})")
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config YAML and apply `key=value` overrides (dotted `train.epochs=3` or unique `epochs=3`)."""
+    data = read_yaml(path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.epochs=3")
+        value = yaml.safe_load(raw) if raw else ""
+        section, dot, name = key.partition(".")
+        if not dot:
+            name = key
+            owners = [s for s, cls in _SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+            if key in (*_SCALARS, "phases"):
+                data[key] = value
+                continue
+            if len(owners) != 1:
+                where = f"is in sections {', '.join(owners)}; write e.g. {owners[0]}.{name}=..." if owners else "is not a known key"
+                raise ConfigError(f"override '{item}': '{name}' {where}")
+            section = owners[0]
+        if section not in _SECTIONS:
+            raise ConfigError(f"override '{item}': unknown section '{section}' (known: {', '.join(_SECTIONS)})")
+        sub = data.get(section) or {}
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        data[section] = {**sub, name: value}
+    return from_dict(data, str(path))
+
+
+def write_run_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the stages actually read)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
