@@ -1,0 +1,157 @@
+"""cifar10-hvd run: the whole pipeline on 2 real ranks, config validation, skipping, resume, MPI-world detection."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, horovodrun, run_cli, tool_env
+
+TINY = ["train.width=4", "train.batch_size=32", "train.eval_batch_size=128", "predict.batch_size=64",
+        "train.threads=1"]
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_src, tmp_path_factory):
+    """The demo pipeline end to end on 2 ranks (Gloo), tiny width: the thing `make demo` runs."""
+    work = tmp_path_factory.mktemp("run") / "demo"
+    proc = run_cli(["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(demo_src),
+                    "--workdir", str(work), "--np", "2", "train.epochs=2", "train.lr_period=1", *TINY], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return work, proc
+
+
+def test_demo_pipeline_end_to_end(demo_run, demo_src):
+    work, proc = demo_run
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["phases"] == ["prepare", "tune", "final", "predict"]
+    for stage in summary["phases"]:
+        assert summary["stages"][stage]["status"] == "ran"
+        assert summary["stages"][stage]["wall_seconds"] > 0
+    assert 0.0 <= summary["tune_valid_acc"] <= 1.0
+    assert summary["stages"]["tune"]["images_per_sec"] > 0
+    assert summary["stages"]["predict"]["images"] == 97
+    # the horovodrun command is printed so users can copy it
+    assert "horovodrun -np 2 -H localhost:2 --gloo" in proc.stdout
+    with open(work / "submission.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "label"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 98))
+    classes = json.loads((work / "prepared" / "manifest.json").read_text())["classes"]
+    assert {r[1] for r in rows[1:]} <= set(classes)
+    assert (work / "report.png").stat().st_size > 1000
+    assert str(work / "submission.csv") in proc.stdout and str(work / "report.png") in proc.stdout
+    for phase in ("tune", "final"):
+        cfg = json.loads((work / phase / "config.json").read_text())
+        assert cfg["world_size"] == 2 and cfg["phase"] == phase
+
+
+def test_rerun_skips_complete_stages_and_reruns_changed_ones(demo_run, demo_src):
+    work, _ = demo_run
+    before = (work / "submission.csv").stat().st_mtime_ns
+    args = ["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(demo_src),
+            "--workdir", str(work), "--np", "2", "train.epochs=2", "train.lr_period=1", *TINY]
+    proc = run_cli(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert all(s["status"] == "skipped" for s in summary["stages"].values())
+    assert (work / "submission.csv").stat().st_mtime_ns == before
+    # a predict option changed: only predict runs again
+    proc = run_cli(args + ["predict.tta=flip", "--phases", "predict"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["stages"]["predict"]["status"] == "ran"
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("train: {widht: 8}\n", "unknown key 'widht'"),
+    ("train: {epochs: -1}\n", "key 'epochs' must be >= 0"),
+    ("train: {lr: fast}\n", "key 'lr' must be a number"),
+    ("prepare: {valid_ratio: 1.0}\n", "key 'valid_ratio' must be < 1.0"),
+    ("prepare: {valid_ratio: 0}\n", "key 'valid_ratio' must be > 0.0"),
+    ("launch: {controller: slurm}\n", "key 'controller' must be one of gloo, mpi"),
+    ("tarin: {epochs: 1}\n", "unknown key 'tarin'"),
+    ("phases: [prepare, sing]\n", "unknown phase(s) sing"),
+    ("train: [1, 2\n", "not valid YAML"),
+])
+def test_config_errors_name_the_key_and_file(tmp_path, text, expect):
+    cfg = write_config(tmp_path / "bad.yaml", text)
+    proc = run_cli(["run", "--config", str(cfg), "--workdir", str(tmp_path / "w")])
+    assert proc.returncode == 2
+    assert expect in proc.stderr and str(cfg) in proc.stderr, proc.stderr
+    assert not (tmp_path / "w" / "summary.json").exists()
+
+
+def test_override_errors_name_the_key(tmp_path):
+    cfg = write_config(tmp_path / "ok.yaml", "train: {width: 4}\n")
+    proc = run_cli(["run", "--config", str(cfg), "batch_size=3"])
+    assert proc.returncode == 2 and "'batch_size' is in sections train, predict" in proc.stderr
+
+
+def test_shipped_configs_validate():
+    from launcher.run_config import load_run_config
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_run_config(path)
+        assert cfg.launch.np >= 1, path
+    seed = load_run_config(ROOT / "configs" / "seed.yaml")
+    assert (seed.train.batch_size, seed.train.epochs, seed.train.lr, seed.train.wd, seed.train.lr_period,
+            seed.train.lr_decay, seed.train.width) == (128, 100, 0.1, 5e-4, 50, 0.1, 64)
+
+
+def test_failing_stage_stops_the_pipeline_and_names_it(tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 1}\n")
+    proc = run_cli(["run", "--config", str(cfg), "--data", str(src), "--workdir", str(tmp_path / "w")])
+    assert proc.returncode != 0
+    assert "stage 'prepare' failed" in proc.stderr
+    assert not (tmp_path / "w" / "tune").exists()
+
+
+def test_killed_stage_resumes(prepared, tmp_path):
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 4, batch_size: 32, threads: 1, lr_period: 2}\n"
+                                            "launch: {np: 2}\n")
+    args = [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--prepared", str(prepared),
+            "--workdir", str(work), "--phases", "tune"]
+    proc = subprocess.Popen(args, env=tool_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = work / "tune" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpt.glob("epoch-*.json")):
+        assert proc.poll() is None, "run ended before writing a checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {json.loads(line)["epoch"] for line in (work / "tune" / "metrics.jsonl").read_text().splitlines()}
+    assert len(done) < 4, "the run finished before it could be killed"
+    res = run_cli(["run", "--config", str(cfg), "--prepared", str(prepared), "--workdir", str(work),
+                   "--phases", "tune", "--resume"], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (work / "tune" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in rows]
+    assert len(epochs) == len(set(epochs)) == 4, epochs
+    assert (work / "tune" / "model-final.params").exists()
+
+
+def test_inside_an_mpi_world_runs_in_process(prepared, tmp_path):
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 1, batch_size: 32, threads: 1}\n")
+    proc = horovodrun(2, [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--prepared", str(prepared),
+                          "--workdir", str(work), "--phases", "tune"], timeout=600)
+    assert "[run] tune: " not in proc.stdout  # printed only when it launches horovodrun itself
+    cfg_out = json.loads((work / "tune" / "config.json").read_text())
+    assert cfg_out["world_size"] == 2
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["in_mpi_world"] is True and summary["stages"]["tune"]["status"] == "ran"
