@@ -1,0 +1,189 @@
+"""trainer.predict: ids 1..N once and ascending, each paired with its own image's prediction,
+byte-identical under 1 and 2 real Horovod ranks, uneven and tiny shards, TTA, input errors.
+
+The models here are untrained ResNet-18s (width 4) whose last layer is re-centred on demo
+images so their predictions vary from image to image: a constant predictor could not
+reveal ids paired with the wrong images (the seed's string-sorted-ids trap).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import horovodrun, run_cli
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before mxnet is first imported in this process
+
+import data_prep  # noqa: E402
+from launcher import demo_data  # noqa: E402
+
+CLASSES = list(demo_data.CLASSES)
+WIDTH = 4
+
+
+def make_prepared(root: Path, n_test: int, n_train: int = 40) -> tuple[Path, Path]:
+    """(Kaggle-layout source, prepared dir) with n_test test images."""
+    src, prep = root / f"src{n_test}", root / f"prep{n_test}"
+    assert demo_data.main(["--out", str(src), "--train", str(n_train), "--test", str(n_test), "--seed", str(n_test)]) == 0
+    data_prep.prepare(src, prep, workers=1)
+    return src, prep
+
+
+def make_run(run: Path, seed: int = 0, classes: list[str] | None = None) -> Path:
+    """A trainer-style run dir (config.json + model-final.params) with a varied-output untrained model."""
+    import mxnet as mx
+
+    from trainer.model import resnet18
+    from trainer.normalize import normalize
+
+    classes = classes or CLASSES
+    run.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(seed)
+    net = resnet18(len(classes), width=WIDTH)
+    net.initialize(mx.init.Xavier())
+    rng = np.random.default_rng(seed)
+    x = mx.nd.array(normalize(np.stack([demo_data.draw(i % 10, rng) for i in range(100)])))
+    net(x)
+    # centre and scale the classifier on these features so argmax depends on the image
+    feats = net[:-1](x).asnumpy().reshape(len(x), -1)
+    dense = net[-1]
+    w = dense.weight.data().asnumpy()[: len(classes)] / (feats.std(0) + 1e-6)[None, :]
+    dense.weight.set_data(mx.nd.array(w))
+    dense.bias.set_data(mx.nd.array(-w @ feats.mean(0)))
+    net.save_parameters(str(run / "model-final.params"))
+    (run / "config.json").write_text(json.dumps({"train": {"width": WIDTH}, "classes": classes, "phase": "final"}))
+    return run
+
+
+def reference_logits(run: Path, src: Path, ids: list[int], flip: bool = False) -> np.ndarray:
+    """Logits for src/test/ID.png, decoded from the PNGs here (not through data_prep), one image at a time."""
+    import mxnet as mx
+    from PIL import Image
+
+    from trainer.model import resnet18
+    from trainer.normalize import normalize
+
+    net = resnet18(len(CLASSES), width=WIDTH)
+    net.load_parameters(str(run / "model-final.params"))
+    out = []
+    for i in ids:
+        img = np.asarray(Image.open(src / "test" / f"{i}.png").convert("RGB"))[None]
+        x = mx.nd.array(normalize(img))
+        logits = net(x)
+        if flip:
+            logits = (logits + net(x.flip(axis=3))) / 2
+        out.append(logits.asnumpy()[0])
+    return np.stack(out)
+
+
+def read_submission(path: Path) -> tuple[list[str], list[int], list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [int(r[0]) for r in rows[1:]], [r[1] for r in rows[1:]]
+
+
+def mismatches(labels: list[str], logits: np.ndarray) -> list[tuple[int, str, str]]:
+    """(id, expected, submitted) where the reference is confident (no near-tie) and the label differs."""
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    confident = (top2[:, 1] - top2[:, 0]) > 1e-3 * (np.abs(top2[:, 1]) + 1)
+    expected = [CLASSES[k] for k in logits.argmax(axis=1)]
+    return [(i + 1, e, got) for i, (e, got, c) in enumerate(zip(expected, labels, confident, strict=True)) if c and e != got]
+
+
+def assert_matches_reference(labels: list[str], logits: np.ndarray) -> None:
+    """Submitted labels equal the reference, which varies enough that pairing ids with wrong images would show."""
+    assert len(set(logits.argmax(axis=1).tolist())) >= 3, "reference predictions too uniform to test the pairing"
+    assert not mismatches(labels, logits)
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory):
+    """12 test images: ids 1..12, the ones the seed's str-sorted ids put in order 1, 10, 11, 12, 2, ..."""
+    root = tmp_path_factory.mktemp("p12")
+    src, prep = make_prepared(root, 12)
+    return src, prep, make_run(root / "run", seed=1)
+
+
+def test_ids_numeric_order_each_with_its_own_image(twelve, tmp_path):
+    src, prep, run = twelve
+    out = tmp_path / "sub.csv"
+    proc = run_cli(["predict", "--prepared", str(prep), "--model", str(run), "--out", str(out), "--batch-size", "5"])
+    assert proc.returncode == 0, proc.stderr
+    header, ids, labels = read_submission(out)
+    assert header == ["id", "label"]
+    assert ids == list(range(1, 13))
+    assert out.read_text().splitlines()[1:4] == [f"1,{labels[0]}", f"2,{labels[1]}", f"3,{labels[2]}"]
+    assert_matches_reference(labels, reference_logits(run, src, ids))
+    assert f"wrote {out}" in proc.stdout and "images/s" in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]  # no temporary left beside it
+
+
+def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
+    from trainer.predict import predict
+
+    src, prep, run = twelve
+    res = predict(prep, run, tmp_path / "tta.csv", batch_size=4, tta="flip", quiet=True)
+    assert res["count"] == 12 and res["path"] == str(tmp_path / "tta.csv") and res["images_per_sec"] > 0
+    _, ids, labels = read_submission(tmp_path / "tta.csv")
+    assert ids == list(range(1, 13))
+    assert_matches_reference(labels, reference_logits(run, src, ids, flip=True))
+    # default output path is RUN/submission.csv, and a second run replaces it whole
+    for _ in range(2):
+        predict(prep, run, None, batch_size=512, quiet=True)
+    assert read_submission(run / "submission.csv")[1] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_np1_and_np2_byte_identical(prepared, tmp_path):
+    """97 test rows on 2 ranks (48 + 49) with batch 16: uneven shards and padded last batches."""
+    run = make_run(tmp_path / "run", seed=2)
+    args = ["-m", "trainer.predict", "--prepared", str(prepared), "--model", str(run), "--batch-size", "16"]
+    horovodrun(1, ["python", *args, "--out", str(tmp_path / "np1.csv")])
+    proc = horovodrun(2, ["python", *args, "--out", str(tmp_path / "np2.csv")])
+    assert "on 2 rank(s)" in proc.stdout
+    one, two = (tmp_path / "np1.csv").read_bytes(), (tmp_path / "np2.csv").read_bytes()
+    assert one == two
+    _, ids, labels = read_submission(tmp_path / "np2.csv")
+    n = len(data_prep.open_split(prepared, "test").ids)
+    assert ids == list(range(1, n + 1))
+    assert set(labels) <= set(CLASSES) and len(set(labels)) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_test", [1, 13])
+def test_tiny_and_prime_test_sets_on_two_ranks(tmp_path, n_test):
+    """N=1 (fewer rows than ranks: rank 0 has none), N=13 prime with batch 4: every id once."""
+    src, prep = make_prepared(tmp_path, n_test)
+    run = make_run(tmp_path / "run", seed=3)
+    out = tmp_path / "sub.csv"
+    horovodrun(2, ["python", "-m", "trainer.predict", "--prepared", str(prep), "--model", str(run),
+                   "--out", str(out), "--batch-size", "4"])
+    _, ids, labels = read_submission(out)
+    assert ids == list(range(1, n_test + 1))
+    assert set(labels) <= set(CLASSES)
+    assert not mismatches(labels, reference_logits(run, src, ids))
+
+
+def test_input_errors_exit_2(twelve, tmp_path, capsys):
+    from trainer.predict import main
+
+    src, prep, run = twelve
+    cases = [
+        (["--prepared", str(tmp_path / "nope"), "--model", str(run)], "prepared data dir not found"),
+        (["--prepared", str(prep), "--model", str(tmp_path / "nomodel")], "model run dir not found"),
+        (["--prepared", str(prep), "--model", str(run), "--out", str(tmp_path / "no" / "sub.csv")], "does not exist"),
+        (["--prepared", str(prep), "--model", str(tmp_path)], "config.json"),
+        (["--prepared", str(prep), "--model", str(run), "--batch-size", "0"], "batch_size"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    other = make_run(tmp_path / "other", classes=CLASSES[:9] + ["zebra"])
+    assert main(["--prepared", str(prep), "--model", str(other), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "differ from" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()

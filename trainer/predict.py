@@ -1,0 +1,268 @@
+"""Sharded inference over the test split; rank 0 gathers (id, prediction) pairs and writes submission.csv.
+
+Each rank reads only its contiguous rows of the memory-mapped test split, predicts them in
+fixed-shape batches and keeps compact int arrays. `hvd.allgather` brings the pairs to rank 0,
+which orders them by numeric id (ids travel with their predictions, so the seed's
+string-sorted-ids mix-up cannot happen), checks every test id is there exactly once, and
+streams the CSV to a temporary sibling that is renamed into place.
+
+    python -m trainer.predict --prepared PREP --model RUN [--out RUN/submission.csv]
+                              [--batch-size 512] [--tta flip] [--precision float32|int8|bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trainer import config as cfgmod
+from trainer.config import ConfigError, PredictConfig
+from trainer.device import set_cpu_threads
+from trainer.sharding import eval_slice
+
+CSV_CHUNK_ROWS = 65536
+
+
+class PredictError(ValueError):
+    """Bad input to predict (missing prepared dir, model or output folder; class mismatch)."""
+
+
+def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_images: np.ndarray | None = None):
+    """(hybridized net, class names) from a trainer run dir: its final model, else its newest checkpoint."""
+    import mxnet as mx
+
+    from trainer.checkpoint import find_model_params, read_run_config
+    from trainer.model import resnet18
+
+    model_dir = Path(model_dir)
+    try:
+        run_cfg = read_run_config(model_dir)
+        params = find_model_params(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise PredictError(f"{model_dir}: not a usable trainer run dir: {e}") from e
+    classes = run_cfg.get("classes")
+    width = (run_cfg.get("train") or {}).get("width")
+    if not isinstance(classes, list) or not classes or not isinstance(width, int):
+        raise PredictError(f"{model_dir / 'config.json'}: needs 'classes' (a list) and 'train': {{'width': int}}")
+    net = resnet18(len(classes), width=width)
+    try:
+        net.load_parameters(str(params), ctx=ctx)
+    except (mx.MXNetError, AssertionError, ValueError) as e:
+        raise PredictError(f"{params}: cannot load into resnet18(width={width}, classes={len(classes)}): {e}") from e
+    if precision == "int8":
+        net = quantize_int8(net, calib_images, ctx)
+    elif precision == "bfloat16":
+        from mxnet.contrib import amp
+
+        net.hybridize(static_alloc=True, static_shape=True)
+        net = amp.convert_hybrid_block(net, target_dtype="bfloat16", ctx=ctx)
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net, list(classes)
+
+
+def quantize_int8(net, calib_images: np.ndarray | None, ctx):
+    """MKLDNN int8 version of net, calibrated (naive min/max) on a few hundred training images."""
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_net
+
+    from trainer.normalize import normalize
+
+    if calib_images is None or len(calib_images) == 0:
+        raise PredictError("int8 precision needs calibration images (the prepared train split is empty)")
+    if ctx.device_type != "cpu":
+        raise PredictError("int8 precision is for CPU (MKLDNN) inference only")
+    net.hybridize()
+    data = mx.nd.array(normalize(np.asarray(calib_images)), ctx=ctx)
+    calib = mx.io.NDArrayIter(data, batch_size=min(64, len(data)))
+    return quantize_net(net, quantized_dtype="auto", exclude_layers=None, calib_data=calib,
+                        calib_mode="naive", num_calib_examples=len(data), ctx=ctx)
+
+
+def predict_rows(net, images: np.ndarray, ctx, batch_size: int, tta: str = "none", progress=None) -> np.ndarray:
+    """Class index (int32) for every row of images (uint8 N x 32 x 32 x 3), in row order.
+
+    Every forward has the same shape (the last batch is padded), so the graph is bound
+    once and a row's result does not depend on how the rows were split across ranks.
+    """
+    import mxnet as mx
+
+    from trainer.normalize import normalize
+
+    n = len(images)
+    preds = np.empty(n, dtype=np.int32)
+    if n == 0:
+        return preds
+    bs = min(batch_size, n)
+    buf = np.zeros((bs, 3) + images.shape[1:3], dtype=np.float32)
+    for start in range(0, n, bs):
+        stop = min(start + bs, n)
+        normalize(images[start:stop], out=buf[: stop - start])
+        x = mx.nd.array(buf, ctx=ctx)
+        logits = net(x)
+        if tta == "flip":
+            logits = logits + net(x.flip(axis=3))
+        preds[start:stop] = logits.argmax(axis=1).asnumpy()[: stop - start].astype(np.int32)
+        if progress is not None:
+            progress.update(stop - start)
+    return preds
+
+
+def gather_pairs(hvd, ids: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """All ranks' (id, prediction) rows as one int64 (N, 2) array (shards may differ in size or be empty)."""
+    import mxnet as mx
+
+    pairs = np.stack([ids.astype(np.int64), preds.astype(np.int64)], axis=1) if len(ids) else np.zeros((0, 2), np.int64)
+    if hvd.size() == 1:
+        return pairs
+    return hvd.allgather(mx.nd.array(pairs, dtype="int64"), name="predict.pairs").asnumpy()
+
+
+def order_and_check(pairs: np.ndarray, expected_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids ascending numerically, their predictions); raises unless each expected id is there exactly once."""
+    order = np.argsort(pairs[:, 0], kind="stable")
+    ids, preds = pairs[order, 0], pairs[order, 1]
+    if len(ids) != len(expected_ids) or not np.array_equal(ids, np.sort(expected_ids)):
+        raise RuntimeError(f"gathered {len(ids)} predictions, expected {len(expected_ids)} distinct test ids")
+    if len(ids) > 1 and not np.all(np.diff(ids) > 0):
+        raise RuntimeError("duplicate test ids in the gathered predictions")
+    return ids, preds
+
+
+def write_submission(path: str | Path, ids: np.ndarray, preds: np.ndarray, classes: list[str]) -> Path:
+    """Stream `id,label` rows in chunks to a temporary sibling, then rename it to path."""
+    path = Path(path)
+    names = np.array(classes, dtype=object)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write("id,label\n")
+            for start in range(0, len(ids), CSV_CHUNK_ROWS):
+                chunk_ids = ids[start:start + CSV_CHUNK_ROWS].tolist()
+                chunk_names = names[preds[start:start + CSV_CHUNK_ROWS]].tolist()
+                f.write("".join(f"{i},{c}\n" for i, c in zip(chunk_ids, chunk_names, strict=True)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:
+    """Fail early, on every rank alike, before any collective: missing dirs are input errors."""
+    if not prepared.is_dir():
+        raise PredictError(f"{prepared}: prepared data dir not found (run `cifar10-hvd prepare` first)")
+    if not model_dir.is_dir():
+        raise PredictError(f"{model_dir}: model run dir not found")
+    if not out.parent.is_dir():
+        raise PredictError(f"{out}: output folder {out.parent} does not exist")
+
+
+def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None = None, batch_size: int = 512,
+            tta: str = "none", precision: str = "float32", threads: int = 0, quiet: bool = False) -> dict:
+    """Predict the prepared test split with the run's model; rank 0 writes out (default RUN/submission.csv).
+
+    Returns {"path", "count", "seconds", "images_per_sec", "ranks", "shard"} on every rank;
+    images_per_sec counts all ranks' images over the wall time from first batch to file written.
+    """
+    set_cpu_threads(threads)
+    import data_prep
+    from data_prep.errors import PrepareError
+    from trainer.device import context, init_horovod
+
+    prepared, model_dir = Path(prepared), Path(model_dir)
+    out = Path(out) if out is not None else model_dir / "submission.csv"
+    _check_inputs(prepared, model_dir, out)
+    hvd = init_horovod()
+    rank, size = hvd.rank(), hvd.size()
+    ctx = context(hvd)
+
+    try:
+        split = data_prep.open_split(prepared, "test")
+        manifest_classes = list(data_prep.read_manifest(prepared)["classes"])
+        calib = None
+        if precision == "int8":
+            train = data_prep.open_split(prepared, "train")
+            calib = np.asarray(train.images[: min(512, len(train.images))])
+    except (PrepareError, OSError, ValueError, KeyError) as e:
+        raise PredictError(f"{prepared}: cannot open the prepared test split: {e}") from e
+    net, classes = load_model(model_dir, ctx, precision, calib)
+    if classes != manifest_classes:
+        raise PredictError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
+
+    n = len(split.ids)
+    shard = eval_slice(n, rank, size)  # contiguous; sizes differ by at most one, some may be empty
+    start, stop = shard.start, shard.stop
+    progress = None
+    if rank == 0 and not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=stop - start, unit="img", desc=f"predict rank 0/{size}", file=sys.stderr)
+    t0 = time.perf_counter()
+    preds = predict_rows(net, split.images[start:stop], ctx, batch_size, tta, progress)
+    if progress is not None:
+        progress.close()
+    pairs = gather_pairs(hvd, np.asarray(split.ids[start:stop]), preds)
+
+    failure = ""
+    if rank == 0:
+        try:
+            ids, ordered = order_and_check(pairs, np.asarray(split.ids))
+            write_submission(out, ids, ordered, classes)
+        except (OSError, RuntimeError) as e:
+            failure = f"{out}: {e}"
+    del pairs
+    if size > 1:
+        import mxnet as mx
+
+        # rank 0's write outcome, so no rank reports success for a file that was not written
+        ok = hvd.broadcast(mx.nd.array([0 if failure else 1], dtype="int32"), root_rank=0, name="predict.ok")
+        if int(ok.asnumpy()[0]) == 0 and not failure:
+            failure = f"{out}: rank 0 failed to write the submission"
+    if failure:
+        raise RuntimeError(failure)
+    seconds = time.perf_counter() - t0
+    result = {"path": str(out), "count": int(n), "seconds": round(seconds, 3),
+              "images_per_sec": round(n / seconds, 1) if seconds > 0 else 0.0,
+              "ranks": size, "shard": [int(start), int(stop)]}
+    if rank == 0 and not quiet:
+        print(f"predict: {n} images on {size} rank(s) in {seconds:.1f}s, {result['images_per_sec']:.0f} images/s, "
+              f"wrote {out}", flush=True)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The predict command line: paths here, inference options from PredictConfig."""
+    p = argparse.ArgumentParser(prog="cifar10-hvd predict", description=__doc__.split("\n")[0])
+    p.add_argument("--prepared", required=True, help="prepared data dir (cifar10-hvd prepare --out)")
+    p.add_argument("--model", required=True, help="trainer run dir (its final model, else its newest checkpoint)")
+    p.add_argument("--out", default=None, help="submission path (default: MODEL/submission.csv)")
+    p.add_argument("--config", default=None, help="YAML file whose predict: section sets the options below")
+    p.add_argument("--threads", type=int, default=0, help="OMP threads per rank (0 = cores / ranks on this host)")
+    cfgmod.add_flags(p, PredictConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: 0 on success, 2 for input errors."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = cfgmod.resolve(PredictConfig, args, args.config, "predict")
+        predict(args.prepared, args.model, args.out, batch_size=cfg.batch_size, tta=cfg.tta,
+                precision=getattr(cfg, "precision", "float32"), threads=args.threads)
+    except (ConfigError, PredictError) as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"predict: failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
