@@ -1,0 +1,94 @@
+"""The seed's training augmentation, batched in numpy: Resize(40), RandomResizedCrop(32), flip, normalize.
+
+The seed runs, per image, gluon's Resize(40) (OpenCV bilinear), RandomResizedCrop(32,
+scale=(0.64, 1), ratio=(1, 1)), RandomFlipLeftRight, ToTensor and Normalize. With ratio 1
+the crop is a square of integer side s = round(40 * sqrt(U(0.64, 1))) in [32, 40] at integer
+offsets drawn independently per axis, so per axis there are only 45 (side, offset) pairs.
+Upscaling and crop-resize are both linear along each axis, so each pair is one 32x32 matrix
+(crop-resize @ upscale); a flip reverses the rows of the column matrix. A batch is then
+out[n] = A_rows[n] @ x[n] @ A_cols[n].T per channel: two batched float32 matmuls.
+Normalization commutes with the resampling (every matrix row sums to 1), so it runs first.
+
+Unlike the seed, the 40x40 intermediate is not rounded to uint8 (a difference of < 1/255).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from trainer.normalize import normalize
+
+SIZE = 32
+RESIZE = 40
+SCALE = (0.64, 1.0)
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) OpenCV INTER_LINEAR weights (half-pixel centres, edge clamping)."""
+    m = np.zeros((out_size, in_size), dtype=np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        fx = (i + 0.5) * scale - 0.5
+        sx = math.floor(fx)
+        fx -= sx
+        if sx < 0:
+            sx, fx = 0, 0.0
+        if sx >= in_size - 1:
+            sx, fx = in_size - 1, 0.0
+        m[i, sx] += 1.0 - fx
+        if fx:
+            m[i, sx + 1] += fx
+    return m
+
+
+def _crop_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Composite matrices for every (side, offset), their transposes flipped, and a side/offset index."""
+    upscale = bilinear_matrix(RESIZE, SIZE)
+    index = np.full((RESIZE + 1, RESIZE + 1), -1, dtype=np.int64)
+    mats = []
+    for side in range(SIZE, RESIZE + 1):
+        shrink = bilinear_matrix(SIZE, side)
+        for off in range(RESIZE - side + 1):
+            crop = np.zeros((SIZE, RESIZE))
+            crop[:, off:off + side] = shrink
+            index[side, off] = len(mats)
+            mats.append(crop @ upscale)
+    rows = np.stack(mats).astype(np.float32)
+    cols_t = np.ascontiguousarray(rows.transpose(0, 2, 1))
+    # entries [k] are unflipped, [k + len] flipped: reversing output columns mirrors the image
+    cols_t = np.concatenate([cols_t, np.ascontiguousarray(cols_t[:, :, ::-1])])
+    return rows, cols_t, index
+
+
+ROWS, COLS_T, INDEX = _crop_tables()
+
+
+def draw_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the row matrix index and the (possibly flipped) column matrix index, seed-distributed."""
+    side = np.rint(RESIZE * np.sqrt(rng.uniform(SCALE[0], SCALE[1], n))).astype(np.int64)
+    # randint(0, 40 - side) inclusive, independently for x and y, as in mxnet.image.random_size_crop
+    x0 = (rng.random(n) * (RESIZE - side + 1)).astype(np.int64)
+    y0 = (rng.random(n) * (RESIZE - side + 1)).astype(np.int64)
+    flip = rng.random(n) < 0.5
+    return INDEX[side, y0], INDEX[side, x0] + flip * len(ROWS)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): the seed's random train transform, batched."""
+    n = len(images)
+    rows_k, cols_k = draw_params(rng, n)
+    x = normalize(images)
+    tmp = np.matmul(ROWS[rows_k][:, None], x)
+    if out is None:
+        out = np.empty((n, 3, SIZE, SIZE), dtype=np.float32)
+    np.matmul(tmp.reshape(n, 3 * SIZE, SIZE), COLS_T[cols_k], out=out.reshape(n, 3 * SIZE, SIZE))
+    return out
+
+
+def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray) -> np.ndarray:
+    """The deterministic part of augment for given matrix indices (for tests and comparisons)."""
+    x = normalize(images)
+    n = len(images)
+    tmp = np.matmul(ROWS[rows_k][:, None], x)
+    return np.matmul(tmp.reshape(n, 3 * SIZE, SIZE), COLS_T[cols_k]).reshape(n, 3, SIZE, SIZE)

@@ -1,0 +1,53 @@
+"""Horovod's gradient averaging and parameter broadcast through plain-layout buffers (MKLDNN-safe).
+
+With MXNet's MKLDNN backend a gradient, or a weight after a forward pass, may be in an
+MKLDNN memory layout (possibly set asynchronously, after Horovod has looked at it when
+the op was enqueued); Horovod's op then fails ("We can't generate TBlob for MKLDNN data").
+Copying into a buffer first is an engine op, ordered after the writer, that always yields
+the default layout; the reduced buffer is copied back. Costs two memcpys of the gradients
+per step, negligible beside the convolutions.
+"""
+from __future__ import annotations
+
+import horovod.mxnet as hvd
+import mxnet as mx
+
+
+class DenseGradTrainer(hvd.DistributedTrainer):
+    """DistributedTrainer (averaging gradients over ranks) with MKLDNN-safe gradient buffers."""
+
+    _buffers: dict[int, mx.nd.NDArray] | None = None
+
+    def _allreduce_grads(self):
+        if hvd.size() == 1:
+            return
+        if self._buffers is None:
+            self._buffers = {i: mx.nd.zeros(p.shape, ctx=p.list_grad()[0].context, dtype=p.dtype)
+                             for i, p in enumerate(self._params) if p.grad_req != "null"}
+        for i, buf in self._buffers.items():
+            grad = self._params[i].list_grad()[0]
+            grad.copyto(buf)
+            hvd.allreduce_(buf, average=not self._average_in_framework, name=f"{self._prefix}grad.{i}", priority=-i,
+                           prescale_factor=1.0 / self._gradient_predivide_factor,
+                           postscale_factor=self._postscale_factor)
+            buf.copyto(grad)
+
+
+def average_in_place(arrays: dict[str, mx.nd.NDArray]) -> None:
+    """Average each array over ranks in place (through a plain-layout copy, as above)."""
+    if hvd.size() == 1:
+        return
+    for name, arr in sorted(arrays.items()):
+        buf = arr.copy()
+        hvd.allreduce_(buf, average=True, name=name)
+        buf.copyto(arr)
+
+
+def broadcast_in_place(arrays: dict[str, mx.nd.NDArray], root_rank: int = 0) -> None:
+    """Overwrite each array with root_rank's values (hvd.broadcast_parameters, MKLDNN-safe)."""
+    if hvd.size() == 1:
+        return
+    for name, arr in sorted(arrays.items()):
+        buf = arr.copy()
+        hvd.broadcast_(buf, root_rank=root_rank, name=name)
+        buf.copyto(arr)
