@@ -1,0 +1,80 @@
+# syntax=docker/dockerfile:1
+# cifar10-hvd: Horovod 0.28.1 (MXNet, MPI and Gloo controllers; NCCL allreduce on GPU) over MXNet 1.9.1,
+# Open MPI, and an sshd the Kubeflow MPI Operator's launcher reaches the workers through.
+#
+#   docker build -t cifar10-hvd:0.1.0-gpu .                            # CUDA 11.7, cuDNN 8, NCCL (default)
+#   docker build --build-arg VARIANT=cpu -t cifar10-hvd:0.1.0-cpu .    # CPU only (MKLDNN)
+#
+# The install steps are scripts/install-stack.sh, the one list `make setup` runs too.
+# Base images are pinned by exact tag; pin them by digest as well where your registry policy asks for it.
+
+ARG VARIANT=gpu
+
+# --- per-variant bases ------------------------------------------------------------------------------
+# GPU: the devel image has nvcc and the NCCL headers Horovod's NCCL operations compile against.
+FROM nvidia/cuda:11.7.1-cudnn8-devel-ubuntu22.04 AS build-gpu
+# mxnet-cu117 is MXNet 1.9.1 built for this CUDA 11.7 toolkit; install-stack.sh installs it in place
+# of setup.py's CPU mxnet pin.
+ENV MXNET_PACKAGE=mxnet-cu117==1.9.1 \
+    HOROVOD_GPU_OPERATIONS=NCCL
+
+FROM ubuntu:22.04 AS build-cpu
+
+FROM nvidia/cuda:11.7.1-cudnn8-runtime-ubuntu22.04 AS runtime-gpu
+
+FROM ubuntu:22.04 AS runtime-cpu
+
+# --- build: compilers and headers stay in this stage; only /opt/venv leaves it ----------------------
+# build-${VARIANT} is one of the stages above (tagged bases), not an untagged registry image.
+# hadolint ignore=DL3006
+FROM build-${VARIANT} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Ubuntu keeps only the newest build of a package in its archive, so an exact apt version pin breaks
+# the build at the next security update; the release (22.04) and the base tag fix the versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates g++ make python3.11 python3.11-dev python3.11-venv openmpi-bin libopenmpi-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# SKIP_APT=1: Open MPI came from the layer above. EDITABLE=0: the package is copied into the venv.
+# The CUDA driver stub stands in for libcuda.so.1 while MXNet is imported (Horovod's build and its
+# --check-build) on a build host without a GPU; the final ldconfig drops it from the cache again.
+RUN if [ -d /usr/local/cuda/targets/x86_64-linux/lib/stubs ]; then \
+      ldconfig /usr/local/cuda/targets/x86_64-linux/lib/stubs; \
+    fi \
+ && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv \
+ && ldconfig
+
+# --- runtime: interpreter, Open MPI, ssh; no compilers ----------------------------------------------
+# runtime-${VARIANT} is one of the stages above, as for the build stage.
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT} AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Same reason as in the build stage for not pinning apt versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      python3.11 libgomp1 openmpi-bin openssh-client openssh-server \
+ && rm -rf /var/lib/apt/lists/*
+# sshd for the MPI Operator, run by the non-root user: port 2222 (no capability needed), the operator's
+# per-job key (mounted at the MPIJob's sshAuthMountPath, /home/cifar/.ssh) as host and user key, and
+# StrictModes off because that Secret mount is root-owned. The client side matches: port 2222 and no
+# known_hosts (the key mount is read-only and worker addresses are new for every job).
+RUN printf '%s\n' 'Port 2222' 'HostKey /home/cifar/.ssh/id_rsa' 'AuthorizedKeysFile .ssh/authorized_keys' \
+      'PidFile /tmp/sshd.pid' 'StrictModes no' 'UsePAM no' 'PasswordAuthentication no' \
+      'KbdInteractiveAuthentication no' 'PermitRootLogin no' > /etc/ssh/sshd_config_mpi \
+ && printf '%s\n' 'Host *' '    Port 2222' '    StrictHostKeyChecking no' '    UserKnownHostsFile /dev/null' \
+      '    LogLevel ERROR' > /etc/ssh/ssh_config.d/mpi-operator.conf \
+ && useradd --uid 1000 --user-group --create-home --shell /bin/bash cifar
+COPY --from=build /opt/venv /opt/venv
+# LD_LIBRARY_PATH is set in both variants (the CUDA images' value) so `mpirun -x LD_LIBRARY_PATH` always
+# has something to forward to ranks started over ssh, which do not inherit the image's environment.
+ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
+    PYTHONUNBUFFERED=1
+USER 1000:1000
+WORKDIR /home/cifar
+ENTRYPOINT ["cifar10-hvd"]
+CMD ["--help"]
