@@ -6,8 +6,9 @@
 # usage: scripts/install-stack.sh VENV [EXTRAS]
 #   VENV    the virtual environment to create or update (created with python3.11)
 #   EXTRAS  pip extras of this package to install, e.g. "dev" (default: none)
-# env: HOROVOD_GPU_OPERATIONS=NCCL etc. pass through to the Horovod build;
-#      SKIP_APT=1 skips the Open MPI check (the image installs it in its own layer).
+# env: HOROVOD_GPU_OPERATIONS=NCCL etc. pass through to the Horovod build (and step 5 then wants NCCL);
+#      SKIP_APT=1 skips the Open MPI check (the image installs it in its own layer);
+#      EDITABLE=0 installs the package non-editable; MXNET_PACKAGE: see step 3.
 set -euo pipefail
 
 venv=${1:?usage: install-stack.sh VENV [EXTRAS]}
@@ -36,9 +37,29 @@ pip="$venv/bin/python -m pip --disable-pip-version-check -q"
 $pip install wheel "setuptools<70" cmake
 
 # 3. This package (editable) with its pinned runtime deps (mxnet, numpy 1.23.5, ...).
+#    MXNET_PACKAGE (the GPU image: mxnet-cu117==1.9.1) replaces setup.py's CPU mxnet: it goes in
+#    first, the package without deps, then every other requirement read back from its metadata, so
+#    setup.py stays the one list of them.
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
-if [ "${EDITABLE:-1}" = 1 ]; then $pip install -e "$spec"; else $pip install "$spec"; fi
+editable=(); [ "${EDITABLE:-1}" = 1 ] && editable=(-e)
+if [ -z "${MXNET_PACKAGE:-}" ]; then
+  $pip install "${editable[@]}" "$spec"
+else
+  $pip install "$MXNET_PACKAGE"
+  $pip install --no-deps "${editable[@]}" "$spec"
+  mapfile -t reqs < <("$venv/bin/python" - "$extras" <<'PY'
+import importlib.metadata as md, re, sys
+extras = set(filter(None, sys.argv[1].split(",")))
+for req in md.requires("cifar10-hvd") or []:
+    spec, _, marker = (s.strip() for s in req.partition(";"))
+    extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)", marker)
+    if re.split(r"[\s<>=!~\[(]", spec)[0].lower() != "mxnet" and (extra is None or extra.group(1) in extras):
+        print(spec if extra or not marker else f"{spec}; {marker}")
+PY
+  )
+  $pip install "${reqs[@]}"
+fi
 
 # 4. Horovod 0.28.1, built against the installed MXNet with MPI and Gloo controllers.
 if ! "$venv/bin/python" -c "import horovod.mxnet" >/dev/null 2>&1; then
@@ -50,7 +71,7 @@ fi
 
 # 5. Fail loudly unless horovodrun sees MXNet, MPI and Gloo.
 check=$(PATH="$venv/bin:$PATH" "$venv/bin/horovodrun" --check-build)
-for want in "MXNet" "MPI" "Gloo"; do
+for want in "MXNet" "MPI" "Gloo" ${HOROVOD_GPU_OPERATIONS:+NCCL}; do
   if ! grep -Eq "\[X\] $want\$" <<<"$check"; then
     echo "$check" >&2
     echo "install-stack: horovodrun --check-build does not list $want as built" >&2
