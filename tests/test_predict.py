@@ -145,8 +145,11 @@ def test_np1_and_np2_byte_identical(prepared, tmp_path):
     horovodrun(1, ["python", *args, "--out", str(tmp_path / "np1.csv")])
     proc = horovodrun(2, ["python", *args, "--out", str(tmp_path / "np2.csv")])
     assert "on 2 rank(s)" in proc.stdout
+    # default batch (512): one forward of 48 or 49 rows per rank instead of 97
+    horovodrun(2, ["python", *args[:-2], "--out", str(tmp_path / "np2-b512.csv")])
     one, two = (tmp_path / "np1.csv").read_bytes(), (tmp_path / "np2.csv").read_bytes()
     assert one == two
+    assert (tmp_path / "np2-b512.csv").read_bytes() == one
     _, ids, labels = read_submission(tmp_path / "np2.csv")
     n = len(data_prep.open_split(prepared, "test").ids)
     assert ids == list(range(1, n + 1))

@@ -1,0 +1,301 @@
+"""Benchmark: sharded `trainer.predict` (np 1 and np 2) vs the seed's test loop, and the int8/bf16 gate.
+
+For each width: images/s and peak memory (VmHWM) per rank of `python -m trainer.predict`
+alone and under `horovodrun -np 2 --gloo`, against the d2l seed's loop (ImageFolderDataset
+over the test PNG folder + transform_first(ToTensor, Normalize) + DataLoader(128) +
+net(X).argmax, one process), with the same weights. Every submission is checked: ids
+1..N each once, ascending. The gate trains a small model briefly on the prepared training
+images and compares valid accuracy at float32, int8 (MKLDNN, calibrated on training
+images) and bfloat16: a reduced precision is worth offering only within 0.3 points.
+
+    .venv/bin/python benchmarks/bench_predict.py                      # 300,000 test images
+    .venv/bin/python benchmarks/bench_predict.py --test 20000 --widths 16 --seed-limit 5000
+
+Data (made once, reused): WORKDIR/kaggle-N from /work/shared/data/make_kaggle_cifar10.py,
+WORKDIR/prep-N from `cifar10-hvd prepare`. Results: printed table and WORKDIR/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MAKE_KAGGLE = ROOT.parent / "shared" / "data" / "make_kaggle_cifar10.py"
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    """Environment for measured processes: the venv on PATH, Open MPI as root, threads chosen by the tool."""
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def sh(cmd: list[str], env: dict | None = None, timeout: float = 7200) -> str:
+    """Run cmd, return stdout; raise with its output on failure."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or child_env(), cwd=ROOT, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def bench_lines(stdout: str) -> list[dict]:
+    """The BENCH {...} records workers print (horovodrun prefixes each line with [rank]<stdout>:)."""
+    return [json.loads(line.split("BENCH ", 1)[1]) for line in stdout.splitlines() if "BENCH {" in line]
+
+
+def ensure_data(workdir: Path, n_test: int, n_train: int) -> tuple[Path, Path]:
+    """(Kaggle-layout source, prepared dir) with n_test test images; made once."""
+    src, prep = workdir / f"kaggle-{n_test}", workdir / f"prep-{n_test}"
+    if not src.exists():
+        print(f"[bench] writing {src} ({n_train} train, {n_test} test PNGs)", flush=True)
+        sh([sys.executable, str(MAKE_KAGGLE), "--out", str(src), "--train", str(n_train), "--test", str(n_test)])
+    if not (prep / "manifest.json").exists():
+        print(f"[bench] preparing {prep}", flush=True)
+        sh([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(prep)])
+    return src, prep
+
+
+def ensure_model(workdir: Path, prep: Path, width: int, epochs: int) -> Path:
+    """A run dir at width: trained briefly (tune phase) when epochs > 0, else freshly initialized weights."""
+    run = workdir / f"run-w{width}-e{epochs}"
+    if (run / "model-final.params").exists() or (epochs and (run / "checkpoints").is_dir()):
+        return run
+    if epochs:
+        print(f"[bench] training width {width} for {epochs} epochs on {prep}", flush=True)
+        sh([str(BIN / "cifar10-hvd"), "train", "--prepared", str(prep), "--out", str(run), "--phase", "tune",
+            "--width", str(width), "--epochs", str(epochs), "--batch-size", "128", "--lr-period", str(max(1, epochs - 1))])
+    else:
+        sh([sys.executable, __file__, "--worker", "init", "--model", str(run), "--width", str(width)])
+    return run
+
+
+def seed_folder(workdir: Path, src: Path, n_test: int) -> Path:
+    """The seed's train_valid_test/test/unknown folder (symlinks to the test PNGs), made once."""
+    root = workdir / f"seed-test-{n_test}"
+    folder = root / "unknown"
+    if not (root / ".done").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(src / "test"):
+            link = folder / name
+            if not link.exists():
+                link.symlink_to(src / "test" / name)
+        (root / ".done").write_text("")
+    return root
+
+
+def check_submission(path: Path, n: int) -> None:
+    """Every id 1..n once, ascending, labels in the classes; streamed."""
+    expected = 1
+    with open(path) as f:
+        assert f.readline() == "id,label\n", path
+        for line in f:
+            id_, label = line.rstrip("\n").split(",")
+            if int(id_) != expected or label not in CLASSES:
+                raise AssertionError(f"{path}: line {expected + 1} is {line!r}")
+            expected += 1
+    if expected - 1 != n:
+        raise AssertionError(f"{path}: {expected - 1} rows, expected {n}")
+
+
+# ---- workers: run in their own processes so threads and peak memory are their own ----
+
+def peak_mb() -> float:
+    """This process's peak resident set (VmHWM), MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def worker_init(args) -> None:
+    """Write an untrained run dir (speed does not depend on the weights)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import mxnet as mx
+
+    from trainer.model import resnet18
+
+    run = Path(args.model)
+    run.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(0)
+    net = resnet18(10, width=args.width)
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    net.save_parameters(str(run / "model-final.params"))
+    (run / "config.json").write_text(json.dumps({"train": {"width": args.width}, "classes": CLASSES}))
+
+
+def worker_predict(args) -> None:
+    """trainer.predict.predict as the launcher calls it, then this rank's figures."""
+    from trainer.predict import predict
+
+    res = predict(args.prepared, args.model, args.out, batch_size=args.batch_size, tta=args.tta,
+                  precision=args.precision, quiet=True)
+    print("BENCH " + json.dumps({**res, "rank_peak_mb": peak_mb(), "threads": int(os.environ["OMP_NUM_THREADS"])}), flush=True)
+
+
+def worker_seed(args) -> None:
+    """The seed's test loop (kaggle_cifar10.md), stopped after --seed-limit images."""
+    from trainer.device import set_cpu_threads
+
+    threads = set_cpu_threads(0)
+    import mxnet as mx
+    from mxnet import gluon
+
+    from trainer.checkpoint import find_model_params
+    from trainer.model import resnet18
+
+    ctx = mx.cpu()
+    net = resnet18(10, width=args.width)
+    net.load_parameters(str(find_model_params(args.model)), ctx=ctx)
+    net.hybridize()
+    transform_test = gluon.data.vision.transforms.Compose([
+        gluon.data.vision.transforms.ToTensor(), gluon.data.vision.transforms.Normalize(MEAN, STD)])
+    t_list = time.perf_counter()
+    test_ds = gluon.data.vision.ImageFolderDataset(args.seed_folder)
+    list_s = time.perf_counter() - t_list
+    test_iter = gluon.data.DataLoader(test_ds.transform_first(transform_test), 128, shuffle=False, last_batch="keep")
+    preds: list = []
+    t0 = time.perf_counter()
+    for X, _ in test_iter:
+        y_hat = net(X.as_in_context(ctx))
+        preds.extend(y_hat.argmax(axis=1).astype(int).asnumpy())
+        if len(preds) >= args.seed_limit:
+            break
+    seconds = time.perf_counter() - t0
+    print("BENCH " + json.dumps({"count": len(preds), "seconds": round(seconds, 3), "listing_seconds": round(list_s, 2),
+                                 "images_per_sec": round(len(preds) / seconds, 1), "rank_peak_mb": peak_mb(),
+                                 "threads": threads}), flush=True)
+
+
+def worker_gate(args) -> None:
+    """Valid accuracy and agreement with float32 on test rows, for each precision, same weights."""
+    from trainer.device import set_cpu_threads
+
+    set_cpu_threads(0)
+    import mxnet as mx
+    import numpy as np
+
+    import data_prep
+    from trainer.predict import forward_rows, load_model, predict_rows
+
+    ctx = mx.cpu()
+    valid = data_prep.open_split(args.prepared, "valid")
+    test = data_prep.open_split(args.prepared, "test")
+    calib = np.asarray(data_prep.open_split(args.prepared, "train").images[:512])
+    test_rows = test.images[: args.gate_test_rows]
+    out, ref = {}, None
+    for precision in ("float32", "int8", "bfloat16"):
+        net, _, width = load_model(args.model, ctx, precision, calib)
+        rows = forward_rows(512, width)
+        predict_rows(net, test_rows[:rows], ctx, rows)  # warm-up: bind the graph
+        acc = float((predict_rows(net, valid.images, ctx, rows) == valid.labels).mean())
+        t0 = time.perf_counter()
+        p = predict_rows(net, test_rows, ctx, rows)
+        rate = len(test_rows) / (time.perf_counter() - t0)
+        ref = p if ref is None else ref
+        out[precision] = {"valid_acc": round(acc, 4), "valid_n": len(valid.labels), "images_per_sec_1proc": round(rate, 1),
+                          "test_agreement_with_float32": round(float((p == ref).mean()), 4)}
+    print("BENCH " + json.dumps(out), flush=True)
+
+
+# ---- orchestration ----
+
+def run_predict(prep: Path, run: Path, out: Path, ranks: int, args, precision: str) -> dict:
+    """One predict run on `ranks` ranks: throughput, every rank's peak memory, the output checked."""
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--worker", "predict", "--prepared", str(prep), "--model", str(run), "--out", str(out),
+           "--batch-size", str(args.batch_size), "--precision", precision]
+    if ranks > 1:
+        cmd = [str(BIN / "horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *cmd]
+    t0 = time.perf_counter()
+    recs = bench_lines(sh(cmd))
+    wall = time.perf_counter() - t0
+    assert len(recs) == ranks, recs
+    n = recs[0]["count"]
+    check_submission(out, n)
+    return {"ranks": ranks, "precision": precision, "count": n, "images_per_sec": recs[0]["images_per_sec"],
+            "seconds": recs[0]["seconds"], "process_wall_seconds": round(wall, 1),
+            "peak_mb_per_rank": [r["rank_peak_mb"] for r in recs], "threads_per_rank": recs[0]["threads"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--test", type=int, default=300000, help="test images (default 300000, the competition's)")
+    p.add_argument("--train", type=int, default=10000, help="training images in the generated set (gate and calibration)")
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--test-large", type=int, default=None,
+                   help="test images for widths above 16 (a width-64 pass over 300,000 takes long on a CPU box)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--precisions", nargs="+", default=["float32", "int8"], choices=["float32", "int8", "bfloat16"])
+    p.add_argument("--seed-limit", type=int, default=20000, help="images the seed's loop is timed on (its rate is steady)")
+    p.add_argument("--gate-epochs", type=int, default=4, help="epochs of the model the precision gate is judged on (0 = no gate)")
+    p.add_argument("--gate-test-rows", type=int, default=10000)
+    p.add_argument("--workdir", default="/tmp/bench_predict")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=["init", "predict", "seed", "gate"], help=argparse.SUPPRESS)
+    p.add_argument("--prepared", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tta", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--seed-folder", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        {"init": worker_init, "predict": worker_predict, "seed": worker_seed, "gate": worker_gate}[args.worker](args)
+        return 0
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": {k: v for k, v in vars(args).items() if v is not None}, "host_cpus": os.cpu_count(), "widths": {}}
+    src, prep = ensure_data(workdir, args.test, args.train)
+    if args.gate_epochs:
+        gate_run = ensure_model(workdir, prep, 16, args.gate_epochs)
+        gate = bench_lines(sh([sys.executable, __file__, "--worker", "gate", "--prepared", str(prep), "--model", str(gate_run),
+                               "--gate-test-rows", str(args.gate_test_rows)]))[0]
+        results["gate"] = gate
+        print(f"[bench] precision gate (width 16, {args.gate_epochs} epochs): {json.dumps(gate)}", flush=True)
+    for width in args.widths:
+        n = args.test_large if (args.test_large and width > 16) else args.test
+        wsrc, wprep = ensure_data(workdir, n, args.train) if n != args.test else (src, prep)
+        run = ensure_model(workdir, wprep, width, args.gate_epochs if width == 16 and args.gate_epochs else 0)
+        rows = []
+        folder = seed_folder(workdir, wsrc, n)
+        print(f"[bench] width {width}: seed loop on up to {args.seed_limit} of {n} images", flush=True)
+        seed = bench_lines(sh([sys.executable, __file__, "--worker", "seed", "--model", str(run), "--width", str(width),
+                               "--seed-folder", str(folder), "--seed-limit", str(args.seed_limit)]))[0]
+        for precision in args.precisions:
+            for ranks in args.ranks:
+                print(f"[bench] width {width}: predict {precision} on {ranks} rank(s), {n} images", flush=True)
+                row = run_predict(wprep, run, workdir / f"sub-w{width}-{precision}-np{ranks}.csv", ranks, args, precision)
+                row["speedup_vs_seed"] = round(row["images_per_sec"] / seed["images_per_sec"], 2)
+                rows.append(row)
+        results["widths"][str(width)] = {"test_images": n, "seed": seed, "predict": rows}
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+    print("\n| width | N | run | images/s | x seed | peak MB per rank |\n|---|---|---|---|---|---|")
+    for width, r in results["widths"].items():
+        s = r["seed"]
+        print(f"| {width} | {r['test_images']} | seed loop ({s['count']} imgs, 1 proc) | {s['images_per_sec']:.0f} | 1.00 | {s['rank_peak_mb']:.0f} |")
+        for row in r["predict"]:
+            print(f"| {width} | {row['count']} | predict {row['precision']} np{row['ranks']} | {row['images_per_sec']:.0f} | "
+                  f"{row['speedup_vs_seed']:.2f} | {', '.join(f'{m:.0f}' for m in row['peak_mb_per_rank'])} |")
+    print(f"\nresults: {workdir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
