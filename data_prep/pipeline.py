@@ -1,0 +1,254 @@
+"""The prepare pipeline: check the Kaggle download, decode it once, publish packed arrays (and optional folders)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import store
+from data_prep.decode import ROW_BYTES, SIDE, ChunkResult, decode_chunk
+from data_prep.errors import PrepareError, offenders
+from data_prep.labels import read_labels
+from data_prep.layout import write_folders
+from data_prep.publish import locked, publish, remove_leftovers, staging_dir
+from data_prep.source import Source, SourceTree, check_names, list_pngs, locate
+from data_prep.split import Assignment, assign
+
+LAYOUTS = (None, "folders")
+CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
+DISK_MARGIN_BYTES = 64 << 20
+PARAMS = ("valid_ratio", "seed", "layout")
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: int = 0,
+            workers: int | None = None, layout: str | None = None, force: bool = False) -> dict:
+    """Validate SRC, decode it once into OUT (published by one rename) and return OUT's manifest.
+
+    Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
+    refused unless FORCE. Any PrepareError leaves OUT exactly as it was.
+    """
+    if not 0 <= valid_ratio < 1:
+        raise PrepareError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
+    if seed < 0:
+        raise PrepareError(f"--seed must be >= 0, got {seed}")
+    if layout not in LAYOUTS:
+        raise PrepareError(f"--layout must be 'folders' or absent, got {layout!r}")
+    if workers is not None and workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
+    started = time.perf_counter()
+    out = Path(os.path.abspath(out))
+    params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout}
+    with locked(out):
+        source = locate(Path(src))
+        existing = _existing(out)
+        if existing is not None:
+            changes = _changes(existing, params, source)
+            if not changes:
+                print(f"{out} is up to date (same source and parameters); nothing to do", file=sys.stderr)
+                return existing
+            if not force:
+                raise PrepareError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
+        elif os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
+            raise PrepareError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
+                               "pass --force to replace it")
+        remove_leftovers(out)
+        staged = staging_dir(out)
+        try:
+            manifest = _build(source, staged, params, workers or default_workers())
+            publish(staged, out)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    elapsed = time.perf_counter() - started
+    splits = manifest["splits"]
+    decoded = splits["train_valid"]["count"] + splits["test"]["count"]
+    print(f"prepared {out}: {splits['train']['count']} train, {splits['valid']['count']} valid "
+          f"({manifest['n_valid_per_label']} per class), {splits['test']['count']} test, "
+          f"{len(manifest['classes'])} classes; {decoded} images in {elapsed:.1f} s "
+          f"({decoded / max(elapsed, 1e-9):,.0f} images/s)", file=sys.stderr)
+    return manifest
+
+
+def _existing(out: Path) -> dict | None:
+    """OUT's manifest if OUT is a complete prepared directory of this format, else None."""
+    try:
+        return store.read_manifest(out) if out.is_dir() else None
+    except PrepareError:
+        return None
+
+
+def _changes(existing: dict, params: dict, source: Source) -> list[str]:
+    """How the requested run differs from what OUT holds, one line per difference."""
+    changes = [f"{key}: {existing.get(key)!r} in {store.MANIFEST}, {params[key]!r} requested"
+               for key in PARAMS if existing.get(key) != params[key]]
+    if existing.get("source", {}).get("fingerprint") != source.fingerprint:
+        changes.append(f"source: {existing.get('source', {}).get('path')} (fingerprint "
+                       f"{str(existing.get('source', {}).get('fingerprint'))[:12]}) differs from {source.path} "
+                       f"(fingerprint {source.fingerprint[:12]})")
+    return changes
+
+
+def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
+    """Everything short of publishing: check, split, decode, lay out, hash, write the manifest."""
+    scratch = staged / ".scratch"
+    tree = source.materialize(scratch)
+    labels, train_files, test_files = _checked_files(source, tree)
+    assignment = assign(labels, params["valid_ratio"], params["seed"])
+    trainval_rows = assignment.valid + assignment.train
+    # Plain strings, not Paths: 350,000 Path joins cost seconds.
+    train_prefix = f"{tree.train_dir}{os.sep}"
+    trainval_paths = [train_prefix + train_files[i] for i, _ in trainval_rows]
+    test_ids = sorted(test_files)
+    test_prefix = f"{tree.test_dir}{os.sep}"
+    test_paths = [test_prefix + test_files[i] for i in test_ids]
+    _check_disk(staged, len(trainval_paths) + len(test_paths), params["layout"], tree)
+
+    np.save(staged / store.TRAINVAL_LABELS, np.asarray([c for _, c in trainval_rows], dtype=np.int64))
+    np.save(staged / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
+    np.save(staged / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
+    tasks = _tasks(staged / store.TRAINVAL_IMAGES, trainval_paths) + _tasks(staged / store.TEST_IMAGES, test_paths)
+    converted = _decode_all(tasks, workers, len(trainval_paths) + len(test_paths))
+    if converted:
+        print(f"warning: {len(converted)} images were grayscale, RGBA or palette PNGs and were converted to RGB "
+              f"(first: {converted[0]})", file=sys.stderr)
+    if params["layout"] == "folders":
+        _write_folders(staged, assignment, trainval_paths, test_paths)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return _finish_manifest(staged, source, params, assignment, len(test_ids), len(converted))
+
+
+def _checked_files(source: Source, tree: SourceTree) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+    """Labels cross-checked against train/, and the PNG names of train/ and test/ (id -> name).
+
+    PrepareError on any mismatch or misnamed file.
+    """
+    rows = read_labels(tree.labels_csv)
+    train_files, bad = list_pngs(tree.train_dir, source.listings.get(tree.train_dir))
+    test_files: dict[int, str] = {}
+    if tree.test_dir is not None:
+        test_files, bad_test = list_pngs(tree.test_dir, source.listings.get(tree.test_dir))
+        bad += bad_test
+    else:
+        print(f"warning: {tree.train_dir.parent} has no test/ (or test.7z); the test split will be empty",
+              file=sys.stderr)
+    check_names(tree.train_dir.parent, bad)
+    problems = []
+    no_png = [f"line {line}: id {i} ({label})" for i, (label, line) in rows.items() if i not in train_files]
+    if no_png:
+        problems.append(offenders(f"{tree.labels_csv}: labelled ids with no PNG in {tree.train_dir}", no_png))
+    no_label = [f"{tree.train_dir / name}" for i, name in sorted(train_files.items()) if i not in rows]
+    if no_label:
+        problems.append(offenders(f"{tree.train_dir}: PNGs with no label in {tree.labels_csv}", no_label))
+    if problems:
+        raise PrepareError("\n".join(problems))
+    labels = {i: label for i, (label, _) in rows.items()}
+    classes = sorted(set(labels.values()))
+    if len(classes) < 2:
+        raise PrepareError(f"{tree.labels_csv}: {len(classes)} class ({', '.join(classes)}); need at least 2")
+    return labels, train_files, test_files
+
+
+def _check_disk(staged: Path, images: int, layout: str | None, tree: SourceTree) -> None:
+    """Refuse before writing if the packed arrays (and copies the folder layout may need) cannot fit."""
+    need = images * (ROW_BYTES + 16) + DISK_MARGIN_BYTES
+    if layout == "folders" and tree.train_dir.stat().st_dev != staged.stat().st_dev:
+        need += images * 8192  # hard links cannot cross devices: budget a copy of each (small) PNG
+    free = shutil.disk_usage(staged).free
+    if need > free:
+        raise PrepareError(f"{staged.parent}: not enough disk space for the prepared data: "
+                           f"need {need:,} bytes, {free:,} free")
+
+
+def _tasks(npy: Path, paths: list[str]) -> list[tuple[str, int, int, list[str]]]:
+    """Preallocate NPY for len(PATHS) images and cut the work into chunks of rows."""
+    array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(paths), SIDE, SIDE, 3))
+    offset = array.offset
+    del array
+    return [(str(npy), offset, start, paths[start:start + CHUNK_ROWS]) for start in range(0, len(paths), CHUNK_ROWS)]
+
+
+def _decode_all(tasks: list, workers: int, total: int) -> list[str]:
+    """Run every decode task (in WORKERS processes), show progress; return the converted files.
+
+    Raises PrepareError naming the unreadable files, in row order.
+    """
+    from tqdm import tqdm
+
+    errors: list[str] = []
+    converted: list[str] = []
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), desc="decode") as bar:
+        for result in _results(tasks, min(workers, max(len(tasks), 1))):
+            errors += result.errors
+            converted += result.converted
+            bar.update(result.rows)
+    if errors:
+        raise PrepareError(offenders("images that are not readable 32x32 PNGs", errors))
+    return converted
+
+
+def _results(tasks: list, workers: int) -> Iterator[ChunkResult]:
+    """decode_chunk over TASKS in order: in this process for one worker, else a pool of fresh processes."""
+    if workers <= 1:
+        yield from map(decode_chunk, tasks)
+        return
+    # spawn, not fork: the caller may hold threads (MXNet, Horovod) that a fork would copy half-way.
+    # An executor, not a Pool: a worker that dies (OOM) fails the run instead of hanging it.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(decode_chunk, tasks)
+
+
+def _write_folders(staged: Path, assignment: Assignment, trainval_paths: list[str], test_paths: list[str]) -> None:
+    """The seed's train_valid_test/ tree inside STAGED, hard-linked to the source PNGs."""
+    n_valid = len(assignment.valid)
+    classes = assignment.classes
+    rows = assignment.valid + assignment.train
+
+    def entries() -> Iterator[tuple[str, str, Path]]:
+        for row, ((_, label), path) in enumerate(zip(rows, trainval_paths, strict=True)):
+            yield "train_valid", classes[label], Path(path)
+            yield ("valid" if row < n_valid else "train"), classes[label], Path(path)
+        for path in test_paths:
+            yield "test", "unknown", Path(path)
+
+    linked, copied = write_folders(staged / store.FOLDERS, entries())
+    if copied:
+        print(f"warning: {copied} of {linked + copied} files in {store.FOLDERS}/ were copied, "
+              "not hard-linked (another device or no permission)", file=sys.stderr)
+
+
+def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Assignment, n_test: int,
+                     n_converted: int) -> dict:
+    """Hash the data files and write manifest.json, last."""
+    n_classes = len(assignment.classes)
+    per_class = {
+        name: np.bincount([c for _, c in rows], minlength=n_classes).tolist()
+        for name, rows in (("train", assignment.train), ("valid", assignment.valid))
+    }
+    files = [store.TRAINVAL_IMAGES, store.TRAINVAL_LABELS, store.TRAINVAL_IDS, store.TEST_IMAGES, store.TEST_IDS]
+    manifest = {
+        "format_version": store.FORMAT_VERSION,
+        "classes": assignment.classes,
+        "image_shape": [SIDE, SIDE, 3],
+        **params,
+        "n_valid_per_label": assignment.n_valid_per_label,
+        "splits": store.split_table(len(assignment.valid), len(assignment.train), n_test),
+        "class_counts": per_class,
+        "converted_to_rgb": n_converted,
+        "source": {"path": str(source.path), "kind": source.kind, "fingerprint": source.fingerprint},
+        "files": {name: {"sha256": store.sha256_file(staged / name), "bytes": (staged / name).stat().st_size}
+                  for name in files},
+    }
+    store.write_manifest(staged, manifest)
+    return manifest

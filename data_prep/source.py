@@ -1,0 +1,147 @@
+"""Find the competition data in SRC (folders, train.7z/test.7z, or the competition zip) and fingerprint it.
+
+The fingerprint is cheap on purpose (names, sizes and mtimes; an archive's size and mtime), so that
+re-running `prepare` on unchanged data answers "up to date" without reading a single image.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep import archive
+from data_prep.errors import PrepareError, offenders
+
+LABELS_CSV = "trainLabels.csv"
+PNG_NAME = re.compile(r"([1-9][0-9]*)\.png")
+
+
+@dataclass(frozen=True)
+class SourceTree:
+    """The competition files as plain folders, ready to read."""
+
+    labels_csv: Path
+    train_dir: Path
+    test_dir: Path | None
+
+
+@dataclass
+class Source:
+    """SRC as given: what kind it is and its fingerprint; `materialize` turns it into a SourceTree."""
+
+    path: Path
+    kind: str  # "folders", "7z" or "zip"
+    fingerprint: str
+    listings: dict[Path, list[str]] = field(default_factory=dict)  # folder -> names, kept from fingerprinting
+
+    def materialize(self, scratch: Path) -> SourceTree:
+        """Folders as they are; archives unpacked (checked first) under SCRATCH."""
+        root = self.path
+        if self.kind == "zip":
+            archive.extract(self.path, scratch / "zip")
+            root = _zip_root(self.path, scratch / "zip")
+        labels_csv = root / LABELS_CSV
+        if not labels_csv.is_file():
+            raise PrepareError(f"{root}: missing {LABELS_CSV}")
+        train_dir = _folder_or_archive(root, "train", scratch)
+        if train_dir is None:
+            raise PrepareError(f"{root}: missing train/ (or train.7z)")
+        return SourceTree(labels_csv, train_dir, _folder_or_archive(root, "test", scratch))
+
+
+def locate(src: Path) -> Source:
+    """Classify SRC and fingerprint it; PrepareError if it cannot be the competition data."""
+    src = src.resolve()
+    if src.is_file():
+        if not zipfile.is_zipfile(src):
+            raise PrepareError(f"{src}: not a directory or a zip file")
+        return Source(src, "zip", _digest(["zip", src.name, *_stat_key(src)]))
+    if not src.is_dir():
+        raise PrepareError(f"{src}: no such file or directory")
+    labels_csv = src / LABELS_CSV
+    if not labels_csv.is_file():
+        raise PrepareError(f"{src}: missing {LABELS_CSV}")
+    parts: list[object] = [LABELS_CSV, *_stat_key(labels_csv), hashlib.sha256(labels_csv.read_bytes()).hexdigest()]
+    listings: dict[Path, list[str]] = {}
+    kind = "folders"
+    for split in ("train", "test"):
+        folder, packed = src / split, src / f"{split}.7z"
+        if folder.is_dir():
+            names, keys = _listing(folder)
+            listings[folder] = names
+            parts += [split, *keys]
+        elif packed.is_file():
+            kind = "7z"
+            parts += [packed.name, *_stat_key(packed)]
+        elif split == "train":
+            raise PrepareError(f"{src}: missing train/ (or train.7z)")
+    return Source(src, kind, _digest([kind, *parts]), listings)
+
+
+def list_pngs(folder: Path, names: list[str] | None = None) -> tuple[dict[int, str], list[str]]:
+    """Map id -> file name for FOLDER's `<id>.png` files; also return the names that are not that."""
+    if names is None:
+        names = sorted(os.listdir(folder))
+    found: dict[int, str] = {}
+    bad: list[str] = []
+    for name in names:
+        match = PNG_NAME.fullmatch(name)
+        if match is None:
+            bad.append(f"{folder / name}: name is not <positive int>.png")
+        else:
+            found[int(match.group(1))] = name
+    return found, bad
+
+
+def check_names(folder: Path, bad: list[str]) -> None:
+    """Raise for file names that do not follow the competition's `<id>.png`."""
+    if bad:
+        raise PrepareError(offenders(f"{folder}: files not named <id>.png", bad))
+
+
+def _folder_or_archive(root: Path, split: str, scratch: Path) -> Path | None:
+    """ROOT/SPLIT if it is a folder, else ROOT/SPLIT.7z unpacked under SCRATCH, else None."""
+    folder, packed = root / split, root / f"{split}.7z"
+    if folder.is_dir():
+        return folder
+    if not packed.is_file():
+        return None
+    dest = scratch / f"{split}7z"
+    archive.extract(packed, dest)
+    return dest / split if (dest / split).is_dir() else dest
+
+
+def _zip_root(zip_path: Path, unpacked: Path) -> Path:
+    """The folder inside the unpacked zip that holds trainLabels.csv (top level or one folder down)."""
+    if (unpacked / LABELS_CSV).is_file():
+        return unpacked
+    subdirs = [p for p in unpacked.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / LABELS_CSV).is_file():
+        return subdirs[0]
+    raise PrepareError(f"{zip_path}: holds no {LABELS_CSV} (at the top or in a single top folder)")
+
+
+def _listing(folder: Path) -> tuple[list[str], list[str]]:
+    """Sorted names of FOLDER and one 'name size mtime' key per entry, for the fingerprint."""
+    entries = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=True)
+                entries.append((entry.name, st.st_size, st.st_mtime_ns))
+            except OSError:  # a dangling link: decoding will name it
+                entries.append((entry.name, -1, -1))
+    entries.sort()
+    return [e[0] for e in entries], [f"{n} {s} {m}" for n, s, m in entries]
+
+
+def _stat_key(path: Path) -> list[object]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _digest(parts: list[object]) -> str:
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()

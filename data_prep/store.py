@@ -1,0 +1,88 @@
+"""The prepared directory's format: manifest.json plus packed .npy arrays, and how to read a split.
+
+Rows of `train_valid` are the valid rows then the train rows (each ascending by id), so `valid`
+and `train` are contiguous slices of one file and every split opens as a memory map.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from data_prep.errors import PrepareError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "valid", "train_valid", "test")
+TRAINVAL_IMAGES, TRAINVAL_LABELS, TRAINVAL_IDS = "trainval_images.npy", "trainval_labels.npy", "trainval_ids.npy"
+TEST_IMAGES, TEST_IDS = "test_images.npy", "test_ids.npy"
+FOLDERS = "train_valid_test"
+
+
+class Split(NamedTuple):
+    """One split: uint8 images N x 32 x 32 x 3 (memory-mapped), int64 labels (None for test), int64 ids."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    ids: np.ndarray
+
+
+def split_table(n_valid: int, n_train: int, n_test: int) -> dict[str, dict]:
+    """Where each split's rows live: files and the first row."""
+    trainval = {"images": TRAINVAL_IMAGES, "labels": TRAINVAL_LABELS, "ids": TRAINVAL_IDS}
+    return {
+        "train": {**trainval, "start": n_valid, "count": n_train},
+        "valid": {**trainval, "start": 0, "count": n_valid},
+        "train_valid": {**trainval, "start": 0, "count": n_valid + n_train},
+        "test": {"images": TEST_IMAGES, "labels": None, "ids": TEST_IDS, "start": 0, "count": n_test},
+    }
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(prep_dir: Path, manifest: dict) -> None:
+    """Write manifest.json (the last file written: its presence marks a complete directory)."""
+    with open(prep_dir / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+def read_manifest(prep_dir: str | Path) -> dict:
+    """The manifest of a prepared directory; PrepareError if missing, unreadable or of another format."""
+    path = Path(prep_dir) / MANIFEST
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise PrepareError(f"{path}: missing; run `cifar10-hvd prepare --data SRC --out {prep_dir}` first") from None
+    except (OSError, ValueError) as exc:
+        raise PrepareError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise PrepareError(f"{path}: format_version {found!r}, this code reads {FORMAT_VERSION}; prepare it again")
+    return manifest
+
+
+def open_split(prep_dir: str | Path, split: str) -> Split:
+    """The rows of SPLIT: images memory-mapped (a rank reads only its shard), labels and ids loaded."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    prep_dir = Path(prep_dir)
+    entry = read_manifest(prep_dir)["splits"][split]
+    rows = slice(entry["start"], entry["start"] + entry["count"])
+    images = np.load(prep_dir / entry["images"], mmap_mode="r", allow_pickle=False)[rows]
+    ids = np.asarray(np.load(prep_dir / entry["ids"], allow_pickle=False)[rows], dtype=np.int64)
+    labels = None
+    if entry["labels"] is not None:
+        labels = np.asarray(np.load(prep_dir / entry["labels"], allow_pickle=False)[rows], dtype=np.int64)
+    return Split(images, labels, ids)
