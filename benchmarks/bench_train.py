@@ -1,0 +1,153 @@
+"""Training throughput, measured side by side in one run (every figure: 1 OMP thread per rank, CPU).
+
+For each width: the model alone on one in-memory batch (forward, backward, SGD step), the
+trainer (batched pipeline), the trainer with the seed's per-image DataLoader, and the
+bfloat16 AMP variants; then ratios. Scaling: the trainer under horovodrun -np 2 vs -np 1.
+Trainer figures are epoch 2's images/s from metrics.jsonl (epoch 1 includes warm-up).
+
+    .venv/bin/python benchmarks/bench_train.py [--widths 16 64] [--batch-size 128] [--skip-amp] [--skip-scaling]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict[str, str]:
+    """One thread per rank, the venv first on PATH, Open MPI allowed as root."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def model_alone(width: int, batch: int, steps: int, amp: str) -> float:
+    """Images/s of forward+backward+step on one fixed in-memory batch (run in this process)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if amp != "none":
+        from mxnet.contrib import amp as mxamp
+
+        mxamp.init(target_dtype=amp)
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd, gluon
+
+    sys.path.insert(0, str(ROOT))
+    from trainer.device import init_horovod
+    from trainer.hvd_trainer import DenseGradTrainer
+    from trainer.model import resnet18
+
+    init_horovod()
+    net = resnet18(10, width)
+    net.initialize(mx.init.Xavier())
+    net.hybridize(static_alloc=True)
+    trainer = DenseGradTrainer(net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9, "wd": 5e-4})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    x = mx.nd.array(np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32))
+    y = mx.nd.array(np.arange(batch) % 10, dtype="float32")
+
+    def step():
+        with autograd.record():
+            loss = loss_fn(net(x).astype("float32"), y)
+        loss.backward()
+        trainer.step(batch)
+        return loss
+
+    for _ in range(3):
+        step().wait_to_read()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.wait_to_read()
+    mx.nd.waitall()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def trainer_ips(prepared: Path, width: int, batch: int, np_: int = 1, *extra: str) -> float:
+    """Epoch 2's images/s (all ranks) of the real trainer."""
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        cmd = [str(BIN / "python"), "-m", "trainer", "--prepared", str(prepared), "--out", f"{tmp}/run",
+               "--width", str(width), "--batch-size", str(batch), "--epochs", "2", "--threads", "1", *extra]
+        if np_ > 1:
+            cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *cmd[0:1],
+                   *cmd[1:]]
+        run(cmd)
+        lines = Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["images_per_sec"]
+
+
+def make_prepared(root: Path, n_train: int) -> Path:
+    """Demo data of n_train images (10% go to valid), prepared."""
+    src, prep = root / f"demo{n_train}", root / f"prep{n_train}"
+    run([str(BIN / "cifar10-hvd"), "demo-data", "--out", str(src), "--train", str(n_train), "--test", "10"])
+    run([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(prep)])
+    return prep
+
+
+def alone(width: int, batch: int, steps: int, amp: str = "none") -> float:
+    out = run([str(BIN / "python"), __file__, "--model-alone", str(width), "--batch-size", str(batch),
+               "--steps", str(steps), "--amp", amp])
+    return float(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--skip-amp", action="store_true")
+    p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--model-alone", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--amp", default="none", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.model_alone:
+        print(model_alone(args.model_alone, args.batch_size, args.steps, args.amp))
+        return 0
+
+    bs = args.batch_size
+    print(f"CPU, 1 thread per rank, per-rank batch {bs}; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores (shared machine: figures are noisy)")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for width in args.widths:
+            # enough steps for a steady epoch 2, without taking minutes at width 64
+            n_train = bs * (24 if width <= 16 else 6) * 10 // 9 + 20
+            prep = make_prepared(Path(tmp), n_train)
+            steps = 24 if width <= 16 else 6
+            m = alone(width, bs, steps)
+            t = trainer_ips(prep, width, bs)
+            s = trainer_ips(prep, width, bs, 1, "--pipeline", "seed")
+            print(f"width {width:3d}: model alone {m:8.1f} img/s | trainer {t:8.1f} img/s ({t / m:.2f} of model alone)"
+                  f" | seed pipeline {s:8.1f} img/s (trainer = {t / s:.2f}x seed)")
+            if not args.skip_amp:
+                mb = alone(width, bs, steps, "bfloat16")
+                tb = trainer_ips(prep, width, bs, 1, "--amp", "bfloat16")
+                print(f"width {width:3d} bfloat16 AMP: model alone {mb:8.1f} img/s ({mb / m:.2f}x fp32)"
+                      f" | trainer {tb:8.1f} img/s ({tb / t:.2f}x fp32)")
+        if not args.skip_scaling:
+            width = args.widths[0]
+            prep = make_prepared(Path(tmp), bs * 2 * 16 * 10 // 9 + 20)
+            one = trainer_ips(prep, width, bs, 1)
+            two = trainer_ips(prep, width, bs, 2)
+            print(f"scaling width {width}: -np 1 {one:8.1f} img/s, -np 2 {two:8.1f} img/s, "
+                  f"efficiency {two / (2 * one):.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
