@@ -37,7 +37,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     """Validate SRC, decode it once into OUT (published by one rename) and return OUT's manifest.
 
     Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
-    refused unless FORCE. Any PrepareError leaves OUT exactly as it was.
+    refused. FORCE rebuilds and replaces OUT whatever it holds. Any error leaves OUT exactly as it was.
     """
     if not 0 <= valid_ratio < 1:
         raise PrepareError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
@@ -53,14 +53,13 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     with locked(out):
         source = locate(Path(src))
         existing = _existing(out)
-        if existing is not None:
+        if existing is not None and not force:
             changes = _changes(existing, params, source)
             if not changes:
                 print(f"{out} is up to date (same source and parameters); nothing to do", file=sys.stderr)
                 return existing
-            if not force:
-                raise PrepareError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
-        elif os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
+            raise PrepareError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
+        if existing is None and os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
             raise PrepareError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
                                "pass --force to replace it")
         remove_leftovers(out)
