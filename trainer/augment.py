@@ -7,7 +7,8 @@ offsets drawn independently per axis, so per axis there are only 45 (side, offse
 Upscaling and crop-resize are both linear along each axis, so each pair is one 32x32 matrix
 (crop-resize @ upscale); a flip reverses the rows of the column matrix. A batch is then
 out[n] = A_rows[n] @ x[n] @ A_cols[n].T per channel: two batched float32 matmuls.
-Normalization commutes with the resampling (every matrix row sums to 1), so it runs first.
+Normalization commutes with the resampling (every matrix row sums to 1), so it runs last,
+on contiguous float32.
 
 Unlike the seed, the 40x40 intermediate is not rounded to uint8 (a difference of < 1/255).
 """
@@ -17,7 +18,7 @@ import math
 
 import numpy as np
 
-from trainer.normalize import normalize
+from trainer.normalize import _SCALE, _SHIFT
 
 SIZE = 32
 RESIZE = 40
@@ -62,6 +63,8 @@ def _crop_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 ROWS, COLS_T, INDEX = _crop_tables()
+_SCALE_NCHW = _SCALE[None, :, None, None]
+_SHIFT_NCHW = _SHIFT[None, :, None, None]
 
 
 def draw_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,19 +79,21 @@ def draw_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
 
 def augment(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): the seed's random train transform, batched."""
+    rows_k, cols_k = draw_params(rng, len(images))
+    return apply_params(images, rows_k, cols_k, out)
+
+
+def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """The deterministic part of augment, for given row/column matrix indices (from draw_params)."""
     n = len(images)
-    rows_k, cols_k = draw_params(rng, n)
-    x = normalize(images)
+    x = np.empty((n, 3, SIZE, SIZE), dtype=np.float32)
+    x[...] = images.transpose(0, 3, 1, 2)
     tmp = np.matmul(ROWS[rows_k][:, None], x)
     if out is None:
         out = np.empty((n, 3, SIZE, SIZE), dtype=np.float32)
     np.matmul(tmp.reshape(n, 3 * SIZE, SIZE), COLS_T[cols_k], out=out.reshape(n, 3 * SIZE, SIZE))
+    # normalize last: it commutes with the resampling, and is cheaper on contiguous float32
+    out *= _SCALE_NCHW
+    out += _SHIFT_NCHW
     return out
-
-
-def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray) -> np.ndarray:
-    """The deterministic part of augment for given matrix indices (for tests and comparisons)."""
-    x = normalize(images)
-    n = len(images)
-    tmp = np.matmul(ROWS[rows_k][:, None], x)
-    return np.matmul(tmp.reshape(n, 3 * SIZE, SIZE), COLS_T[cols_k]).reshape(n, 3, SIZE, SIZE)
