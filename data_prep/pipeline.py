@@ -50,8 +50,11 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     started = time.perf_counter()
     out = Path(os.path.abspath(out))
     params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout}
+    source_path = Path(src).resolve()
+    if out.resolve() == source_path or out.resolve() in source_path.parents:
+        raise PrepareError(f"--out {out} would replace the source {source_path}; choose another PREP")
     with locked(out):
-        source = locate(Path(src))
+        source = locate(source_path)
         existing = _existing(out)
         if existing is not None and not force:
             changes = _changes(existing, params, source)

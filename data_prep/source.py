@@ -126,16 +126,22 @@ def _zip_root(zip_path: Path, unpacked: Path) -> Path:
 
 def _listing(folder: Path) -> tuple[list[str], list[str]]:
     """Sorted names of FOLDER and one 'name size mtime' key per entry, for the fingerprint."""
-    entries = []
     with os.scandir(folder) as it:
-        for entry in it:
-            try:
-                st = entry.stat(follow_symlinks=True)
-                entries.append((entry.name, st.st_size, st.st_mtime_ns))
-            except OSError:  # a dangling link: decoding will name it
-                entries.append((entry.name, -1, -1))
+        listed = list(it)
+    try:
+        entries = [(e.name, st.st_size, st.st_mtime_ns) for e in listed for st in (e.stat(),)]
+    except OSError:  # a dangling link: keep it in the listing, decoding will name it
+        entries = [(e.name, *_size_mtime(e)) for e in listed]
     entries.sort()
     return [e[0] for e in entries], [f"{n} {s} {m}" for n, s, m in entries]
+
+
+def _size_mtime(entry: os.DirEntry) -> tuple[int, int]:
+    try:
+        st = entry.stat()
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 def _stat_key(path: Path) -> list[object]:

@@ -240,3 +240,12 @@ def test_out_that_is_not_a_prepared_directory_needs_force(good, tmp_path, capsys
     assert snapshot(other) == before
     assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1", "--force"]) == 0
     assert not (other / "keep.txt").exists() and data_prep.read_manifest(other)["classes"] == ["cat", "dog"]
+
+
+def test_out_must_not_replace_the_source(good, capsys):
+    src, _ = good
+    before = snapshot(src)
+    for target in (src, src.parent):
+        assert cli.main(["--data", str(src), "--out", str(target), "--force"]) == 2
+        assert "would replace the source" in capsys.readouterr().err
+    assert snapshot(src) == before
