@@ -15,6 +15,7 @@ Unlike the seed, the 40x40 intermediate is not rounded to uint8 (a difference of
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -87,9 +88,9 @@ def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray,
                  out: np.ndarray | None = None) -> np.ndarray:
     """The deterministic part of augment, for given row/column matrix indices (from draw_params)."""
     n = len(images)
-    x = np.empty((n, 3, SIZE, SIZE), dtype=np.float32)
+    x, tmp = _scratch(n)
     x[...] = images.transpose(0, 3, 1, 2)
-    tmp = np.matmul(ROWS[rows_k][:, None], x)
+    np.matmul(ROWS[rows_k][:, None], x, out=tmp)
     if out is None:
         out = np.empty((n, 3, SIZE, SIZE), dtype=np.float32)
     np.matmul(tmp.reshape(n, 3 * SIZE, SIZE), COLS_T[cols_k], out=out.reshape(n, 3 * SIZE, SIZE))
@@ -97,3 +98,18 @@ def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray,
     out *= _SCALE_NCHW
     out += _SHIFT_NCHW
     return out
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two float32 (n, 3, 32, 32) work arrays, reused per thread.
+
+    Fresh multi-megabyte arrays per batch cost more than the arithmetic: glibc hands the
+    pages back to the OS on free and every new batch page-faults them in again.
+    """
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or len(bufs[0]) != n:
+        bufs = _local.bufs = tuple(np.empty((n, 3, SIZE, SIZE), dtype=np.float32) for _ in range(2))
+    return bufs

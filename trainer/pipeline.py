@@ -55,12 +55,17 @@ def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
 
 def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rng: np.random.Generator,
                    depth: int = 3) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Augmented batches for the (steps, batch) index array `shard`, prepared in a background thread."""
+    """Augmented batches for the (steps, batch) index array `shard`, prepared in a background thread.
+
+    The x arrays come from a ring of depth + 3 buffers (see augment._scratch for why): a batch
+    stays valid until the consumer has asked for the next one; copy it before then.
+    """
+    ring = [np.empty((shard.shape[1], 3, 32, 32), dtype=np.float32) for _ in range(depth + 3)]
 
     def produce() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for rows in shard:
+        for step, rows in enumerate(shard):
             order = np.sort(rows)  # sorted reads are kinder to a memmap; the batch's order is irrelevant
-            yield augment(images[order], rng), labels[order].astype(np.float32)
+            yield augment(images[order], rng, out=ring[step % len(ring)]), labels[order].astype(np.float32)
 
     return prefetch(produce(), depth)
 
