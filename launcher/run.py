@@ -203,8 +203,12 @@ class Pipeline:
     def run(self) -> dict:
         """All configured phases in order; summary.json and the report on rank 0."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            write_run_config(self.cfg, self.resolved_config)
+        if self.rank != 0:
+            # Each rank of an MPI world reads its own copy: rank 0's run-config.yaml can still be an
+            # earlier run's, or half-written, when another rank's stage reads it.
+            self.markers.mkdir(parents=True, exist_ok=True)
+            self.resolved_config = self.markers / f"run-config.rank{self.rank}.yaml"
+        write_run_config(self.cfg, self.resolved_config)
         summary: dict[str, Any] = {"config": str(self.config_path), "workdir": str(self.workdir),
                                    "prepared": str(self.prepared), "phases": self.cfg.phases,
                                    "launch": self.cfg.to_dict()["launch"], "in_mpi_world": bool(self.world),
