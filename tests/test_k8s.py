@@ -21,6 +21,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import tool_env
 
 from launcher.run import build_parser
 from launcher.run_config import load_run_config, parse_phases
@@ -280,6 +281,63 @@ def test_pods_run_unprivileged_with_resources_and_one_image(kubectl, overlay):
     variant = "gpu" if overlay.startswith("gpu") else "cpu"
     assert images.pop().endswith(f"-{variant}"), f"{overlay} must use the {variant} image build"
     assert one(objs, "Job")["spec"]["backoffLimit"] >= 1
+
+
+# -- the manifests' commands, run here -------------------------------------------------------------
+
+def on_this_machine(argv: list[str], data: Path, config: Path, hostfile: Path) -> list[str]:
+    """A pod's command with its in-cluster paths mapped to this checkout, venv and a temp dir."""
+    mapping = {CONFIG_FILE: str(config), HOSTFILE: str(hostfile), f"{VENV_IN_IMAGE}/bin/": f"{BIN}/",
+               DATA_MOUNT: str(data)}
+    out = []
+    for arg in argv:
+        for old, new in mapping.items():
+            arg = arg.replace(old, new)
+        out.append(arg)
+    return out
+
+
+@pytest.mark.slow
+def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_path):
+    """The cpu-small pods' commands, verbatim but for paths: upload wait, prepare, data wait, mpirun.
+
+    No cluster and no ssh: the hostfile lists localhost with the MPIJob's total slots, so the exact
+    mpirun flags and `cifar10-hvd run` arguments the launcher uses start 2 real ranks here.
+    """
+    objs = render(kubectl, "cpu-small")
+    pods = pod_templates(objs)
+    data = tmp_path / "data"
+    data.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(one(objs, "ConfigMap")["data"][config_key(pods["launcher"])])
+    hostfile = tmp_path / "hostfile"
+    np_, _ = mpirun_np_and_program(launcher_argv(objs))
+    hostfile.write_text(f"localhost slots={np_}\n")
+
+    def run(c: dict, extra: list[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
+        argv = on_this_machine([expand(a, c) for a in [*c["command"], *c.get("args", [])]], data, config, hostfile)
+        env = tool_env(**{e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+        env.setdefault("LD_LIBRARY_PATH", "")
+        return subprocess.run([*argv, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
+
+    (data / "kaggle").symlink_to(demo_src)  # the upload
+    (data / "kaggle.uploaded").touch()      # and its marker
+    wait_upload, prepare = pods["prepare"]["spec"]["initContainers"][0], pods["prepare"]["spec"]["containers"][0]
+    assert run(wait_upload, timeout=20).returncode == 0
+    proc = run(prepare, ["prepare.workers=1"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    wait_data = pods["launcher"]["spec"]["initContainers"][0]
+    assert run(wait_data, timeout=60).returncode == 0, "the launcher would wait forever for /data/prepared"
+    tiny = ["train.width=4", "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=128",
+            "predict.batch_size=64", "train.threads=1"]
+    proc = run(pods["launcher"]["spec"]["containers"][0], tiny, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    summary = yaml.safe_load((data / "work" / "summary.json").read_text())
+    assert summary["in_mpi_world"] is True
+    assert [summary["stages"][s]["status"] for s in ("tune", "final", "predict")] == ["ran"] * 3
+    rows = (data / "work" / "submission.csv").read_text().splitlines()
+    assert rows[0] == "id,label" and len(rows) == 1 + 97
 
 
 # -- Dockerfile ----------------------------------------------------------------------------------
