@@ -213,3 +213,13 @@ def test_demo_data_through_cifar10_hvd_prepare(demo_src, prepared):
     assert data_prep.open_split(prepared, "test").ids.tolist() == list(range(1, 98))
     again = run_cli(["prepare", "--data", str(demo_src), "--out", str(prepared)], check=True)
     assert "up to date" in again.stderr
+
+
+def test_pyspng_and_pillow_decode_identically(uneven, tmp_path, capsys, monkeypatch):
+    """8-bit RGB goes through pyspng when installed; Pillow alone must give the same bytes."""
+    src, _ = uneven
+    assert prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / "fast"), "--workers", "1")[0] == 0
+    monkeypatch.setattr(sys.modules["data_prep.decode"], "pyspng", None)
+    assert prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / "pillow"), "--workers", "1")[0] == 0
+    fast, pillow = (data_prep.read_manifest(tmp_path / name)["files"] for name in ("fast", "pillow"))
+    assert fast == pillow
