@@ -174,6 +174,10 @@ def test_existing_run_needs_resume_and_missing_data_is_exit_2(prepared, tmp_path
     out, _ = two_rank_run
     proc = run_cli(["train", "--prepared", str(prepared), "--out", str(out), "--width", "4", "--epochs", "1"])
     assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = run_cli(["train", *train_cmd(prepared, out, "--resume", "--phase", "final")[3:]])
+    assert proc.returncode == 2 and "--phase final" in proc.stderr
+    proc = run_cli(["train", *train_cmd(prepared, out, "--resume", "--width", "8")[3:]])
+    assert proc.returncode == 2 and "epoch-0002.params" in proc.stderr and "width 8" in proc.stderr
     proc = run_cli(["train", "--prepared", str(tmp_path / "nope"), "--out", str(tmp_path / "b")])
     assert proc.returncode == 2 and "nope" in proc.stderr
 

@@ -149,20 +149,25 @@ class Training:
         self.net.hybridize(static_alloc=True)
         self.net(mx.nd.zeros((1, 3, 32, 32), ctx=self.ctx))  # materialise deferred shapes before broadcasting
 
-        self.start_epoch = 0
+        # rank 0 picks the checkpoint (-1: it belongs to the other phase); every rank loads that one
         ck = checkpoint.latest_checkpoint(self.out) if (self.args.resume and self.rank == 0) else None
-        start = self.hvd.broadcast(mx.nd.array([ck["epoch"] if ck else 0]), root_rank=0, name="resume_epoch")
-        self.start_epoch = int(start.asscalar())
+        pick = (-1 if ck.get("phase", self.phase) != self.phase else ck["epoch"]) if ck else 0
+        self.start_epoch = int(self.hvd.broadcast(mx.nd.array([pick]), root_rank=0, name="resume_epoch").asscalar())
+        if self.start_epoch < 0:
+            raise TrainError(f"{self.out}: its checkpoints are not from --phase {self.phase}; use one --out per phase")
         stem = self.out / checkpoint.CHECKPOINT_DIR / f"epoch-{self.start_epoch:04d}"
         if self.start_epoch:
-            self.net.load_parameters(str(stem.with_suffix(".params")), ctx=self.ctx)
+            try:
+                self.net.load_parameters(str(stem.with_suffix(".params")), ctx=self.ctx)
+            except (OSError, mx.base.MXNetError, AssertionError) as e:
+                raise TrainError(f"{stem}.params: cannot resume from it with width {cfg.width}: {e}") from e
         params = self.net.collect_params()
         # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
         broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
 
         self.lr = base_lr(cfg, self.size)
-        self.trainer = DenseGradTrainer(params, "sgd", {"learning_rate": self.lr, "momentum": cfg.momentum,
-                                                              "wd": cfg.wd})
+        self.trainer = DenseGradTrainer(params, "sgd",
+                                        {"learning_rate": self.lr, "momentum": cfg.momentum, "wd": cfg.wd})
         if cfg.amp == "float16":
             from mxnet.contrib import amp
 
@@ -190,8 +195,12 @@ class Training:
         split = self.train_split
         shard = train_shard(len(split.images), self.cfg.batch_size, self.rank, self.size, self.cfg.seed, epoch)
         if self.cfg.pipeline == "seed":
+            import random
+
             import mxnet as mx
 
+            # gluon's crop draws from Python's random, its flip from MXNet's generator
+            random.seed(f"{self.cfg.seed}-{epoch}-{self.rank}")
             mx.random.seed(self.cfg.seed * 1000003 + epoch * 101 + self.rank)
             return seed_stream(split.images, split.labels, shard)
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
