@@ -11,6 +11,7 @@ The Dockerfile goes through hadolint, and its CPU build must run the same instal
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import shutil
@@ -100,9 +101,21 @@ def all_containers(template: dict) -> list[dict]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def container_env(container: dict) -> dict[str, str]:
+    """The container's env as Kubernetes sets it: values, and CPU limits from the Downward API."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif e.get("valueFrom", {}).get("resourceFieldRef", {}).get("resource") == "limits.cpu":
+            cpu = str(container["resources"]["limits"]["cpu"])
+            env[e["name"]] = str(math.ceil(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)))
+    return env
+
+
 def expand(value: str, container: dict) -> str:
-    """Kubernetes' $(VAR) expansion in command/args, from the container's env."""
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    """Kubernetes' $(VAR) expansion in command/args."""
+    env = container_env(container)
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
@@ -218,7 +231,10 @@ def test_launcher_and_prepare_commands_parse_and_agree_on_paths(kubectl, overlay
     assert train.resume, "a retried launcher must continue from the last checkpoint"
 
     prep_c = pod_templates(objs)["prepare"]["spec"]["containers"][0]
-    prep, _ = run_args([*prep_c["command"], *prep_c["args"]])
+    prep, _ = run_args([expand(a, prep_c) for a in [*prep_c["command"], *prep_c["args"]]])
+    prep_cfg = load_run_config(ROOT / "configs" / f"{overlay}.yaml", prep.overrides)
+    assert prep_cfg.prepare.workers == math.ceil(float(prep_c["resources"]["limits"]["cpu"])), \
+        "one decode process per CPU of the prepare container's limit"
     assert prep.config == CONFIG_FILE
     assert parse_phases(prep.phases, "--phases") == ["prepare"]
     assert prep.prepared == train.prepared, "the prepare Job and the MPIJob must use the same prepared dir"
@@ -316,7 +332,7 @@ def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_pa
 
     def run(c: dict, extra: list[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
         argv = on_this_machine([expand(a, c) for a in [*c["command"], *c.get("args", [])]], data, config, hostfile)
-        env = tool_env(**{e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+        env = tool_env(**container_env(c))
         env.setdefault("LD_LIBRARY_PATH", "")
         return subprocess.run([*argv, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
 
@@ -324,7 +340,7 @@ def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_pa
     (data / "kaggle.uploaded").touch()      # and its marker
     wait_upload, prepare = pods["prepare"]["spec"]["initContainers"][0], pods["prepare"]["spec"]["containers"][0]
     assert run(wait_upload, timeout=20).returncode == 0
-    proc = run(prepare, ["prepare.workers=1"], timeout=300)
+    proc = run(prepare, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     wait_data = pods["launcher"]["spec"]["initContainers"][0]
