@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,12 @@ def _write_folders(staged: Path, assignment: Assignment, trainval_paths: list[st
               "not hard-linked (another device or no permission)", file=sys.stderr)
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """sha256 of each file, in threads (hashlib releases the GIL): the image files hash side by side."""
+    with ThreadPoolExecutor(len(paths)) as pool:
+        return list(pool.map(store.sha256_file, paths))
+
+
 def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Assignment, n_test: int,
                      n_converted: int) -> dict:
     """Hash the data files and write manifest.json, last."""
@@ -249,8 +255,8 @@ def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Ass
         "class_counts": per_class,
         "converted_to_rgb": n_converted,
         "source": {"path": str(source.path), "kind": source.kind, "fingerprint": source.fingerprint},
-        "files": {name: {"sha256": store.sha256_file(staged / name), "bytes": (staged / name).stat().st_size}
-                  for name in files},
+        "files": {name: {"sha256": digest, "bytes": (staged / name).stat().st_size}
+                  for name, digest in zip(files, _sha256_all([staged / name for name in files]), strict=True)},
     }
     store.write_manifest(staged, manifest)
     return manifest

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from data_prep import archive
 from data_prep.errors import PrepareError, offenders
 
 LABELS_CSV = "trainLabels.csv"
-PNG_NAME = re.compile(r"([1-9][0-9]*)\.png")
 
 
 @dataclass(frozen=True)
@@ -88,11 +86,12 @@ def list_pngs(folder: Path, names: list[str] | None = None) -> tuple[dict[int, s
     found: dict[int, str] = {}
     bad: list[str] = []
     for name in names:
-        match = PNG_NAME.fullmatch(name)
-        if match is None:
-            bad.append(f"{folder / name}: name is not <positive int>.png")
+        stem = name[:-4]
+        # <positive int without leading zero>.png, with str methods: a regex is slower over 350,000 names.
+        if name.endswith(".png") and stem.isascii() and stem.isdigit() and stem[0] != "0":
+            found[int(stem)] = name
         else:
-            found[int(match.group(1))] = name
+            bad.append(f"{folder / name}: name is not <positive int>.png")
     return found, bad
 
 
