@@ -4,7 +4,8 @@ Each kustomize overlay is rendered with a real `kubectl kustomize`; core objects
 against the Kubernetes 1.29 schemas (kubernetes_validate, offline, strict), the MPIJob's pod
 templates likewise, and the MPIJob's own fields against the MPI Operator's v2beta1 API. The
 launcher's and prepare Job's `cifar10-hvd run` command lines are parsed by the real CLI parser and
-their config by the real config loader, so a renamed flag or key fails here, not on the cluster.
+their config by the real config loader, so a renamed flag or key fails here, not on the cluster;
+the cpu-small pods' commands then run as written on 2 local ranks (paths mapped to a temp dir).
 The Dockerfile goes through hadolint, and its CPU build must run the same install script as
 `make setup`.
 """
