@@ -85,8 +85,7 @@ def trainer_ips(prepared: Path, width: int, batch: int, np_: int = 1, *extra: st
         cmd = [str(BIN / "python"), "-m", "trainer", "--prepared", str(prepared), "--out", f"{tmp}/run",
                "--width", str(width), "--batch-size", str(batch), "--epochs", "2", "--threads", "1", *extra]
         if np_ > 1:
-            cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *cmd[0:1],
-                   *cmd[1:]]
+            cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *cmd]
         run(cmd)
         lines = Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
         return json.loads(lines[-1])["images_per_sec"]
