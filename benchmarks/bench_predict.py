@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="test images for widths above 16 (a width-64 pass over 300,000 takes long on a CPU box)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--precisions", nargs="+", default=["float32", "int8"], choices=["float32", "int8", "bfloat16"])
+    p.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "int8", "bfloat16"],
+                   help="precisions timed at full size (the gate times all three on one process either way)")
     p.add_argument("--seed-limit", type=int, default=20000, help="images the seed's loop is timed on (its rate is steady)")
+    p.add_argument("--seed-limit-large", type=int, default=4000, help="the same for widths above 16")
     p.add_argument("--gate-epochs", type=int, default=4, help="epochs of the model the precision gate is judged on (0 = no gate)")
     p.add_argument("--gate-test-rows", type=int, default=10000)
     p.add_argument("--workdir", default="/tmp/bench_predict")
@@ -274,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         run = ensure_model(workdir, wprep, width, args.gate_epochs if width == 16 and args.gate_epochs else 0)
         rows = []
         folder = seed_folder(workdir, wsrc, n)
-        print(f"[bench] width {width}: seed loop on up to {args.seed_limit} of {n} images", flush=True)
+        limit = args.seed_limit if width <= 16 else args.seed_limit_large
+        print(f"[bench] width {width}: seed loop on up to {limit} of {n} images", flush=True)
         seed = bench_lines(sh([sys.executable, __file__, "--worker", "seed", "--model", str(run), "--width", str(width),
-                               "--seed-folder", str(folder), "--seed-limit", str(args.seed_limit)]))[0]
+                               "--seed-folder", str(folder), "--seed-limit", str(limit)]))[0]
         for precision in args.precisions:
             for ranks in args.ranks:
                 print(f"[bench] width {width}: predict {precision} on {ranks} rank(s), {n} images", flush=True)
