@@ -137,6 +137,24 @@ def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
     assert read_submission(run / "submission.csv")[1] == list(range(1, 13))
 
 
+def test_run_without_final_model_uses_newest_checkpoint(twelve, tmp_path):
+    from trainer.predict import predict
+
+    src, prep, run = twelve
+    ckpt_run = tmp_path / "ckpt-run"
+    (ckpt_run / "checkpoints").mkdir(parents=True)
+    (ckpt_run / "config.json").write_text((run / "config.json").read_text())
+    make_run(tmp_path / "older", seed=7)  # a different model in the older checkpoint
+    for epoch, params in ((1, tmp_path / "older" / "model-final.params"), (2, run / "model-final.params")):
+        stem = ckpt_run / "checkpoints" / f"epoch-{epoch:04d}"
+        stem.with_suffix(".params").write_bytes(params.read_bytes())
+        stem.with_suffix(".states").write_bytes(b"")
+        stem.with_suffix(".json").write_text(json.dumps({"epoch": epoch}))
+    predict(prep, ckpt_run, tmp_path / "a.csv", quiet=True)
+    predict(prep, run, tmp_path / "b.csv", quiet=True)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
 @pytest.mark.slow
 def test_np1_and_np2_byte_identical(prepared, tmp_path):
     """97 test rows on 2 ranks (48 + 49) with batch 16: uneven shards and padded last batches."""
