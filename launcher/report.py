@@ -25,7 +25,7 @@ def write_report(workdir: Path, summary: dict) -> Path | None:
 
     fig, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4.2), squeeze=False)
     for ax, (name, rows) in zip(axes[0], phases.items(), strict=True):
-        epochs = [r["epoch"] for r in rows]
+        epochs = [r["epoch"] + 1 for r in rows]  # metrics count from 0; plot epochs completed
         ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
         ax.plot(epochs, [r["train_acc"] for r in rows], label="train acc")
         if any(r.get("valid_acc") is not None for r in rows):
