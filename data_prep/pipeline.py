@@ -6,7 +6,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,14 +122,29 @@ def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
     np.save(staged / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
     np.save(staged / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
     tasks = _tasks(staged / store.TRAINVAL_IMAGES, trainval_paths) + _tasks(staged / store.TEST_IMAGES, test_paths)
-    converted = _decode_all(tasks, workers, len(trainval_paths) + len(test_paths))
-    if converted:
-        print(f"warning: {len(converted)} images were grayscale, RGBA or palette PNGs and were converted to RGB "
-              f"(first: {converted[0]})", file=sys.stderr)
-    if params["layout"] == "folders":
-        _write_folders(staged, assignment, trainval_paths, test_paths)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return _finish_manifest(staged, source, params, assignment, len(test_ids), len(converted))
+    # Each file is hashed in a thread as soon as its last row is written, overlapping the decoding.
+    hasher = ThreadPoolExecutor(2, thread_name_prefix="sha256")
+    try:
+        digests = {name: hasher.submit(store.sha256_file, staged / name)
+                   for name in (store.TRAINVAL_LABELS, store.TRAINVAL_IDS, store.TEST_IDS)}
+
+        def written(npy: Path) -> None:
+            digests[npy.name] = hasher.submit(store.sha256_file, npy)
+
+        converted = _decode_all(tasks, workers, len(trainval_paths) + len(test_paths), written)
+        for npy in (store.TRAINVAL_IMAGES, store.TEST_IMAGES):
+            if npy not in digests:  # no rows, no tasks
+                written(staged / npy)
+        if converted:
+            print(f"warning: {len(converted)} images were grayscale, RGBA or palette PNGs and were converted to RGB "
+                  f"(first: {converted[0]})", file=sys.stderr)
+        if params["layout"] == "folders":
+            _write_folders(staged, assignment, trainval_paths, test_paths)
+        shutil.rmtree(scratch, ignore_errors=True)
+        hashes = {name: digest.result() for name, digest in digests.items()}
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+    return _finish_manifest(staged, source, params, assignment, len(test_ids), len(converted), hashes)
 
 
 def _checked_files(source: Source, tree: SourceTree) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
@@ -181,20 +197,25 @@ def _tasks(npy: Path, paths: list[str]) -> list[tuple[str, int, int, list[str]]]
     return [(str(npy), offset, start, paths[start:start + CHUNK_ROWS]) for start in range(0, len(paths), CHUNK_ROWS)]
 
 
-def _decode_all(tasks: list, workers: int, total: int) -> list[str]:
+def _decode_all(tasks: list, workers: int, total: int, written: Callable[[Path], None]) -> list[str]:
     """Run every decode task (in WORKERS processes), show progress; return the converted files.
 
-    Raises PrepareError naming the unreadable files, in row order.
+    Calls WRITTEN(npy) once all of an .npy's rows are written. Raises PrepareError naming the
+    unreadable files, in row order.
     """
     from tqdm import tqdm
 
     errors: list[str] = []
     converted: list[str] = []
+    chunks_left = Counter(task[0] for task in tasks)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), desc="decode") as bar:
-        for result in _results(tasks, min(workers, max(len(tasks), 1))):
+        for task, result in zip(tasks, _results(tasks, min(workers, max(len(tasks), 1))), strict=True):
             errors += result.errors
             converted += result.converted
             bar.update(result.rows)
+            chunks_left[task[0]] -= 1
+            if chunks_left[task[0]] == 0 and not errors:
+                written(Path(task[0]))
     if errors:
         raise PrepareError(offenders("images that are not readable 32x32 PNGs", errors))
     return converted
@@ -230,15 +251,9 @@ def _write_folders(staged: Path, assignment: Assignment, trainval_paths: list[st
               "not hard-linked (another device or no permission)", file=sys.stderr)
 
 
-def _sha256_all(paths: list[Path]) -> list[str]:
-    """sha256 of each file, in threads (hashlib releases the GIL): the image files hash side by side."""
-    with ThreadPoolExecutor(len(paths)) as pool:
-        return list(pool.map(store.sha256_file, paths))
-
-
 def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Assignment, n_test: int,
-                     n_converted: int) -> dict:
-    """Hash the data files and write manifest.json, last."""
+                     n_converted: int, hashes: dict[str, str]) -> dict:
+    """Write manifest.json, last."""
     n_classes = len(assignment.classes)
     per_class = {
         name: np.bincount([c for _, c in rows], minlength=n_classes).tolist()
@@ -255,8 +270,7 @@ def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Ass
         "class_counts": per_class,
         "converted_to_rgb": n_converted,
         "source": {"path": str(source.path), "kind": source.kind, "fingerprint": source.fingerprint},
-        "files": {name: {"sha256": digest, "bytes": (staged / name).stat().st_size}
-                  for name, digest in zip(files, _sha256_all([staged / name for name in files]), strict=True)},
+        "files": {name: {"sha256": hashes[name], "bytes": (staged / name).stat().st_size} for name in files},
     }
     store.write_manifest(staged, manifest)
     return manifest

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +30,21 @@ class SourceTree:
 
 @dataclass
 class Source:
-    """SRC as given: what kind it is and its fingerprint; `materialize` turns it into a SourceTree."""
+    """SRC as given: its kind, its folders' names and its fingerprint; `materialize` gives a SourceTree.
+
+    The fingerprint (a stat of every file) is computed in a thread: a fresh build needs it only for
+    the manifest, so it overlaps the decoding instead of delaying it.
+    """
 
     path: Path
     kind: str  # "folders", "7z" or "zip"
-    fingerprint: str
-    listings: dict[Path, list[str]] = field(default_factory=dict)  # folder -> names, kept from fingerprinting
+    pending_fingerprint: Future[str]
+    listings: dict[Path, list[str]] = field(default_factory=dict)  # folder -> file names
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over names, sizes and mtimes (folders) or size and mtime (archives)."""
+        return self.pending_fingerprint.result()
 
     def materialize(self, scratch: Path) -> SourceTree:
         """Folders as they are; archives unpacked (checked first) under SCRATCH."""
@@ -51,32 +62,47 @@ class Source:
 
 
 def locate(src: Path) -> Source:
-    """Classify SRC and fingerprint it; PrepareError if it cannot be the competition data."""
+    """Classify SRC, list its folders and start fingerprinting it; PrepareError if it cannot be the data."""
     src = src.resolve()
     if src.is_file():
         if not zipfile.is_zipfile(src):
             raise PrepareError(f"{src}: not a directory or a zip file")
-        return Source(src, "zip", _digest(["zip", src.name, *_stat_key(src)]))
+        return Source(src, "zip", _in_thread(_digest, ["zip", src.name, *_stat_key(src)]))
     if not src.is_dir():
         raise PrepareError(f"{src}: no such file or directory")
     labels_csv = src / LABELS_CSV
     if not labels_csv.is_file():
         raise PrepareError(f"{src}: missing {LABELS_CSV}")
-    parts: list[object] = [LABELS_CSV, *_stat_key(labels_csv), hashlib.sha256(labels_csv.read_bytes()).hexdigest()]
     listings: dict[Path, list[str]] = {}
+    parts: list[object] = []
     kind = "folders"
     for split in ("train", "test"):
         folder, packed = src / split, src / f"{split}.7z"
         if folder.is_dir():
-            names, keys = _listing(folder)
-            listings[folder] = names
-            parts += [split, *keys]
+            listings[folder] = os.listdir(folder)
+            parts.append(folder)
         elif packed.is_file():
             kind = "7z"
-            parts += [packed.name, *_stat_key(packed)]
+            parts.append(packed)
         elif split == "train":
             raise PrepareError(f"{src}: missing train/ (or train.7z)")
-    return Source(src, kind, _digest([kind, *parts]), listings)
+    return Source(src, kind, _in_thread(_fingerprint, kind, labels_csv, parts, listings), listings)
+
+
+def _fingerprint(kind: str, labels_csv: Path, parts: list[Path], listings: dict[Path, list[str]]) -> str:
+    """The digest of the CSV (stat and content), each folder's names, sizes, mtimes, each archive's stat."""
+    keys: list[object] = [kind, LABELS_CSV, *_stat_key(labels_csv), hashlib.sha256(labels_csv.read_bytes()).hexdigest()]
+    for part in parts:
+        keys += [part.name, *(_stat_keys(part, listings[part]) if part in listings else _stat_key(part))]
+    return _digest(keys)
+
+
+def _in_thread(fn: Callable[..., str], *args: object) -> Future[str]:
+    """Run FN(*ARGS) in a thread of its own; its result (or error) waits in the future."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)  # the thread ends with the task
+    return future
 
 
 def list_pngs(folder: Path, names: list[str] | None = None) -> tuple[dict[int, str], list[str]]:
@@ -123,24 +149,22 @@ def _zip_root(zip_path: Path, unpacked: Path) -> Path:
     raise PrepareError(f"{zip_path}: holds no {LABELS_CSV} (at the top or in a single top folder)")
 
 
-def _listing(folder: Path) -> tuple[list[str], list[str]]:
-    """Sorted names of FOLDER and one 'name size mtime' key per entry, for the fingerprint."""
-    with os.scandir(folder) as it:
-        listed = list(it)
+def _stat_keys(folder: Path, names: list[str]) -> list[str]:
+    """One 'name size mtime' key per entry of FOLDER, sorted by name."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        entries = [(e.name, st.st_size, st.st_mtime_ns) for e in listed for st in (e.stat(),)]
-    except OSError:  # a dangling link: keep it in the listing, decoding will name it
-        entries = [(e.name, *_size_mtime(e)) for e in listed]
-    entries.sort()
-    return [e[0] for e in entries], [f"{n} {s} {m}" for n, s, m in entries]
+        keys = [f"{name} {_size_mtime(name, fd)}" for name in sorted(names)]
+    finally:
+        os.close(fd)
+    return keys
 
 
-def _size_mtime(entry: os.DirEntry) -> tuple[int, int]:
+def _size_mtime(name: str, dir_fd: int) -> str:
     try:
-        st = entry.stat()
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
+        st = os.stat(name, dir_fd=dir_fd)
+    except OSError:  # a dangling link: decoding will name it
+        return "-1 -1"
+    return f"{st.st_size} {st.st_mtime_ns}"
 
 
 def _stat_key(path: Path) -> list[object]:
