@@ -5,7 +5,8 @@
 
 The dataset is generated once with ../shared/data/make_kaggle_cifar10.py and cached under --work.
 Each side runs in its own process, so its peak resident memory (ru_maxrss of itself and of its
-children, the decode workers) is its own. Both read the same cached source; the seed side runs
+children, the decode workers) and CPU time (user + system, all processes) are its own. On a shared
+machine the wall-clock ratio moves with the load; CPU time moves much less. Both read the same cached source; the seed side runs
 first, so neither reads from a cold disk. Images/s counts source images (train + test) per second.
 """
 from __future__ import annotations
@@ -81,9 +82,10 @@ def measure(side: str, src: Path, out: Path, workers: int) -> None:
 
         data_prep.prepare(src, out, workers=workers)
     seconds = time.perf_counter() - started
-    rss = {who: resource.getrusage(what).ru_maxrss * 1024 for who, what in
-           (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
-    print(json.dumps({"seconds": seconds, "peak_rss": rss}))
+    usage = {"self": resource.getrusage(resource.RUSAGE_SELF), "children": resource.getrusage(resource.RUSAGE_CHILDREN)}
+    rss = {who: u.ru_maxrss * 1024 for who, u in usage.items()}
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage.values())
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss": rss}))
 
 
 def run_side(side: str, src: Path, out: Path, workers: int) -> dict:
@@ -134,12 +136,15 @@ def main() -> int:
         results[side] = run_side(side, src, out, args.workers)
         peak = max(results[side]["peak_rss"].values())
         print(f"  {side:<8} {results[side]['seconds']:7.1f} s  {images / results[side]['seconds']:9,.0f} images/s  "
+              f"CPU {results[side]['cpu_seconds']:6.1f} s  "
               f"peak RSS {peak / 2**20:7.0f} MiB (self {results[side]['peak_rss']['self'] / 2**20:.0f}, "
               f"largest child {results[side]['peak_rss']['children'] / 2**20:.0f})")
         if side == "seed":
             shutil.rmtree(out, ignore_errors=True)
     if "seed" in results:
-        print(f"  ratio    prepare is {results['seed']['seconds'] / results['prepare']['seconds']:.1f}x the seed's images/s")
+        print(f"  ratio    prepare is {results['seed']['seconds'] / results['prepare']['seconds']:.1f}x the seed's images/s "
+              f"(wall); the seed uses {results['seed']['cpu_seconds'] / results['prepare']['cpu_seconds']:.1f}x "
+              "prepare's CPU time")
     started = time.perf_counter()
     rerun = subprocess.run([sys.executable, "-m", "data_prep", "--data", str(src), "--out", str(args.work / "out-prepare")],
                            capture_output=True, text=True, cwd=ROOT)
