@@ -1,6 +1,7 @@
 """The prepare pipeline: check the Kaggle download, decode it once, publish packed arrays (and optional folders)."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -29,8 +30,15 @@ PARAMS = ("valid_ratio", "seed", "layout")
 
 
 def default_workers() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on, capped by a cgroup CPU limit (a Kubernetes pod's `limits.cpu`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: int = 0,

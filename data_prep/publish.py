@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_prep.errors import PrepareError
+
 
 def lock_path(out: Path) -> Path:
     """PREP + '.lock', beside PREP (a lock inside PREP would not survive its replacement)."""
@@ -23,8 +25,11 @@ def lock_path(out: Path) -> Path:
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive fcntl lock on PREP's lock file, waiting for another run to finish first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PrepareError(f"{out.parent}: cannot create the lock file {lock_path(out).name} ({exc.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -48,7 +53,10 @@ def staging_dir(out: Path) -> Path:
 
     Readable by all (mkdtemp makes it private): ranks may run as other users.
     """
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise PrepareError(f"{out.parent}: cannot create a build directory beside {out.name} ({exc.strerror})") from None
     staged.chmod(0o755)
     return staged
 
