@@ -63,6 +63,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     if out.resolve() == source_path or out.resolve() in source_path.parents:
         raise PrepareError(f"--out {out} would replace the source {source_path}; choose another PREP")
     with locked(out):
+        remove_leftovers(out)
         source = locate(source_path)
         existing = _existing(out)
         if existing is not None and not force:
@@ -74,7 +75,6 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
         if existing is None and os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
             raise PrepareError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
                                "pass --force to replace it")
-        remove_leftovers(out)
         staged = staging_dir(out)
         try:
             manifest = _build(source, staged, params, workers or default_workers())

@@ -223,3 +223,18 @@ def test_pyspng_and_pillow_decode_identically(uneven, tmp_path, capsys, monkeypa
     assert prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / "pillow"), "--workers", "1")[0] == 0
     fast, pillow = (data_prep.read_manifest(tmp_path / name)["files"] for name in ("fast", "pillow"))
     assert fast == pillow
+
+
+def test_leftovers_of_a_killed_run_are_removed(uneven, tmp_path, capsys):
+    """A run killed mid-build leaves only a hidden temporary sibling; the next run clears it."""
+    src, _ = uneven
+    out = tmp_path / "prep"
+    (tmp_path / ".prep.tmp-killed").mkdir()
+    (tmp_path / ".prep.tmp-killed" / "trainval_images.npy").write_bytes(b"half")
+    status, err = prepare_cli(capsys, "--data", str(src), "--out", str(out), "--workers", "1")
+    assert status == 0, err
+    assert leftovers(out) == []
+    (tmp_path / ".prep.old-killed").mkdir()
+    status, err = prepare_cli(capsys, "--data", str(src), "--out", str(out), "--workers", "1")
+    assert status == 0 and "up to date" in err
+    assert leftovers(out) == []
