@@ -62,9 +62,9 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     source_path = Path(src).resolve()
     if out.resolve() == source_path or out.resolve() in source_path.parents:
         raise PrepareError(f"--out {out} would replace the source {source_path}; choose another PREP")
+    source = locate(source_path)
     with locked(out):
         remove_leftovers(out)
-        source = locate(source_path)
         existing = _existing(out)
         if existing is not None and not force:
             changes = _changes(existing, params, source)
