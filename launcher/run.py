@@ -150,7 +150,8 @@ class Pipeline:
             return a + (["--resume"] if self.resume and (out_dir / "config.json").exists() else [])
         p = self.cfg.predict
         return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
-                "--out", str(self.workdir / "submission.csv"), "--batch-size", str(p.batch_size), "--tta", p.tta]
+                "--out", str(self.workdir / "submission.csv"), "--batch-size", str(p.batch_size), "--tta", p.tta,
+                "--precision", p.precision]
 
     def run_stage(self, stage: str) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""

@@ -175,6 +175,19 @@ def test_np1_and_np2_byte_identical(prepared, tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_np1_and_np2_byte_identical(prepared, tmp_path):
+    """Every rank calibrates on the same training images, so the quantized model is the same everywhere."""
+    run = make_run(tmp_path / "run", seed=4)
+    args = ["--prepared", str(prepared), "--model", str(run), "--batch-size", "16", "--precision", "int8"]
+    run_cli(["predict", *args, "--out", str(tmp_path / "np1.csv")], check=True)
+    proc = horovodrun(2, ["python", "-m", "trainer.predict", *args, "--out", str(tmp_path / "np2.csv")])
+    assert "on 2 rank(s) (int8)" in proc.stdout
+    assert (tmp_path / "np1.csv").read_bytes() == (tmp_path / "np2.csv").read_bytes()
+    _, ids, labels = read_submission(tmp_path / "np1.csv")
+    assert ids == list(range(1, 98)) and set(labels) <= set(CLASSES)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("n_test", [1, 13])
 def test_tiny_and_prime_test_sets_on_two_ranks(tmp_path, n_test):
     """N=1 (fewer rows than ranks: rank 0 has none), N=13 prime with batch 4: every id once."""

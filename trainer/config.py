@@ -54,6 +54,7 @@ class PredictConfig:
 
     batch_size: int = field(default=512, metadata={"help": "per-rank inference batch size", "min": 1})
     tta: str = field(default="none", metadata={"help": "test-time augmentation", "choices": ("none", "flip")})
+    precision: str = field(default="float32", metadata={"help": "int8: MKLDNN-quantized CPU inference, calibrated on 512 training images (benchmarks/bench_predict.py gate)", "choices": ("float32", "int8")})
 
 
 def _check_value(cls: type, name: str, value: Any, source: str) -> Any:
