@@ -251,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--precisions", nargs="+", default=["float32", "int8"], choices=["float32", "int8", "bfloat16"],
                    help="precisions timed at full size (the gate times all three on one process either way)")
-    p.add_argument("--seed-limit", type=int, default=20000, help="images the seed's loop is timed on (its rate is steady)")
+    p.add_argument("--seed-limit", type=int, default=20000,
+                   help="images the seed's loop is timed on (its rate is steady; 0 = skip it)")
     p.add_argument("--seed-limit-large", type=int, default=4000, help="the same for widths above 16")
     p.add_argument("--gate-epochs", type=int, default=4, help="epochs of the model the precision gate is judged on (0 = no gate)")
     p.add_argument("--gate-test-rows", type=int, default=10000)
     p.add_argument("--gate-holdout", type=int, default=40000,
                    help="held-out real CIFAR-10 images for the gate (train + this <= 50000; 0 = valid split only)")
     p.add_argument("--workdir", default="/tmp/bench_predict")
+    p.add_argument("--results", default=None, help="results JSON (default: WORKDIR/results.json)")
     # worker mode (internal)
     p.add_argument("--worker", choices=["init", "predict", "seed", "gate"], help=argparse.SUPPRESS)
     p.add_argument("--prepared", help=argparse.SUPPRESS)
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results) if args.results else workdir / "results.json"
     results: dict = {"args": {k: v for k, v in vars(args).items() if v is not None}, "host_cpus": os.cpu_count(), "widths": {}}
     src, prep = ensure_data(workdir, args.test, args.train)
     if args.gate_epochs:
@@ -300,11 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         wsrc, wprep = ensure_data(workdir, n, args.train) if n != args.test else (src, prep)
         run = ensure_model(workdir, wprep, width, args.gate_epochs if width == 16 and args.gate_epochs else 0)
         rows = []
-        folder = seed_folder(workdir, wsrc, n)
         limit = args.seed_limit if width <= 16 else args.seed_limit_large
-        print(f"[bench] width {width}: seed loop on up to {limit} of {n} images", flush=True)
-        seed = bench_lines(sh([sys.executable, __file__, "--worker", "seed", "--model", str(run), "--width", str(width),
-                               "--seed-folder", str(folder), "--seed-limit", str(limit)]))[0]
+        folder = seed_folder(workdir, wsrc, n) if limit else None
+        seed = {"count": 0, "images_per_sec": float("nan"), "rank_peak_mb": float("nan")}
+        if limit:
+            print(f"[bench] width {width}: seed loop on up to {limit} of {n} images", flush=True)
+            seed = bench_lines(sh([sys.executable, __file__, "--worker", "seed", "--model", str(run), "--width", str(width),
+                                   "--seed-folder", str(folder), "--seed-limit", str(limit)]))[0]
         for precision in args.precisions:
             for ranks in args.ranks:
                 print(f"[bench] width {width}: predict {precision} on {ranks} rank(s), {n} images", flush=True)
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["speedup_vs_seed"] = round(row["images_per_sec"] / seed["images_per_sec"], 2)
                 rows.append(row)
         results["widths"][str(width)] = {"test_images": n, "seed": seed, "predict": rows}
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        results_path.write_text(json.dumps(results, indent=2))
 
     print("\n| width | N | run | images/s | x seed | peak MB per rank |\n|---|---|---|---|---|---|")
     for width, r in results["widths"].items():
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in r["predict"]:
             print(f"| {width} | {row['count']} | predict {row['precision']} np{row['ranks']} | {row['images_per_sec']:.0f} | "
                   f"{row['speedup_vs_seed']:.2f} | {', '.join(f'{m:.0f}' for m in row['peak_mb_per_rank'])} |")
-    print(f"\nresults: {workdir / 'results.json'}")
+    print(f"\nresults: {results_path}")
     return 0
 
 
