@@ -36,9 +36,15 @@ def read_csv_labels(fname: str) -> dict[str, str]:
     return dict((name, label) for name, label in tokens)
 
 
+def mkdir_if_not_exist(path: str) -> None:
+    """d2l.mkdir_if_not_exist."""
+    if not os.path.exists(path):
+        os.makedirs(path)
+
+
 def copyfile(filename: str, target_dir: str) -> None:
     """Copy a file into a target directory."""
-    os.makedirs(target_dir, exist_ok=True)
+    mkdir_if_not_exist(target_dir)
     shutil.copy(filename, target_dir)
 
 
