@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
@@ -41,6 +42,26 @@ class ChunkResult:
     converted: list[str] = field(default_factory=list)
 
 
+def check_chunks(data: bytes) -> None:
+    """Walk the chunks: each must fit the file and match its CRC, and IEND must be reached.
+
+    pyspng decodes with CRC checks off, and a file cut after its last IDAT can still decode.
+    """
+    view = memoryview(data)
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(data):
+            raise BadImage(f"truncated PNG ({bytes(view[pos + 4:pos + 8])!r} chunk runs past the end)")
+        if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            raise BadImage(f"corrupt PNG (bad CRC in the {bytes(view[pos + 4:pos + 8]).decode('latin-1')} chunk)")
+        if view[pos + 4:pos + 8] == b"IEND":
+            return
+        pos = end
+    raise BadImage("truncated PNG (no IEND chunk)")
+
+
 def decode_png(path: str) -> tuple[bytes, bool]:
     """The RGB pixels of a 32x32 PNG (HWC, row-major) and whether it had to be converted to RGB.
 
@@ -57,6 +78,7 @@ def decode_png(path: str) -> tuple[bytes, bool]:
     width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
     if (width, height) != (SIDE, SIDE):
         raise BadImage(f"image is {width}x{height}, expected {SIDE}x{SIDE}")
+    check_chunks(data)
     try:
         if pyspng is not None and (bit_depth, color_type) == (8, RGB_COLOR_TYPE):
             pixels = pyspng.load(data).tobytes()

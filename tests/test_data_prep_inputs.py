@@ -45,6 +45,12 @@ def relabel(src: Path, image_id: int, label: str) -> None:
     write_csv(src / "trainLabels.csv", rows)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def save_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> None:
     Image.fromarray(pixels, mode).save(path)
 
@@ -69,7 +75,10 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
                    (s / "test" / "2.png").rename(s / "test" / "002.png")),
         ["files not named <id>.png (2)", "train/cat.png", "test/002.png"]),
     "truncated PNG": (lambda s: (s / "train" / "2.png").write_bytes((s / "train" / "2.png").read_bytes()[:150]),
-                      ["train/2.png: truncated or corrupt PNG"]),
+                      ["train/2.png: truncated PNG (b'IDAT' chunk runs past the end)"]),
+    "bad chunk CRC": (lambda s: flip_byte(s / "train" / "8.png", -1), ["train/8.png: corrupt PNG (bad CRC in the IEND chunk)"]),
+    "cut after the pixels": (lambda s: (s / "test" / "4.png").write_bytes((s / "test" / "4.png").read_bytes()[:-12]),
+                             ["test/4.png: truncated PNG (no IEND chunk)"]),
     "not a PNG": (lambda s: (s / "test" / "3.png").write_bytes(b"GIF89a" + bytes(100)),
                   ["test/3.png: not a PNG file"]),
     "not 32x32": (lambda s: save_png(s / "train" / "6.png", np.zeros((32, 33, 3), np.uint8)),
