@@ -204,7 +204,7 @@ def worker_gate(args) -> None:
     test_rows = test.images[: args.gate_test_rows]
     out, ref = {}, None
     for precision in ("float32", "int8", "bfloat16"):
-        net, _, width = load_model(args.model, ctx, precision, calib)
+        net, _, width, _ = load_model(args.model, ctx, precision, calib)
         rows = forward_rows(512, width)
         predict_rows(net, test_rows[:rows], ctx, rows)  # warm-up: bind the graph
         acc = float((predict_rows(net, valid.images, ctx, rows) == valid.labels).mean())

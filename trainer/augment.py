@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from trainer.normalize import _SCALE, _SHIFT
+from trainer.normalize import _SCALE, _SHIFT, normalize
 
 SIZE = 32
 RESIZE = 40
@@ -98,6 +98,20 @@ def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray,
     out *= _SCALE_NCHW
     out += _SHIFT_NCHW
     return out
+
+
+def eval_transform(images: np.ndarray, crop: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32) for evaluation and predict.
+
+    crop 0 is the seed's transform (normalize only). Training crops show objects zoomed by
+    40/side (1.00 to 1.25), so the seed evaluates at a smaller scale than it trains; crop S
+    takes the centre SxS of the same 40x40 upscale instead, seen at the training zoom.
+    """
+    if not crop:
+        return normalize(images, out=out)
+    k = INDEX[crop, (RESIZE - crop) // 2]
+    ks = np.full(len(images), k, dtype=np.int64)
+    return apply_params(images, ks, ks, out)
 
 
 _local = threading.local()

@@ -43,6 +43,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon (0 = off)", "min": 0.0, "max_excl": 1.0})
     amp: str = field(default="none", metadata={"help": "mixed precision: float16 (GPU) or bfloat16 (CPU)", "choices": ("none", "float16", "bfloat16")})
     pipeline: str = field(default="batched", metadata={"help": "input pipeline: batched numpy augmentation, or the seed's per-image DataLoader", "choices": ("batched", "seed")})
+    eval_crop: int = field(default=0, metadata={"help": "evaluation/predict view: 0 = the seed's (normalize only); S in 32..40 = centre SxS crop of the 40x40 upscale, resized to 32 (the zoom training crops show)", "choices": (0, *range(32, 41))})
     eval_batch_size: int = field(default=512, metadata={"help": "per-rank batch size for validation", "min": 1})
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept in RUN/checkpoints", "min": 1})
     threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
@@ -80,7 +81,7 @@ def _check_value(cls: type, name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: key '{name}' must be a string, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
     if "min_excl" in meta and value <= meta["min_excl"]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.normalize import normalize
+from trainer.augment import eval_transform
 from trainer.sharding import eval_slice
 
 
-def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: int) -> np.ndarray:
-    """[correct, total, loss_sum] (float64) of net over images/labels, without augmentation."""
+def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: int, crop: int = 0) -> np.ndarray:
+    """[correct, total, loss_sum] (float64) of net over images/labels, seen through eval_transform(crop)."""
     import mxnet as mx
     from mxnet import gluon
 
@@ -20,7 +20,7 @@ def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: in
     correct = mx.nd.zeros(1, ctx=ctx, dtype="float64")
     loss_sum = mx.nd.zeros(1, ctx=ctx, dtype="float64")
     for start in range(0, len(images), batch_size):
-        x = mx.nd.array(normalize(np.asarray(images[start:start + batch_size])), ctx=ctx)
+        x = mx.nd.array(eval_transform(np.asarray(images[start:start + batch_size]), crop), ctx=ctx)
         y = mx.nd.array(labels[start:start + batch_size], ctx=ctx, dtype="float32")
         out = net(x).astype("float32")
         correct += (out.argmax(axis=1) == y).sum().astype("float64")
@@ -28,15 +28,15 @@ def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: in
     return np.array([correct.asscalar(), len(images), loss_sum.asscalar()], dtype=np.float64)
 
 
-def evaluate(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: int, hvd=None) -> dict:
+def evaluate(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: int, hvd=None, crop: int = 0) -> dict:
     """{'acc', 'loss', 'correct', 'total'} over the whole split; with hvd, split across its ranks."""
     import mxnet as mx
 
     if hvd is None or hvd.size() == 1:
-        counts = eval_counts(net, images, labels, ctx, batch_size)
+        counts = eval_counts(net, images, labels, ctx, batch_size, crop)
     else:
         part = eval_slice(len(images), hvd.rank(), hvd.size())
-        local = eval_counts(net, images[part], labels[part], ctx, batch_size)
+        local = eval_counts(net, images[part], labels[part], ctx, batch_size, crop)
         counts = hvd.allreduce(mx.nd.array(local, dtype="float64"), average=False, name="eval_counts").asnumpy()
     correct, total, loss_sum = counts
     return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1),

@@ -35,7 +35,10 @@ class PredictError(ValueError):
 
 
 def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_images: np.ndarray | None = None):
-    """(hybridized net, class names, width) from a trainer run dir: its final model, else its newest checkpoint."""
+    """(hybridized net, class names, width, eval crop) from a trainer run dir: its final model, else its newest checkpoint.
+
+    The eval crop (TrainConfig.eval_crop) is the view the model was validated with; predict uses the same.
+    """
     import mxnet as mx
 
     from trainer.checkpoint import find_model_params, read_run_config
@@ -49,6 +52,7 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
         raise PredictError(f"{model_dir}: not a usable trainer run dir: {e}") from e
     classes = run_cfg.get("classes")
     width = (run_cfg.get("train") or {}).get("width")
+    crop = (run_cfg.get("train") or {}).get("eval_crop", 0)
     if not isinstance(classes, list) or not classes or not isinstance(width, int):
         raise PredictError(f"{model_dir / 'config.json'}: needs 'classes' (a list) and 'train': {{'width': int}}")
     net = resnet18(len(classes), width=width)
@@ -57,7 +61,7 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
     except (mx.MXNetError, AssertionError, ValueError) as e:
         raise PredictError(f"{params}: cannot load into resnet18(width={width}, classes={len(classes)}): {e}") from e
     if precision == "int8":
-        net = quantize_int8(net, calib_images, ctx)
+        net = quantize_int8(net, calib_images, ctx, crop)
     elif precision == "bfloat16":
         from mxnet.contrib import amp
 
@@ -66,10 +70,10 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
         net = amp.convert_hybrid_block(net, target_dtype="bfloat16", ctx=ctx)
     # not static_alloc: it keeps every intermediate buffer (2.6 GB at width 64, batch 512)
     net.hybridize()
-    return net, list(classes), width
+    return net, list(classes), width, crop
 
 
-def quantize_int8(net, calib_images: np.ndarray | None, ctx):
+def quantize_int8(net, calib_images: np.ndarray | None, ctx, crop: int = 0):
     """MKLDNN int8 version of net (channel-wise, 'smart' mode), calibrated (min/max) on training images.
 
     Opt-in (--precision int8): on the benchmark's gate it matched float32 accuracy on 40,000
@@ -78,14 +82,14 @@ def quantize_int8(net, calib_images: np.ndarray | None, ctx):
     import mxnet as mx
     from mxnet.contrib.quantization import quantize_net_v2
 
-    from trainer.normalize import normalize
+    from trainer.augment import eval_transform
 
     if calib_images is None or len(calib_images) == 0:
         raise PredictError("int8 precision needs calibration images (the prepared train split is empty)")
     if ctx.device_type != "cpu":
         raise PredictError("int8 precision is for CPU (MKLDNN) inference only")
     net.hybridize()
-    data = mx.nd.array(normalize(np.asarray(calib_images)), ctx=ctx)
+    data = mx.nd.array(eval_transform(np.asarray(calib_images), crop), ctx=ctx)
     calib = mx.io.NDArrayIter(data, batch_size=min(64, len(data)))
     return quantize_net_v2(net, quantized_dtype="auto", quantize_mode="smart", quantize_granularity="channel-wise",
                            calib_data=calib, calib_mode="naive", num_calib_examples=len(data), ctx=ctx)
@@ -118,7 +122,8 @@ def forward_rows(batch_size: int, width: int) -> int:
     return max(1, min(batch_size, ACTIVATION_BUDGET // (width * 32 * 32 * 4)))
 
 
-def predict_rows(net, images: np.ndarray, ctx, batch_size: int, tta: str = "none", progress=None) -> np.ndarray:
+def predict_rows(net, images: np.ndarray, ctx, batch_size: int, tta: str = "none", progress=None,
+                 crop: int = 0) -> np.ndarray:
     """Class index (int32) for every row of images (uint8 N x 32 x 32 x 3), in row order.
 
     Every forward has the same shape (the last batch is padded), so the graph is bound
@@ -126,7 +131,7 @@ def predict_rows(net, images: np.ndarray, ctx, batch_size: int, tta: str = "none
     """
     import mxnet as mx
 
-    from trainer.normalize import normalize
+    from trainer.augment import eval_transform
 
     n = len(images)
     preds = np.empty(n, dtype=np.int32)
@@ -137,7 +142,7 @@ def predict_rows(net, images: np.ndarray, ctx, batch_size: int, tta: str = "none
     release, released = page_releaser(images), 0
     for start in range(0, n, bs):
         stop = min(start + bs, n)
-        normalize(images[start:stop], out=buf[: stop - start])
+        eval_transform(images[start:stop], crop, out=buf[: stop - start])
         x = mx.nd.array(buf, ctx=ctx)
         logits = net(x)
         if tta == "flip":
@@ -232,7 +237,7 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
             calib = np.asarray(train.images[: min(512, len(train.images))])
     except (PrepareError, OSError, ValueError, KeyError) as e:
         raise PredictError(f"{prepared}: cannot open the prepared test split: {e}") from e
-    net, classes, width = load_model(model_dir, ctx, precision, calib)
+    net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
     if classes != manifest_classes:
         raise PredictError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
 
@@ -245,7 +250,7 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
 
         progress = tqdm(total=stop - start, unit="img", desc=f"predict rank 0/{size}", file=sys.stderr)
     t0 = time.perf_counter()
-    preds = predict_rows(net, split.images[start:stop], ctx, forward_rows(batch_size, width), tta, progress)
+    preds = predict_rows(net, split.images[start:stop], ctx, forward_rows(batch_size, width), tta, progress, crop)
     if progress is not None:
         progress.close()
     pairs = gather_pairs(hvd, np.asarray(split.ids[start:stop]), preds)

@@ -299,7 +299,7 @@ class Training:
                 from trainer.evaluate import evaluate
 
                 valid = evaluate(self.net, self.valid_split.images, self.valid_split.labels, self.ctx,
-                                 cfg.eval_batch_size, hvd)
+                                 cfg.eval_batch_size, hvd, crop=cfg.eval_crop)
             record = {"epoch": epoch, "phase": self.phase, "lr": lr, **record,
                       "valid_acc": valid["acc"] if valid else None, "valid_loss": valid["loss"] if valid else None,
                       "epoch_seconds": time.perf_counter() - t0}
