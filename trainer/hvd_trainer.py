@@ -33,21 +33,21 @@ class DenseGradTrainer(hvd.DistributedTrainer):
             buf.copyto(grad)
 
 
-def average_in_place(arrays: dict[str, mx.nd.NDArray]) -> None:
-    """Average each array over ranks in place (through a plain-layout copy, as above)."""
+def _through_buffer(arrays: dict[str, mx.nd.NDArray], op) -> None:
+    """Apply op(buffer, name) to a plain-layout copy of each array, then copy the result back."""
     if hvd.size() == 1:
         return
     for name, arr in sorted(arrays.items()):
         buf = arr.copy()
-        hvd.allreduce_(buf, average=True, name=name)
+        op(buf, name)
         buf.copyto(arr)
+
+
+def average_in_place(arrays: dict[str, mx.nd.NDArray]) -> None:
+    """Average each array over ranks in place (through a plain-layout copy, as above)."""
+    _through_buffer(arrays, lambda buf, name: hvd.allreduce_(buf, average=True, name=name))
 
 
 def broadcast_in_place(arrays: dict[str, mx.nd.NDArray], root_rank: int = 0) -> None:
     """Overwrite each array with root_rank's values (hvd.broadcast_parameters, MKLDNN-safe)."""
-    if hvd.size() == 1:
-        return
-    for name, arr in sorted(arrays.items()):
-        buf = arr.copy()
-        hvd.broadcast_(buf, root_rank=root_rank, name=name)
-        buf.copyto(arr)
+    _through_buffer(arrays, lambda buf, name: hvd.broadcast_(buf, root_rank=root_rank, name=name))
