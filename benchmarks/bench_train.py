@@ -1,11 +1,15 @@
-"""Training throughput, measured side by side in one run (every figure: 1 OMP thread per rank, CPU).
+"""Training throughput, measured side by side in one run (CPU; --threads OMP threads per np-1 process).
 
 For each width: the model alone on one in-memory batch (forward, backward, SGD step), the
 trainer (batched pipeline), the trainer with the seed's per-image DataLoader, and the
 bfloat16 AMP variants; then ratios. Scaling: the trainer under horovodrun -np 2 vs -np 1.
 Trainer figures are epoch 2's images/s from metrics.jsonl (epoch 1 includes warm-up).
 
-    .venv/bin/python benchmarks/bench_train.py [--widths 16 64] [--batch-size 128] [--repeats N] [--skip-amp] [--skip-scaling]
+    .venv/bin/python benchmarks/bench_train.py [--widths 16 64] [--batch-size 128] [--threads 1] [--repeats N]
+                                               [--skip-amp] [--skip-scaling]
+
+The issue's reference figures for the seed (305 img/s at width 16) used 2 threads: --threads 2.
+Scaling always uses one thread per rank (-np 2 vs -np 1).
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+THREADS = {"n": 1}  # OMP threads of the np-1 comparisons; set from --threads
 
 
 def env() -> dict[str, str]:
-    """One thread per rank, the venv first on PATH, Open MPI allowed as root."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    """THREADS threads per process, the venv first on PATH, Open MPI allowed as root."""
+    e = dict(os.environ, OMP_NUM_THREADS=str(THREADS["n"]), OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
              OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     return e
@@ -39,7 +44,6 @@ def run(cmd: list[str]) -> str:
 
 def model_alone(width: int, batch: int, steps: int, amp: str) -> float:
     """Images/s of forward+backward+step on one fixed in-memory batch (run in this process)."""
-    os.environ["OMP_NUM_THREADS"] = "1"
     if amp != "none":
         from mxnet.contrib import amp as mxamp
 
@@ -80,10 +84,10 @@ def model_alone(width: int, batch: int, steps: int, amp: str) -> float:
 
 
 def trainer_ips(prepared: Path, width: int, batch: int, np_: int = 1, *extra: str) -> float:
-    """Epoch 2's images/s (all ranks) of the real trainer."""
+    """Epoch 2's images/s (all ranks) of the real trainer (THREADS threads alone, one a rank under horovodrun)."""
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         cmd = [str(BIN / "python"), "-m", "trainer", "--prepared", str(prepared), "--out", f"{tmp}/run",
-               "--width", str(width), "--batch-size", str(batch), "--epochs", "2", "--threads", "1", *extra]
+               "--width", str(width), "--batch-size", str(batch), "--epochs", "2", "--threads", str(THREADS["n"] if np_ == 1 else 1), *extra]
         if np_ > 1:
             cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *cmd]
         run(cmd)
@@ -101,7 +105,7 @@ def make_prepared(root: Path, n_train: int) -> Path:
 
 def alone(width: int, batch: int, steps: int, amp: str = "none") -> float:
     out = run([str(BIN / "python"), __file__, "--model-alone", str(width), "--batch-size", str(batch),
-               "--steps", str(steps), "--amp", amp])
+               "--steps", str(steps), "--amp", amp, "--threads", str(THREADS["n"])])
     return float(out.strip().splitlines()[-1])
 
 
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="OMP threads for the np-1 comparisons (not scaling)")
     p.add_argument("--repeats", type=int, default=1, help="measure each figure this often, interleaved; keep the best")
     p.add_argument("--skip-amp", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
@@ -116,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--amp", default="none", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    THREADS["n"] = args.threads
     if args.model_alone:
         print(model_alone(args.model_alone, args.batch_size, args.steps, args.amp))
         return 0
 
     bs = args.batch_size
-    print(f"CPU, 1 thread per rank, per-rank batch {bs}; load average {os.getloadavg()[0]:.1f} "
+    print(f"CPU, {args.threads} thread(s) for np 1 (1 per rank for scaling), per-rank batch {bs}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (shared machine: figures are noisy)")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for width in args.widths:
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"width {width:3d} bfloat16 AMP: model alone {mb:8.1f} img/s ({mb / m:.2f}x fp32)"
                       f" | trainer {tb:8.1f} img/s ({tb / t:.2f}x fp32)")
         if not args.skip_scaling:
+            THREADS["n"] = 1  # scaling compares one thread per rank
             width = args.widths[0]
             prep = make_prepared(Path(tmp), bs * 2 * 16 * 10 // 9 + 20)
             one = two = 0.0
