@@ -99,8 +99,45 @@ def make_prepared(root: Path, n_train: int) -> Path:
     """Demo data of n_train images (10% go to valid), prepared."""
     src, prep = root / f"demo{n_train}", root / f"prep{n_train}"
     run([str(BIN / "cifar10-hvd"), "demo-data", "--out", str(src), "--train", str(n_train), "--test", "10"])
-    run([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(prep)])
+    run([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(prep), "--layout", "folders"])
     return prep
+
+
+def seed_loop(folder: str, width: int, batch: int, steps: int) -> float:
+    """Images/s of the seed's own training loop: ImageFolderDataset (PNG decode every epoch) +
+    transform_first + DataLoader + gluon.Trainer, as in kaggle_cifar10.md (run in this process)."""
+    import mxnet as mx
+    from mxnet import autograd, gluon
+    from mxnet.gluon.data.vision import transforms
+
+    sys.path.insert(0, str(ROOT))
+    from trainer.model import resnet18
+
+    transform_train = transforms.Compose([
+        transforms.Resize(40), transforms.RandomResizedCrop(32, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
+        transforms.RandomFlipLeftRight(), transforms.ToTensor(),
+        transforms.Normalize([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])])
+    ds = gluon.data.vision.ImageFolderDataset(folder, flag=1)
+    it = gluon.data.DataLoader(ds.transform_first(transform_train), batch, shuffle=True, last_batch="discard")
+    net = resnet18(10, width)
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 5e-4})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    done, start = 0, None
+    while done < steps + 3:
+        for x, y in it:
+            with autograd.record():
+                loss = loss_fn(net(x), y.astype("float32"))
+            loss.backward()
+            trainer.step(batch)
+            loss.wait_to_read()
+            done += 1
+            if done == 3:  # warm-up steps (graph build) are not timed
+                start = time.perf_counter()
+            if done >= steps + 3:
+                break
+    return steps * batch / (time.perf_counter() - start)
 
 
 def alone(width: int, batch: int, steps: int, amp: str = "none") -> float:
@@ -118,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-amp", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--model-alone", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seed-loop", help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--amp", default="none", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     THREADS["n"] = args.threads
+    if args.seed_loop:
+        print(seed_loop(args.seed_loop, args.width, args.batch_size, args.steps))
+        return 0
     if args.model_alone:
         print(model_alone(args.model_alone, args.batch_size, args.steps, args.amp))
         return 0
@@ -135,13 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             n_train = bs * (24 if width <= 16 else 6) * 10 // 9 + 20
             prep = make_prepared(Path(tmp), n_train)
             steps = 24 if width <= 16 else 6
-            m = t = s = 0.0
+            m = t = s = f = 0.0
             for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
                 m = max(m, alone(width, bs, steps))
                 t = max(t, trainer_ips(prep, width, bs))
                 s = max(s, trainer_ips(prep, width, bs, 1, "--pipeline", "seed"))
+                f = max(f, float(run([str(BIN / "python"), __file__, "--seed-loop", str(prep / "train_valid_test" / "train"),
+                                      "--width", str(width), "--batch-size", str(bs), "--steps", str(steps),
+                                      "--threads", str(THREADS["n"])]).strip().splitlines()[-1]))
             print(f"width {width:3d}: model alone {m:8.1f} img/s | trainer {t:8.1f} img/s ({t / m:.2f} of model alone)"
-                  f" | seed pipeline {s:8.1f} img/s (trainer = {t / s:.2f}x seed)")
+                  f" | trainer with pipeline=seed (in-memory) {s:8.1f} img/s ({t / s:.2f}x)"
+                  f" | the seed's loop (ImageFolderDataset PNGs) {f:8.1f} img/s (trainer = {t / f:.2f}x seed)")
             if not args.skip_amp:
                 mb = alone(width, bs, steps, "bfloat16")
                 tb = trainer_ips(prep, width, bs, 1, "--amp", "bfloat16")
