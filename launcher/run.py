@@ -167,7 +167,7 @@ class Pipeline:
         start = time.time()
         self.execute(stage, self.argv(stage, out_dir), distributed=stage != "prepare")
         figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2), **self.figures(stage, out_dir)}
-        if stage == "prepare" or "predict" == stage:
+        if stage in ("prepare", "predict"):
             count = figures.get("images")
             if count:
                 figures["images_per_sec_wall"] = round(count / max(figures["wall_seconds"], 1e-9), 1)
