@@ -27,11 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.normalize import MEAN, STD
+from trainer.score import CIFAR10_CLASSES as CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MAKE_KAGGLE = ROOT.parent / "shared" / "data" / "make_kaggle_cifar10.py"
-MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def child_env(threads: int | None = None) -> dict[str, str]:
@@ -162,7 +163,7 @@ def worker_seed(args) -> None:
     net.load_parameters(str(find_model_params(args.model)), ctx=ctx)
     net.hybridize()
     transform_test = gluon.data.vision.transforms.Compose([
-        gluon.data.vision.transforms.ToTensor(), gluon.data.vision.transforms.Normalize(MEAN, STD)])
+        gluon.data.vision.transforms.ToTensor(), gluon.data.vision.transforms.Normalize(MEAN.tolist(), STD.tolist())])
     t_list = time.perf_counter()
     test_ds = gluon.data.vision.ImageFolderDataset(args.seed_folder)
     list_s = time.perf_counter() - t_list

@@ -108,17 +108,12 @@ def seed_loop(folder: str, width: int, batch: int, steps: int) -> float:
     transform_first + DataLoader + gluon.Trainer, as in kaggle_cifar10.md (run in this process)."""
     import mxnet as mx
     from mxnet import autograd, gluon
-    from mxnet.gluon.data.vision import transforms
-
     sys.path.insert(0, str(ROOT))
     from trainer.model import resnet18
+    from trainer.pipeline import seed_transform
 
-    transform_train = transforms.Compose([
-        transforms.Resize(40), transforms.RandomResizedCrop(32, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
-        transforms.RandomFlipLeftRight(), transforms.ToTensor(),
-        transforms.Normalize([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])])
     ds = gluon.data.vision.ImageFolderDataset(folder, flag=1)
-    it = gluon.data.DataLoader(ds.transform_first(transform_train), batch, shuffle=True, last_batch="discard")
+    it = gluon.data.DataLoader(ds.transform_first(seed_transform()), batch, shuffle=True, last_batch="discard")
     net = resnet18(10, width)
     net.initialize(mx.init.Xavier())
     net.hybridize()

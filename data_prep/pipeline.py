@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import store
+from data_prep.archive import DISK_MARGIN_BYTES
 from data_prep.decode import ROW_BYTES, SIDE, ChunkResult, decode_chunk
 from data_prep.errors import PrepareError, offenders
 from data_prep.labels import read_labels
@@ -25,7 +26,6 @@ from data_prep.split import Assignment, assign
 
 LAYOUTS = (None, "folders")
 CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
-DISK_MARGIN_BYTES = 64 << 20
 PARAMS = ("valid_ratio", "seed", "layout")
 
 

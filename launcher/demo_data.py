@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from trainer.score import CIFAR10_CLASSES
+
+CLASSES = tuple(CIFAR10_CLASSES)
 SIZE = 32
 # class -> base hue in degrees; the foreground colour is jittered around it
 _HUES = (210, 0, 50, 30, 90, 280, 120, 330, 190, 160)

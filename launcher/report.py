@@ -1,20 +1,15 @@
 """report.png: the tune and final phases' curves and the run's headline figures on one page."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-
-def _metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from trainer.checkpoint import atomic_write
+from trainer.metrics import read_metrics
 
 
 def write_report(workdir: Path, summary: dict) -> Path | None:
     """Plot loss/accuracy per epoch for each training phase that ran; None when none did."""
-    phases = {name: _metrics(workdir / name / "metrics.jsonl") for name in ("tune", "final")}
+    phases = {name: read_metrics(workdir / name) for name in ("tune", "final")}
     phases = {k: v for k, v in phases.items() if v}
     if not phases:
         return None
@@ -40,8 +35,8 @@ def write_report(workdir: Path, summary: dict) -> Path | None:
         ax.legend()
     fig.tight_layout()
     out = workdir / "report.png"
-    tmp = workdir / ".report.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
     return out

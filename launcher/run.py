@@ -21,12 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_prep import read_manifest
+from data_prep.store import MANIFEST
+from launcher.cli import COMMANDS
 from launcher.report import write_report
 from launcher.run_config import PHASES, RunConfig, load_run_config, parse_phases, write_run_config
-from trainer.checkpoint import FINAL_PARAMS
+from trainer.checkpoint import FINAL_PARAMS, atomic_write_text
 from trainer.config import ConfigError
+from trainer.metrics import read_metrics
 
-STAGE_DIRS = {"tune": "tune", "final": "final"}
+TRAIN_STAGES = ("tune", "final")  # each writes a trainer run dir WORKDIR/<stage>
+# the cifar10-hvd subcommand whose main() runs a distributed stage in-process inside an MPI world
+IN_PROCESS = {"tune": "train", "final": "train", "predict": "predict"}
 
 
 class StageFailed(RuntimeError):
@@ -86,9 +92,9 @@ class Pipeline:
         if not m or m.get("key") != self.stage_key(stage):
             return False
         if stage == "prepare":
-            return (self.prepared / "manifest.json").is_file()
-        if stage in STAGE_DIRS:
-            return (self.workdir / STAGE_DIRS[stage] / FINAL_PARAMS).is_file()
+            return (self.prepared / MANIFEST).is_file()
+        if stage in TRAIN_STAGES:
+            return (self.workdir / stage / FINAL_PARAMS).is_file()
         return (self.workdir / "submission.csv").is_file()
 
     # -- launching ---------------------------------------------------------------------------------
@@ -111,10 +117,9 @@ class Pipeline:
     def execute(self, stage: str, argv: list[str], distributed: bool) -> None:
         """Run `python ARGV` for a stage: in-process inside an MPI world, else as a (horovodrun) child."""
         if self.world and distributed:
-            module = argv[1]
             import importlib
 
-            mod = importlib.import_module("trainer.train" if module == "trainer" else module)
+            mod = importlib.import_module(COMMANDS[IN_PROCESS[stage]][0])
             code = int(mod.main(argv[2:]) or 0)
             if code:
                 raise StageFailed(stage, code)
@@ -144,7 +149,7 @@ class Pipeline:
             if p.layout == "folders":
                 a += ["--layout", "folders"]
             return a
-        if stage in STAGE_DIRS:
+        if stage in TRAIN_STAGES:
             a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir),
                  "--config", str(self.resolved_config), "--phase", stage]
             return a + (["--resume"] if self.resume and (out_dir / "config.json").exists() else [])
@@ -155,11 +160,11 @@ class Pipeline:
 
     def run_stage(self, stage: str) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""
-        out_dir = self.workdir / STAGE_DIRS.get(stage, "")
+        out_dir = self.workdir / stage if stage in TRAIN_STAGES else self.workdir
         if self.complete(stage):
             print(f"[run] {stage}: up to date, skipped", flush=True)
             return {**(self.marker(stage) or {}).get("figures", {}), "status": "skipped"}
-        if stage in STAGE_DIRS and out_dir.exists() and not self.resume and self.rank == 0:
+        if stage in TRAIN_STAGES and out_dir.exists() and not self.resume and self.rank == 0:
             print(f"[run] {stage}: {out_dir} holds an earlier, unfinished or different run; starting over "
                   "(pass --resume to continue from its last checkpoint)", flush=True)
             shutil.rmtree(out_dir)
@@ -173,23 +178,21 @@ class Pipeline:
                 figures["images_per_sec_wall"] = round(count / max(figures["wall_seconds"], 1e-9), 1)
         if self.rank == 0:
             self.markers.mkdir(parents=True, exist_ok=True)
-            tmp = self.markers / f".{stage}.json.tmp"
-            tmp.write_text(json.dumps({"key": self.stage_key(stage), "figures": figures}, indent=2))
-            os.replace(tmp, self.markers / f"{stage}.json")
+            atomic_write_text(self.markers / f"{stage}.json",
+                              json.dumps({"key": self.stage_key(stage), "figures": figures}, indent=2))
         return figures
 
     def figures(self, stage: str, out_dir: Path) -> dict:
         """Figures read back from a finished stage's outputs."""
         if stage == "prepare":
-            manifest = json.loads((self.prepared / "manifest.json").read_text())
-            splits = manifest["splits"]
+            splits = read_manifest(self.prepared)["splits"]
             return {"images": splits["train_valid"]["count"] + splits["test"]["count"],
                     "train": splits["train"]["count"], "valid": splits["valid"]["count"], "test": splits["test"]["count"]}
         if stage == "predict":
             with open(self.workdir / "submission.csv") as f:
                 rows = sum(1 for _ in f) - 1
             return {"images": rows, "submission": str(self.workdir / "submission.csv")}
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(out_dir)
         if not rows:
             return {"epochs": 0}
         fig = {"epochs": rows[-1]["epoch"] + (0 if rows[0]["epoch"] >= 1 else 1),
@@ -234,9 +237,7 @@ class Pipeline:
             report = write_report(self.workdir, summary)
             if report:
                 summary["report"] = str(report)
-            tmp = self.workdir / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.workdir / "summary.json")
+            atomic_write_text(self.workdir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 

@@ -7,13 +7,13 @@ PredictConfig (the single source of hyperparameters); this module owns the rest.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from trainer.checkpoint import atomic_write_text
 from trainer.config import ConfigError, PredictConfig, TrainConfig, from_mapping, read_yaml
 
 PHASES = ("prepare", "tune", "final", "predict")
@@ -129,7 +129,4 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def write_run_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what the stages actually read), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -88,14 +88,18 @@ def find_model_params(run_dir: str | Path) -> Path:
     raise RunDirError(f"{run_dir}: no {FINAL_PARAMS} and no complete checkpoint in {run_dir / CHECKPOINT_DIR}")
 
 
+def checkpoint_stem(run_dir: str | Path, epoch: int) -> Path:
+    """RUN/checkpoints/epoch-EEEE: the path of epoch's checkpoint files, less their suffix."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch-{epoch:04d}"
+
+
 def save_checkpoint(run_dir: str | Path, epoch: int, net, trainer, record: dict, keep: int) -> Path:
     """Write epoch's params, optimizer states and marker .json atomically; keep the newest `keep`.
 
     `epoch` is the number of completed epochs; resuming continues at that epoch index.
     """
-    ckdir = Path(run_dir) / CHECKPOINT_DIR
-    ckdir.mkdir(parents=True, exist_ok=True)
-    stem = ckdir / f"epoch-{epoch:04d}"
+    stem = checkpoint_stem(run_dir, epoch)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(stem.with_suffix(".params"), net.save_parameters)
     atomic_write(stem.with_suffix(".states"), trainer.save_states)
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"epoch": epoch, **record}, indent=1))

@@ -119,7 +119,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def section(data: dict, name: str, cls: type, path: str | Path) -> dict:
+def section(data: dict, name: str, path: str | Path) -> dict:
     """The keys for cls in a YAML document: its `name:` section in a run config, else the whole mapping."""
     is_run_config = any(k in data for k in ("train", "predict", "prepare", "launch", "data"))
     if not is_run_config:
@@ -149,7 +149,7 @@ def resolve(cls: type, args: argparse.Namespace, config_path: str | None, sectio
     cfg = cls()
     if config_path:
         data = read_yaml(config_path)
-        cfg = from_mapping(cls, section(data, section_name, cls, config_path), f"{config_path} ({section_name})", cfg)
+        cfg = from_mapping(cls, section(data, section_name, config_path), f"{config_path} ({section_name})", cfg)
     given = {f.name: getattr(args, prefix.replace("-", "_") + f.name) for f in dataclasses.fields(cls)}
     given = {k: v for k, v in given.items() if v is not None}
     return from_mapping(cls, given, "command line", cfg)

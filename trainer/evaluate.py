@@ -19,8 +19,10 @@ def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: in
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     correct = mx.nd.zeros(1, ctx=ctx, dtype="float64")
     loss_sum = mx.nd.zeros(1, ctx=ctx, dtype="float64")
+    buf = np.empty((min(batch_size, len(images)), 3) + images.shape[1:3], dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        x = mx.nd.array(eval_transform(np.asarray(images[start:start + batch_size]), crop), ctx=ctx)
+        rows = np.asarray(images[start:start + batch_size])
+        x = mx.nd.array(eval_transform(rows, crop, out=buf[:len(rows)]), ctx=ctx)
         y = mx.nd.array(labels[start:start + batch_size], ctx=ctx, dtype="float32")
         out = net(x).astype("float32")
         correct += (out.argmax(axis=1) == y).sum().astype("float64")

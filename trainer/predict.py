@@ -160,7 +160,7 @@ def gather_pairs(hvd, ids: np.ndarray, preds: np.ndarray) -> np.ndarray:
     """All ranks' (id, prediction) rows as one int64 (N, 2) array (shards may differ in size or be empty)."""
     import mxnet as mx
 
-    pairs = np.stack([ids.astype(np.int64), preds.astype(np.int64)], axis=1) if len(ids) else np.zeros((0, 2), np.int64)
+    pairs = np.stack([ids.astype(np.int64), preds.astype(np.int64)], axis=1)
     if hvd.size() == 1:
         return pairs
     return hvd.allgather(mx.nd.array(pairs, dtype="int64"), name="predict.pairs").asnumpy()
@@ -179,10 +179,12 @@ def order_and_check(pairs: np.ndarray, expected_ids: np.ndarray) -> tuple[np.nda
 
 def write_submission(path: str | Path, ids: np.ndarray, preds: np.ndarray, classes: list[str]) -> Path:
     """Stream `id,label` rows in chunks to a temporary sibling, then rename it to path."""
+    from trainer.checkpoint import atomic_write
+
     path = Path(path)
     names = np.array(classes, dtype=object)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             f.write("id,label\n")
             for start in range(0, len(ids), CSV_CHUNK_ROWS):
@@ -191,10 +193,8 @@ def write_submission(path: str | Path, ids: np.ndarray, preds: np.ndarray, class
                 f.write("".join(f"{i},{c}\n" for i, c in zip(chunk_ids, chunk_names, strict=True)))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write_csv)
     return path
 
 

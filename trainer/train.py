@@ -155,7 +155,7 @@ class Training:
         self.start_epoch = int(self.hvd.broadcast(mx.nd.array([pick]), root_rank=0, name="resume_epoch").asscalar())
         if self.start_epoch < 0:
             raise TrainError(f"{self.out}: its checkpoints are not from --phase {self.phase}; use one --out per phase")
-        stem = self.out / checkpoint.CHECKPOINT_DIR / f"epoch-{self.start_epoch:04d}"
+        stem = checkpoint.checkpoint_stem(self.out, self.start_epoch)
         if self.start_epoch:
             try:
                 self.net.load_parameters(str(stem.with_suffix(".params")), ctx=self.ctx)
