@@ -28,6 +28,7 @@ from launcher.report import write_report
 from launcher.run_config import PHASES, RunConfig, load_run_config, parse_phases, write_run_config
 from trainer.checkpoint import FINAL_PARAMS, atomic_write_text
 from trainer.config import ConfigError
+from trainer.device import mpi_world
 from trainer.metrics import read_metrics
 
 TRAIN_STAGES = ("tune", "final")  # each writes a trainer run dir WORKDIR/<stage>
@@ -41,15 +42,6 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, code: int):
         super().__init__(f"stage '{stage}' failed (exit status {code})")
         self.stage, self.code = stage, code
-
-
-def mpi_world() -> tuple[int, int] | None:
-    """(rank, size) when this process was started by horovodrun/mpirun, else None."""
-    for rank_var, size_var in (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                               ("PMI_RANK", "PMI_SIZE")):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[size_var])
-    return None
 
 
 class Pipeline:

@@ -4,6 +4,15 @@ from __future__ import annotations
 import os
 
 
+def mpi_world() -> tuple[int, int] | None:
+    """(rank, size) from the launcher's environment (horovodrun, mpirun, PMI), else None: no MPI world."""
+    for rank_var, size_var in (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("PMI_RANK", "PMI_SIZE")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return None
+
+
 def set_cpu_threads(threads: int = 0) -> int:
     """Set OMP_NUM_THREADS for this rank before MXNet starts its engine; 0 = cores / local ranks.
 

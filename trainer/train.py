@@ -23,7 +23,7 @@ import numpy as np
 
 from trainer import checkpoint, metrics
 from trainer.config import ConfigError, TrainConfig, add_flags, resolve
-from trainer.device import set_cpu_threads
+from trainer.device import mpi_world, set_cpu_threads
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar10-hvd train: {e}", file=sys.stderr)
         return 2
     threads = set_cpu_threads(cfg.threads)  # before anything imports mxnet
-    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    rank = (mpi_world() or (0, 1))[0]
     try:
         return Training(cfg, args, threads).run()
     except TrainError as e:
