@@ -188,3 +188,16 @@ def test_seed_pipeline_single_process(prepared, tmp_path):
     run_cli(["train", *train_cmd(prepared, out, "--epochs", "1", "--pipeline", "seed")[3:]], check=True)
     (rec,) = metrics.read_metrics(out)
     assert rec["steps_per_rank"] == [540 // 16] and checkpoint.read_run_config(out)["world_size"] == 1
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "10"), ("3", "3")])
+def test_cpu_ranks_default_the_horovod_cycle_time(tmp_path, monkeypatch, preset, expected):
+    # Horovod reads HOROVOD_CYCLE_TIME in hvd.init(); a user's value (or horovodrun --cycle-time-ms) must win
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    script = tmp_path / "cycle.py"
+    script.write_text("import os\nfrom trainer.device import init_horovod\nhvd = init_horovod()\n"
+                      "print(f\"rank {hvd.rank()} cycle {os.environ['HOROVOD_CYCLE_TIME']}\", flush=True)\n")
+    env = {} if preset is None else {"HOROVOD_CYCLE_TIME": preset}
+    proc = horovodrun(2, [str(BIN / "python"), str(script)], timeout=120, **env)
+    for rank in (0, 1):
+        assert f"rank {rank} cycle {expected}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
