@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.store import MANIFEST
+from launcher import run as launcher_run
+from trainer.checkpoint import CHECKPOINT_DIR, FINAL_PARAMS
 from trainer.normalize import MEAN, STD
 from trainer.score import CIFAR10_CLASSES as CLASSES
 
@@ -35,21 +38,16 @@ BIN = Path(sys.executable).parent
 MAKE_KAGGLE = ROOT.parent / "shared" / "data" / "make_kaggle_cifar10.py"
 
 
-def child_env(threads: int | None = None) -> dict[str, str]:
-    """Environment for measured processes: the venv on PATH, Open MPI as root, threads chosen by the tool."""
-    env = dict(os.environ)
+def child_env() -> dict[str, str]:
+    """The launcher's child environment, with threads left to the tool (cores / local ranks)."""
+    env = launcher_run.child_env(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.pop("OMP_NUM_THREADS", None)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
     return env
 
 
-def sh(cmd: list[str], env: dict | None = None, timeout: float = 7200) -> str:
+def sh(cmd: list[str], timeout: float = 7200) -> str:
     """Run cmd, return stdout; raise with its output on failure."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or child_env(), cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -60,13 +58,14 @@ def bench_lines(stdout: str) -> list[dict]:
     return [json.loads(line.split("BENCH ", 1)[1]) for line in stdout.splitlines() if "BENCH {" in line]
 
 
-def ensure_data(workdir: Path, n_test: int, n_train: int) -> tuple[Path, Path]:
-    """(Kaggle-layout source, prepared dir) with n_test test images; made once."""
-    src, prep = workdir / f"kaggle-{n_test}", workdir / f"prep-{n_test}"
+def ensure_data(workdir: Path, n_test: int, n_train: int, name: str = "") -> tuple[Path, Path]:
+    """(Kaggle-layout source, prepared dir) WORKDIR/kaggle-NAME and prep-NAME (NAME: n_test); made once."""
+    name = name or str(n_test)
+    src, prep = workdir / f"kaggle-{name}", workdir / f"prep-{name}"
     if not src.exists():
         print(f"[bench] writing {src} ({n_train} train, {n_test} test PNGs)", flush=True)
         sh([sys.executable, str(MAKE_KAGGLE), "--out", str(src), "--train", str(n_train), "--test", str(n_test)])
-    if not (prep / "manifest.json").exists():
+    if not (prep / MANIFEST).exists():
         print(f"[bench] preparing {prep}", flush=True)
         sh([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(prep)])
     return src, prep
@@ -75,7 +74,7 @@ def ensure_data(workdir: Path, n_test: int, n_train: int) -> tuple[Path, Path]:
 def ensure_model(workdir: Path, prep: Path, width: int, epochs: int) -> Path:
     """A run dir at width: trained briefly (tune phase) when epochs > 0, else freshly initialized weights."""
     run = workdir / f"run-w{width}-e{epochs}"
-    if (run / "model-final.params").exists() or (epochs and (run / "checkpoints").is_dir()):
+    if (run / FINAL_PARAMS).exists() or (epochs and (run / CHECKPOINT_DIR).is_dir()):
         return run
     if epochs:
         print(f"[bench] training width {width} for {epochs} epochs on {prep}", flush=True)
@@ -134,7 +133,7 @@ def worker_init(args) -> None:
     net = resnet18(10, width=args.width)
     net.initialize(mx.init.Xavier())
     net(mx.nd.zeros((1, 3, 32, 32)))
-    net.save_parameters(str(run / "model-final.params"))
+    net.save_parameters(str(run / FINAL_PARAMS))
     (run / "config.json").write_text(json.dumps({"train": {"width": args.width}, "classes": CLASSES}))
 
 
@@ -229,7 +228,7 @@ def run_predict(prep: Path, run: Path, out: Path, ranks: int, args, precision: s
     cmd = [sys.executable, __file__, "--worker", "predict", "--prepared", str(prep), "--model", str(run), "--out", str(out),
            "--batch-size", str(args.batch_size), "--precision", precision]
     if ranks > 1:
-        cmd = [str(BIN / "horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *cmd]
+        cmd = launcher_run.horovodrun_argv(ranks, cmd)
     t0 = time.perf_counter()
     recs = bench_lines(sh(cmd))
     wall = time.perf_counter() - t0
@@ -273,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        sys.path.insert(0, str(ROOT))
         {"init": worker_init, "predict": worker_predict, "seed": worker_seed, "gate": worker_gate}[args.worker](args)
         return 0
 
@@ -289,12 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gate_holdout:
             # the same fixed permutation: the first --train ids are the gate model's images, the rest unseen
             total = args.train + args.gate_holdout
-            hsrc, hprep = workdir / f"kaggle-holdout-{total}", workdir / f"prep-holdout-{total}"
-            if not (hprep / "manifest.json").exists():
-                print(f"[bench] writing {hsrc} ({total} train PNGs) for the held-out gate", flush=True)
-                sh([sys.executable, str(MAKE_KAGGLE), "--out", str(hsrc), "--train", str(total),
-                    "--test", "10"])
-                sh([str(BIN / "cifar10-hvd"), "prepare", "--data", str(hsrc), "--out", str(hprep)])
+            _, hprep = ensure_data(workdir, 10, total, name=f"holdout-{total}")
             cmd += ["--holdout", str(hprep)]
         gate = bench_lines(sh(cmd))[0]
         results["gate"] = gate

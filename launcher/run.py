@@ -23,17 +23,43 @@ from typing import Any
 
 from data_prep import read_manifest
 from data_prep.store import MANIFEST
-from launcher.cli import COMMANDS
+from launcher import cli
 from launcher.report import write_report
-from launcher.run_config import PHASES, RunConfig, load_run_config, parse_phases, write_run_config
+from launcher.run_config import PHASES, LaunchSection, RunConfig, load_run_config, parse_phases, write_run_config
 from trainer.checkpoint import FINAL_PARAMS, atomic_write_text
-from trainer.config import ConfigError
+from trainer.config import ConfigError, from_mapping
 from trainer.device import mpi_world
 from trainer.metrics import read_metrics
 
 TRAIN_STAGES = ("tune", "final")  # each writes a trainer run dir WORKDIR/<stage>
 # the cifar10-hvd subcommand whose main() runs a distributed stage in-process inside an MPI world
 IN_PROCESS = {"tune": "train", "final": "train", "predict": "predict"}
+
+
+def horovodrun_argv(np_: int, cmd: list[str], controller: str = "gloo", hosts: str = "", hostfile: str = "") -> list[str]:
+    """horovodrun -np N (-H HOSTS | --hostfile F | -H localhost:N) --gloo|--mpi CMD (the venv's horovodrun).
+
+    On localhost under MPI, --oversubscribe lets -np exceed the core count, as Gloo allows.
+    """
+    argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_)]
+    if hosts:
+        argv += ["-H", hosts, f"--{controller}"]
+    elif hostfile:
+        argv += ["--hostfile", hostfile, f"--{controller}"]
+    else:
+        argv += ["-H", f"localhost:{np_}", f"--{controller}"] + (["--mpi-args=--oversubscribe"] if controller == "mpi" else [])
+    return argv + list(cmd)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process: the venv first on PATH, Open MPI allowed to run as root
+    (containers and CI run as root; Open MPI refuses unless told), then extra."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.update(extra)
+    return env
 
 
 class StageFailed(RuntimeError):
@@ -57,7 +83,6 @@ class Pipeline:
         self.resolved_config = self.workdir / "run-config.yaml"
         self.markers = self.workdir / ".stages"
         self.python = sys.executable
-        self.horovodrun = str(Path(sys.executable).parent / "horovodrun")
         self.config_path = config_path
 
     # -- config identity -------------------------------------------------------------------------
@@ -78,10 +103,9 @@ class Pipeline:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def complete(self, stage: str) -> bool:
-        """The stage ran with this config and its outputs are all there."""
-        m = self.marker(stage)
-        if not m or m.get("key") != self.stage_key(stage):
+    def complete(self, stage: str, marker: dict | None, key: str) -> bool:
+        """The stage ran with this config (its marker holds key) and its outputs are all there."""
+        if not marker or marker.get("key") != key:
             return False
         if stage == "prepare":
             return (self.prepared / MANIFEST).is_file()
@@ -90,40 +114,19 @@ class Pipeline:
         return (self.workdir / "submission.csv").is_file()
 
     # -- launching ---------------------------------------------------------------------------------
-    def horovod_command(self, argv: list[str]) -> list[str]:
-        """horovodrun -np N -H ... --gloo|--mpi python ARGV, from the launch section."""
-        launch = self.cfg.launch
-        cmd = [self.horovodrun, "-np", str(launch.np)]
-        hostfile = launch.hostfile or ""
-        if launch.hosts:
-            cmd += ["-H", launch.hosts]
-        elif hostfile:
-            cmd += ["--hostfile", hostfile]
-        else:
-            cmd += ["-H", f"localhost:{launch.np}"]
-        cmd.append(f"--{launch.controller}")
-        if launch.controller == "mpi" and not launch.hosts and not hostfile:
-            cmd.append("--mpi-args=--oversubscribe")
-        return cmd + [self.python, *argv]
-
     def execute(self, stage: str, argv: list[str], distributed: bool) -> None:
         """Run `python ARGV` for a stage: in-process inside an MPI world, else as a (horovodrun) child."""
         if self.world and distributed:
-            import importlib
-
-            mod = importlib.import_module(COMMANDS[IN_PROCESS[stage]][0])
-            code = int(mod.main(argv[2:]) or 0)
+            code = cli.main([IN_PROCESS[stage], *argv[2:]])
             if code:
                 raise StageFailed(stage, code)
             return
-        cmd = self.horovod_command(argv) if distributed else [self.python, *argv]
+        cmd = [self.python, *argv]
+        if distributed:
+            launch = self.cfg.launch
+            cmd = horovodrun_argv(launch.np, cmd, launch.controller, launch.hosts, launch.hostfile)
         print(f"[run] {stage}: {shlex.join(cmd)}", flush=True)
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(self.python).parent}{os.pathsep}{env.get('PATH', '')}"
-        if os.geteuid() == 0:  # Open MPI refuses root unless told; containers and CI run as root
-            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        code = subprocess.call(cmd, env=env)
+        code = subprocess.call(cmd, env=child_env())
         if code:
             raise StageFailed(stage, code)
 
@@ -145,17 +148,16 @@ class Pipeline:
             a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir),
                  "--config", str(self.resolved_config), "--phase", stage]
             return a + (["--resume"] if self.resume and (out_dir / "config.json").exists() else [])
-        p = self.cfg.predict
         return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
-                "--out", str(self.workdir / "submission.csv"), "--batch-size", str(p.batch_size), "--tta", p.tta,
-                "--precision", p.precision]
+                "--out", str(self.workdir / "submission.csv"), "--config", str(self.resolved_config)]
 
     def run_stage(self, stage: str) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""
         out_dir = self.workdir / stage if stage in TRAIN_STAGES else self.workdir
-        if self.complete(stage):
+        key, marker = self.stage_key(stage), self.marker(stage)
+        if self.complete(stage, marker, key):
             print(f"[run] {stage}: up to date, skipped", flush=True)
-            return {**(self.marker(stage) or {}).get("figures", {}), "status": "skipped"}
+            return {**marker.get("figures", {}), "status": "skipped"}
         if stage in TRAIN_STAGES and out_dir.exists() and not self.resume and self.rank == 0:
             print(f"[run] {stage}: {out_dir} holds an earlier, unfinished or different run; starting over "
                   "(pass --resume to continue from its last checkpoint)", flush=True)
@@ -163,15 +165,14 @@ class Pipeline:
         print(f"[run] == stage {stage} ==", flush=True)
         start = time.time()
         self.execute(stage, self.argv(stage, out_dir), distributed=stage != "prepare")
-        figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2), **self.figures(stage, out_dir)}
-        if stage in ("prepare", "predict"):
-            count = figures.get("images")
-            if count:
-                figures["images_per_sec_wall"] = round(count / max(figures["wall_seconds"], 1e-9), 1)
-        if self.rank == 0:
-            self.markers.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.markers / f"{stage}.json",
-                              json.dumps({"key": self.stage_key(stage), "figures": figures}, indent=2))
+        figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2)}
+        if self.rank != 0:  # only rank 0 records figures: the others would read the same files for nothing
+            return figures
+        figures.update(self.figures(stage, out_dir))
+        if stage in ("prepare", "predict") and figures.get("images"):
+            figures["images_per_sec_wall"] = round(figures["images"] / max(figures["wall_seconds"], 1e-9), 1)
+        self.markers.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.markers / f"{stage}.json", json.dumps({"key": key, "figures": figures}, indent=2))
         return figures
 
     def figures(self, stage: str, out_dir: Path) -> dict:
@@ -187,7 +188,7 @@ class Pipeline:
         rows = read_metrics(out_dir)
         if not rows:
             return {"epochs": 0}
-        fig = {"epochs": rows[-1]["epoch"] + (0 if rows[0]["epoch"] >= 1 else 1),
+        fig = {"epochs": rows[-1]["epoch"] + 1,  # metrics count epochs from 0
                "train_loss": rows[-1]["train_loss"], "train_acc": rows[-1]["train_acc"],
                "images_per_sec": round(sum(r["images_per_sec"] for r in rows) / len(rows), 1),
                "train_seconds": round(sum(r["epoch_seconds"] for r in rows), 2)}
@@ -210,7 +211,7 @@ class Pipeline:
                                    "launch": self.cfg.to_dict()["launch"], "in_mpi_world": bool(self.world),
                                    "stages": {}}
         old = self.workdir / "summary.json"
-        if old.exists():
+        if self.rank == 0 and old.exists():
             try:
                 summary["stages"] = json.loads(old.read_text()).get("stages", {})
             except json.JSONDecodeError:
@@ -254,28 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 0 on success, 2 on a config error, the failing stage's status otherwise."""
     args = build_parser().parse_args(argv)
-    overrides = list(args.overrides)
-    for key in ("data", "workdir", "prepared"):
-        if getattr(args, key):
-            overrides.append(f"{key}={os.path.abspath(getattr(args, key))}")
-    for key in ("np", "hosts", "hostfile", "controller"):
-        if getattr(args, key) is not None:
-            overrides.append(f"launch.{key}={getattr(args, key)}")
     try:
-        cfg = load_run_config(args.config, overrides)
+        cfg = load_run_config(args.config, args.overrides)
+        # the flags win over the file and its overrides; set directly, as values, not re-parsed as YAML
+        for key in ("data", "workdir", "prepared"):
+            if getattr(args, key):
+                setattr(cfg, key, os.path.abspath(getattr(args, key)))
+        launch = {key: getattr(args, key) for key in ("np", "hosts", "hostfile", "controller")}
+        cfg.launch = from_mapping(LaunchSection, {k: v for k, v in launch.items() if v is not None}, "command line",
+                                  cfg.launch)
         if args.phases:
             cfg.phases = parse_phases(args.phases, "--phases")
-        summary = Pipeline(cfg, Path(args.config), args.resume).run()
+        pipe = Pipeline(cfg, Path(args.config), args.resume)
+        summary = pipe.run()
     except ConfigError as e:
         print(f"cifar10-hvd run: {e}", file=sys.stderr)
         return 2
     except StageFailed as e:
         print(f"cifar10-hvd run: {e}; the pipeline stopped there (see the stage's messages above)", file=sys.stderr)
         return e.code if 0 < e.code < 256 else 1
-    if mpi_world() is None or mpi_world()[0] == 0:
+    if pipe.rank == 0:
         print(f"[run] done in {summary['wall_seconds']:.0f} s")
-        if summary["stages"].get("tune", {}).get("valid_acc") is not None:
-            print(f"[run] tune valid accuracy: {summary['stages']['tune']['valid_acc']:.4f}")
+        if summary.get("tune_valid_acc") is not None:
+            print(f"[run] tune valid accuracy: {summary['tune_valid_acc']:.4f}")
         for key in ("submission", "report"):
             if key in summary:
                 print(f"[run] {key}: {summary[key]}")

@@ -8,21 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from launcher.run import child_env, horovodrun_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def tool_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: the venv first on PATH, Open MPI allowed as root, 1 thread a rank."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+    """Environment for subprocesses: the launcher's (venv on PATH, Open MPI allowed as root), 1 thread a rank."""
+    return child_env(**{"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1", **extra})
 
 
 def run_cli(args: list[str], timeout: float = 600, check: bool = False, **env: str) -> subprocess.CompletedProcess:
@@ -38,10 +32,7 @@ def run_cli(args: list[str], timeout: float = 600, check: bool = False, **env: s
 def horovodrun(np_: int, cmd: list[str], controller: str = "gloo", timeout: float = 600,
                check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Launch cmd under a real `horovodrun -np N -H localhost:N --gloo|--mpi`."""
-    args = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}"]
-    if controller == "mpi":
-        args += ["--mpi-args=--oversubscribe"]
-    proc = subprocess.run(args + cmd, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(horovodrun_argv(np_, cmd, controller), capture_output=True, text=True, timeout=timeout,
                           env=tool_env(**env), cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"horovodrun exited {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\n"

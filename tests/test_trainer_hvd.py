@@ -15,6 +15,7 @@ import pytest
 from conftest import BIN, ROOT, horovodrun, run_cli, tool_env
 from PIL import Image
 
+from launcher.run import horovodrun_argv
 from trainer import checkpoint, metrics
 
 pytestmark = pytest.mark.slow
@@ -107,8 +108,7 @@ def rank_pid(out: Path, rank: int) -> int | None:
 
 def test_dead_rank_fails_the_job_and_resume_continues(prepared, tmp_path):
     out = tmp_path / "run"
-    job = subprocess.Popen([str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
-                            *train_cmd(prepared, out, "--epochs", "40")],
+    job = subprocess.Popen(horovodrun_argv(2, train_cmd(prepared, out, "--epochs", "40")),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env(), cwd=ROOT,
                            start_new_session=True)
     try:
