@@ -15,7 +15,6 @@ machine's own ceiling for two processes), and with Horovod's default cycle time 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,21 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from launcher.run import child_env, horovodrun_argv
+from trainer.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-THREADS = {"n": 1}  # OMP threads of the np-1 comparisons; set from --threads
 
 
-def env() -> dict[str, str]:
-    """THREADS threads per process, the venv first on PATH, Open MPI allowed as root."""
-    e = dict(os.environ, OMP_NUM_THREADS=str(THREADS["n"]), OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    return e
+def env(threads: int, **extra: str) -> dict[str, str]:
+    """The launcher's child environment with `threads` OMP threads per process."""
+    return child_env(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def run(cmd: list[str], **extra_env: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env(), **extra_env}, cwd=ROOT)
+def run(cmd: list[str], threads: int = 1, **extra_env: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(threads, **extra_env), cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -53,7 +51,6 @@ def model_alone(width: int, batch: int, steps: int, amp: str) -> float:
     import numpy as np
     from mxnet import autograd, gluon
 
-    sys.path.insert(0, str(ROOT))
     from trainer.device import init_horovod
     from trainer.hvd_trainer import DenseGradTrainer
     from trainer.model import resnet18
@@ -84,24 +81,22 @@ def model_alone(width: int, batch: int, steps: int, amp: str) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def trainer_cmd(prepared: Path, out: str, width: int, batch: int, np_: int, *extra: str) -> list[str]:
-    """The trainer's command line for 2 epochs (THREADS threads alone, one a rank under horovodrun --gloo)."""
+def trainer_cmd(prepared: Path, out: str, width: int, batch: int, threads: int, np_: int, *extra: str) -> list[str]:
+    """The trainer's command line for 2 epochs (`threads` threads alone, one a rank under horovodrun --gloo)."""
     cmd = [str(BIN / "python"), "-m", "trainer", "--prepared", str(prepared), "--out", out,
-           "--width", str(width), "--batch-size", str(batch), "--epochs", "2", "--threads", str(THREADS["n"] if np_ == 1 else 1), *extra]
-    if np_ > 1:
-        cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *cmd]
-    return cmd
+           "--width", str(width), "--batch-size", str(batch), "--epochs", "2", "--threads", str(threads if np_ == 1 else 1), *extra]
+    return horovodrun_argv(np_, cmd) if np_ > 1 else cmd
 
 
 def epoch2_ips(run_dir: str) -> float:
     """Epoch 2's images/s (all ranks) from a run's metrics.jsonl (epoch 1 includes warm-up)."""
-    return json.loads(Path(run_dir, "metrics.jsonl").read_text().splitlines()[-1])["images_per_sec"]
+    return read_metrics(run_dir)[-1]["images_per_sec"]
 
 
-def trainer_ips(prepared: Path, width: int, batch: int, np_: int = 1, *extra: str, **extra_env: str) -> float:
+def trainer_ips(prepared: Path, width: int, batch: int, threads: int, np_: int, *extra: str, **extra_env: str) -> float:
     """Epoch 2's images/s (all ranks) of the real trainer."""
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        run(trainer_cmd(prepared, f"{tmp}/run", width, batch, np_, *extra), **extra_env)
+        run(trainer_cmd(prepared, f"{tmp}/run", width, batch, threads, np_, *extra), threads, **extra_env)
         return epoch2_ips(f"{tmp}/run")
 
 
@@ -112,7 +107,7 @@ def independent_pair_ips(prepared: Path, width: int, batch: int) -> float:
     processes' helper threads, which -np 1 alone does not pay.
     """
     with tempfile.TemporaryDirectory(prefix="bench-pair-") as tmp:
-        procs = [subprocess.Popen(trainer_cmd(prepared, f"{tmp}/run{i}", width, batch, 1), env=env(), cwd=ROOT,
+        procs = [subprocess.Popen(trainer_cmd(prepared, f"{tmp}/run{i}", width, batch, 1, 1), env=env(1), cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
         for proc in procs:
             _, err = proc.communicate()
@@ -134,7 +129,7 @@ def seed_loop(folder: str, width: int, batch: int, steps: int) -> float:
     transform_first + DataLoader + gluon.Trainer, as in kaggle_cifar10.md (run in this process)."""
     import mxnet as mx
     from mxnet import autograd, gluon
-    sys.path.insert(0, str(ROOT))
+
     from trainer.model import resnet18
     from trainer.pipeline import seed_transform
 
@@ -161,9 +156,9 @@ def seed_loop(folder: str, width: int, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def alone(width: int, batch: int, steps: int, amp: str = "none") -> float:
+def alone(width: int, batch: int, steps: int, threads: int, amp: str = "none") -> float:
     out = run([str(BIN / "python"), __file__, "--model-alone", str(width), "--batch-size", str(batch),
-               "--steps", str(steps), "--amp", amp, "--threads", str(THREADS["n"])])
+               "--steps", str(steps), "--amp", amp], threads)
     return float(out.strip().splitlines()[-1])
 
 
@@ -182,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--amp", default="none", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    THREADS["n"] = args.threads
     if args.seed_loop:
         print(seed_loop(args.seed_loop, args.width, args.batch_size, args.steps))
         return 0
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(model_alone(args.model_alone, args.batch_size, args.steps, args.amp))
         return 0
 
-    bs = args.batch_size
+    bs, th = args.batch_size, args.threads
     print(f"CPU, {args.threads} thread(s) for np 1 (1 per rank for scaling), per-rank batch {bs}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (shared machine: figures are noisy)")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -201,31 +195,31 @@ def main(argv: list[str] | None = None) -> int:
             steps = 24 if width <= 16 else 6
             m = t = s = f = 0.0
             for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
-                m = max(m, alone(width, bs, steps))
-                t = max(t, trainer_ips(prep, width, bs))
-                s = max(s, trainer_ips(prep, width, bs, 1, "--pipeline", "seed"))
+                m = max(m, alone(width, bs, steps, th))
+                t = max(t, trainer_ips(prep, width, bs, th, 1))
+                s = max(s, trainer_ips(prep, width, bs, th, 1, "--pipeline", "seed"))
                 f = max(f, float(run([str(BIN / "python"), __file__, "--seed-loop", str(prep / "train_valid_test" / "train"),
-                                      "--width", str(width), "--batch-size", str(bs), "--steps", str(steps),
-                                      "--threads", str(THREADS["n"])]).strip().splitlines()[-1]))
+                                      "--width", str(width), "--batch-size", str(bs), "--steps", str(steps)],
+                                     th).strip().splitlines()[-1]))
             print(f"width {width:3d}: model alone {m:8.1f} img/s | trainer {t:8.1f} img/s ({t / m:.2f} of model alone)"
                   f" | trainer with pipeline=seed (in-memory) {s:8.1f} img/s ({t / s:.2f}x)"
                   f" | the seed's loop (ImageFolderDataset PNGs) {f:8.1f} img/s (trainer = {t / f:.2f}x seed)")
             if not args.skip_amp:
-                mb = alone(width, bs, steps, "bfloat16")
-                tb = trainer_ips(prep, width, bs, 1, "--amp", "bfloat16")
+                mb = alone(width, bs, steps, th, "bfloat16")
+                tb = trainer_ips(prep, width, bs, th, 1, "--amp", "bfloat16")
                 print(f"width {width:3d} bfloat16 AMP: model alone {mb:8.1f} img/s ({mb / m:.2f}x fp32)"
                       f" | trainer {tb:8.1f} img/s ({tb / t:.2f}x fp32)")
         if not args.skip_scaling:
-            THREADS["n"] = 1  # scaling compares one thread per rank
             width = args.widths[0]
             # 40 steps a rank at -np 2: an epoch long enough that its start and end barely count
             prep = make_prepared(Path(tmp), bs * 2 * 40 * 10 // 9 + 20)
             one = pair = two = two_default = 0.0
             for _ in range(args.repeats):
-                one = max(one, trainer_ips(prep, width, bs, 1))
+                # scaling compares one thread per rank
+                one = max(one, trainer_ips(prep, width, bs, 1, 1))
                 pair = max(pair, independent_pair_ips(prep, width, bs))
-                two = max(two, trainer_ips(prep, width, bs, 2))
-                two_default = max(two_default, trainer_ips(prep, width, bs, 2, HOROVOD_CYCLE_TIME="1"))
+                two = max(two, trainer_ips(prep, width, bs, 1, 2))
+                two_default = max(two_default, trainer_ips(prep, width, bs, 1, 2, HOROVOD_CYCLE_TIME="1"))
             print(f"scaling width {width}, 1 thread a rank: -np 1 {one:8.1f} img/s | two independent np-1 trainers at once "
                   f"{pair:8.1f} img/s (machine ceiling {pair / (2 * one):.0%})")
             print(f"  -np 2 (CPU default HOROVOD_CYCLE_TIME=10 ms) {two:8.1f} img/s: efficiency {two / (2 * one):.0%} "

@@ -73,16 +73,21 @@ def read_manifest(prep_dir: str | Path) -> dict:
     return manifest
 
 
-def open_split(prep_dir: str | Path, split: str) -> Split:
-    """The rows of SPLIT: images memory-mapped (a rank reads only its shard), labels and ids loaded."""
+def open_split(prep_dir: str | Path, split: str, manifest: dict | None = None) -> Split:
+    """The rows of SPLIT: images memory-mapped (a rank reads only its shard), labels and ids loaded.
+
+    Pass the manifest already read (read_manifest) to open several splits of one publish without
+    reading it again.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     prep_dir = Path(prep_dir)
-    entry = read_manifest(prep_dir)["splits"][split]
+    entry = (manifest or read_manifest(prep_dir))["splits"][split]
     rows = slice(entry["start"], entry["start"] + entry["count"])
-    images = np.load(prep_dir / entry["images"], mmap_mode="r", allow_pickle=False)[rows]
-    ids = np.asarray(np.load(prep_dir / entry["ids"], allow_pickle=False)[rows], dtype=np.int64)
-    labels = None
-    if entry["labels"] is not None:
-        labels = np.asarray(np.load(prep_dir / entry["labels"], allow_pickle=False)[rows], dtype=np.int64)
-    return Split(images, labels, ids)
+
+    def load(name: str) -> np.ndarray:
+        return np.load(prep_dir / name, mmap_mode="r", allow_pickle=False)[rows]
+
+    ids = np.asarray(load(entry["ids"]), dtype=np.int64)
+    labels = None if entry["labels"] is None else np.asarray(load(entry["labels"]), dtype=np.int64)
+    return Split(load(entry["images"]), labels, ids)

@@ -30,7 +30,7 @@ def set_cpu_threads(threads: int = 0) -> int:
 
 # Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms (default 1). Ranks sharing CPU cores
 # lose that time from their convolutions: at width 16 on 2 cores, -np 2 trains about 20% faster at 10 ms
-# (benchmarks/bench_train.py --cycle-times). GPU ranks keep Horovod's default latency.
+# (benchmarks/bench_train.py, scaling). GPU ranks keep Horovod's default latency.
 CPU_CYCLE_TIME_MS = "10"
 
 

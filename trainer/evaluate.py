@@ -1,13 +1,13 @@
 """Exact accuracy and loss on an eval split: each rank scores a contiguous slice, counts are summed.
 
-The per-image result does not depend on the batch it is in (BatchNorm uses its running
-statistics at inference), so the allreduced counts equal a one-process evaluation.
+The per-image result does not depend on the batch it is in (trainer.inference), so the
+allreduced counts equal a one-process evaluation.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from trainer.augment import eval_transform
+from trainer.inference import logit_batches
 from trainer.sharding import eval_slice
 
 
@@ -19,12 +19,9 @@ def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: in
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     correct = mx.nd.zeros(1, ctx=ctx, dtype="float64")
     loss_sum = mx.nd.zeros(1, ctx=ctx, dtype="float64")
-    buf = np.empty((min(batch_size, len(images)), 3) + images.shape[1:3], dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        rows = np.asarray(images[start:start + batch_size])
-        x = mx.nd.array(eval_transform(rows, crop, out=buf[:len(rows)]), ctx=ctx)
-        y = mx.nd.array(labels[start:start + batch_size], ctx=ctx, dtype="float32")
-        out = net(x).astype("float32")
+    for start, stop, logits in logit_batches(net, images, ctx, batch_size, crop):
+        out = logits.astype("float32")
+        y = mx.nd.array(labels[start:stop], ctx=ctx, dtype="float32")
         correct += (out.argmax(axis=1) == y).sum().astype("float64")
         loss_sum += loss_fn(out, y).sum().astype("float64")
     return np.array([correct.asscalar(), len(images), loss_sum.asscalar()], dtype=np.float64)
@@ -34,12 +31,11 @@ def evaluate(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: int, 
     """{'acc', 'loss', 'correct', 'total'} over the whole split; with hvd, split across its ranks."""
     import mxnet as mx
 
-    if hvd is None or hvd.size() == 1:
-        counts = eval_counts(net, images, labels, ctx, batch_size, crop)
-    else:
-        part = eval_slice(len(images), hvd.rank(), hvd.size())
-        local = eval_counts(net, images[part], labels[part], ctx, batch_size, crop)
-        counts = hvd.allreduce(mx.nd.array(local, dtype="float64"), average=False, name="eval_counts").asnumpy()
+    rank, size = (hvd.rank(), hvd.size()) if hvd is not None else (0, 1)
+    part = eval_slice(len(images), rank, size)
+    counts = eval_counts(net, images[part], labels[part], ctx, batch_size, crop)
+    if size > 1:
+        counts = hvd.allreduce(mx.nd.array(counts, dtype="float64"), average=False, name="eval_counts").asnumpy()
     correct, total, loss_sum = counts
     return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1),
             "correct": int(round(correct)), "total": int(round(total))}

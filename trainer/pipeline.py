@@ -83,7 +83,7 @@ def seed_transform():
     ])
 
 
-def seed_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, num_workers: int = 0) -> Iterator:
+def seed_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray) -> Iterator:
     """The seed's pipeline over this shard: ArrayDataset + transform_first + DataLoader (no shuffling:
     the shard is already the epoch's permutation; every batch is full, as with last_batch='discard')."""
     import mxnet as mx
@@ -93,5 +93,5 @@ def seed_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, num_w
     dataset = gluon.data.ArrayDataset(mx.nd.array(images[rows], dtype="uint8"),
                                       labels[rows].astype(np.float32))
     loader = gluon.data.DataLoader(dataset.transform_first(seed_transform()), batch_size=shard.shape[1],
-                                   shuffle=False, last_batch="discard", num_workers=num_workers)
+                                   shuffle=False, last_batch="discard", num_workers=0)
     return iter(loader)

@@ -12,7 +12,6 @@ streams the CSV to a temporary sibling that is renamed into place.
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import sys
 import time
@@ -23,11 +22,10 @@ import numpy as np
 from trainer import config as cfgmod
 from trainer.config import ConfigError, PredictConfig
 from trainer.device import set_cpu_threads
+from trainer.inference import forward_rows, logit_batches
 from trainer.sharding import eval_slice
 
 CSV_CHUNK_ROWS = 65536
-ACTIVATION_BUDGET = 64 << 20  # bytes per activation tensor; bounds a rank's memory on wide models
-RELEASE_ROWS = 4096  # ~12 MB of images between releases of the memory map's pages
 
 
 class PredictError(ValueError):
@@ -95,62 +93,12 @@ def quantize_int8(net, calib_images: np.ndarray | None, ctx, crop: int = 0):
                            calib_data=calib, calib_mode="naive", num_calib_examples=len(data), ctx=ctx)
 
 
-def page_releaser(images: np.ndarray):
-    """release(lo, hi): drop rows [lo, hi) of a memory-mapped array from this process's resident set.
-
-    A rank streams through its whole shard once; without this, every page it touched would stay
-    mapped and count toward its RSS (921 MB for 300,000 images). The file stays in the page
-    cache, so nothing is re-read from disk. A no-op for arrays that are not memory maps.
-    """
-    mm = getattr(images, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or len(images) == 0 or not images.flags.c_contiguous:
-        return lambda lo, hi: None
-    first = images.ctypes.data - np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
-    row, page = images.strides[0], mmap.PAGESIZE
-
-    def release(lo: int, hi: int) -> None:
-        a = (first + lo * row) // page * page
-        b = (first + hi * row) // page * page
-        if b > a:
-            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
-
-    return release
-
-
-def forward_rows(batch_size: int, width: int) -> int:
-    """Rows per forward pass: batch_size, capped so a stage-1 activation (width x 32 x 32 floats a row) stays within budget."""
-    return max(1, min(batch_size, ACTIVATION_BUDGET // (width * 32 * 32 * 4)))
-
-
 def predict_rows(net, images: np.ndarray, ctx, batch_size: int, tta: str = "none", progress=None,
                  crop: int = 0) -> np.ndarray:
-    """Class index (int32) for every row of images (uint8 N x 32 x 32 x 3), in row order.
-
-    Every forward has the same shape (the last batch is padded), so the graph is bound
-    once and a row's result does not depend on how the rows were split across ranks.
-    """
-    import mxnet as mx
-
-    from trainer.augment import eval_transform
-
-    n = len(images)
-    preds = np.empty(n, dtype=np.int32)
-    if n == 0:
-        return preds
-    bs = min(batch_size, n)
-    buf = np.zeros((bs, 3) + images.shape[1:3], dtype=np.float32)
-    release, released = page_releaser(images), 0
-    for start in range(0, n, bs):
-        stop = min(start + bs, n)
-        eval_transform(images[start:stop], crop, out=buf[: stop - start])
-        x = mx.nd.array(buf, ctx=ctx)
-        logits = net(x)
-        if tta == "flip":
-            logits = logits + net(x.flip(axis=3))
-        preds[start:stop] = logits.argmax(axis=1).asnumpy()[: stop - start].astype(np.int32)
-        if stop - released >= RELEASE_ROWS or stop == n:
-            release(released, stop)
-            released = stop
+    """Class index (int32) for every row of images (uint8 N x 32 x 32 x 3), in row order."""
+    preds = np.empty(len(images), dtype=np.int32)
+    for start, stop, logits in logit_batches(net, images, ctx, batch_size, crop, tta):
+        preds[start:stop] = logits.argmax(axis=1).asnumpy().astype(np.int32)
         if progress is not None:
             progress.update(stop - start)
     return preds
@@ -229,11 +177,12 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     ctx = context(hvd)
 
     try:
-        split = data_prep.open_split(prepared, "test")
-        manifest_classes = list(data_prep.read_manifest(prepared)["classes"])
+        manifest = data_prep.read_manifest(prepared)
+        split = data_prep.open_split(prepared, "test", manifest)
+        manifest_classes = list(manifest["classes"])
         calib = None
         if precision == "int8":
-            train = data_prep.open_split(prepared, "train")
+            train = data_prep.open_split(prepared, "train", manifest)
             calib = np.asarray(train.images[: min(512, len(train.images))])
     except (PrepareError, OSError, ValueError, KeyError) as e:
         raise PredictError(f"{prepared}: cannot open the prepared test split: {e}") from e

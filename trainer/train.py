@@ -106,9 +106,11 @@ class Training:
         from data_prep.errors import PrepareError
 
         try:
-            self.classes = list(data_prep.read_manifest(self.prepared)["classes"])
-            self.train_split = data_prep.open_split(self.prepared, "train" if self.phase == "tune" else "train_valid")
-            self.valid_split = data_prep.open_split(self.prepared, "valid") if self.phase == "tune" else None
+            manifest = data_prep.read_manifest(self.prepared)
+            self.classes = list(manifest["classes"])
+            self.train_split = data_prep.open_split(self.prepared, "train" if self.phase == "tune" else "train_valid",
+                                                    manifest)
+            self.valid_split = data_prep.open_split(self.prepared, "valid", manifest) if self.phase == "tune" else None
         except (OSError, ValueError, KeyError, PrepareError) as e:
             raise TrainError(f"{self.prepared}: cannot read the prepared data: {e}") from e
         n = len(self.train_split.images)
@@ -139,9 +141,11 @@ class Training:
         from trainer.model import resnet18
 
         cfg = self.cfg
+        self.amp = None
         if cfg.amp != "none":
             from mxnet.contrib import amp
 
+            self.amp = amp
             amp.init(target_dtype=cfg.amp)
         mx.random.seed(cfg.seed)
         self.net = resnet18(len(self.classes), cfg.width)
@@ -169,9 +173,7 @@ class Training:
         self.trainer = DenseGradTrainer(params, "sgd",
                                         {"learning_rate": self.lr, "momentum": cfg.momentum, "wd": cfg.wd})
         if cfg.amp == "float16":
-            from mxnet.contrib import amp
-
-            amp.init_trainer(self.trainer)
+            self.amp.init_trainer(self.trainer)
         if self.start_epoch:
             self.trainer.load_states(str(stem.with_suffix(".states")))
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=cfg.label_smoothing == 0)
@@ -227,15 +229,13 @@ class Training:
             Y = y.as_in_context(ctx) if isinstance(y, mx.nd.NDArray) else mx.nd.array(y, ctx=ctx)
             target = Y
             if cfg.label_smoothing:
-                k = len(self.classes)
-                target = mx.nd.one_hot(Y, k) * (1 - cfg.label_smoothing) + cfg.label_smoothing / k
+                k, eps = len(self.classes), cfg.label_smoothing
+                target = mx.nd.one_hot(Y, k, on_value=1 - eps + eps / k, off_value=eps / k)
             with autograd.record():
                 out = self.net(X).astype("float32")
                 loss = self.loss_fn(out, target)
             if cfg.amp == "float16":
-                from mxnet.contrib import amp
-
-                with amp.scale_loss(loss, self.trainer) as scaled:
+                with self.amp.scale_loss(loss, self.trainer) as scaled:
                     autograd.backward(scaled)
             else:
                 loss.backward()
