@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.checkpoint import atomic_write
-from trainer.metrics import read_metrics
+from trainer.metrics import draw_curves, read_metrics
 
 
 def write_report(workdir: Path, summary: dict) -> Path | None:
@@ -20,19 +20,12 @@ def write_report(workdir: Path, summary: dict) -> Path | None:
 
     fig, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4.2), squeeze=False)
     for ax, (name, rows) in zip(axes[0], phases.items(), strict=True):
-        epochs = [r["epoch"] + 1 for r in rows]  # metrics count from 0; plot epochs completed
-        ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
-        ax.plot(epochs, [r["train_acc"] for r in rows], label="train acc")
-        if any(r.get("valid_acc") is not None for r in rows):
-            ax.plot(epochs, [r.get("valid_acc") for r in rows], label="valid acc")
+        draw_curves(ax, rows)
         stage = summary.get("stages", {}).get(name, {})
         title = f"{name}: {stage.get('images_per_sec', '?')} img/s"
         if stage.get("valid_acc") is not None:
             title += f", valid acc {stage['valid_acc']:.3f}"
         ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
     fig.tight_layout()
     out = workdir / "report.png"
     try:

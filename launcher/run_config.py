@@ -14,7 +14,16 @@ from typing import Any
 import yaml
 
 from trainer.checkpoint import atomic_write_text
-from trainer.config import ConfigError, PredictConfig, TrainConfig, from_mapping, read_yaml
+from trainer.config import (
+    RUN_CONFIG_KEYS,
+    RUN_CONFIG_SCALARS,
+    RUN_CONFIG_SECTIONS,
+    ConfigError,
+    PredictConfig,
+    TrainConfig,
+    from_mapping,
+    read_yaml,
+)
 
 PHASES = ("prepare", "tune", "final", "predict")
 
@@ -60,8 +69,8 @@ class RunConfig:
         return d
 
 
-_SECTIONS = {"prepare": PrepareSection, "train": TrainConfig, "predict": PredictConfig, "launch": LaunchSection}
-_SCALARS = ("data", "prepared", "workdir")
+_SECTIONS = dict(zip(RUN_CONFIG_SECTIONS, (PrepareSection, TrainConfig, PredictConfig, LaunchSection), strict=True))
+_SCALARS = RUN_CONFIG_SCALARS
 
 
 def parse_phases(value: Any, source: str) -> list[str]:
@@ -94,7 +103,7 @@ def from_dict(data: dict, source: str) -> RunConfig:
         elif key == "phases":
             cfg.phases = parse_phases(value, source)
         else:
-            known = ", ".join([*_SCALARS, "phases", *_SECTIONS])
+            known = ", ".join(RUN_CONFIG_KEYS)
             raise ConfigError(f"{source}: unknown key '{key}' (known keys: {known})")
     return cfg
 

@@ -119,10 +119,15 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# the top-level keys of a run config (launcher.run_config); a file with any of them is one
+RUN_CONFIG_SCALARS = ("data", "prepared", "workdir")
+RUN_CONFIG_SECTIONS = ("prepare", "train", "predict", "launch")
+RUN_CONFIG_KEYS = (*RUN_CONFIG_SCALARS, "phases", *RUN_CONFIG_SECTIONS)
+
+
 def section(data: dict, name: str, path: str | Path) -> dict:
     """The keys for cls in a YAML document: its `name:` section in a run config, else the whole mapping."""
-    is_run_config = any(k in data for k in ("train", "predict", "prepare", "launch", "data"))
-    if not is_run_config:
+    if not any(k in data for k in RUN_CONFIG_KEYS):
         return data
     sub = data.get(name) or {}
     if not isinstance(sub, dict):
