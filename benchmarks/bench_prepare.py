@@ -83,7 +83,6 @@ def measure(side: str, src: Path, out: Path, workers: int) -> None:
     if side == "seed":
         seed_way(src, out, 0.1)
     else:
-        sys.path.insert(0, str(ROOT))
         import data_prep
 
         data_prep.prepare(src, out, workers=workers)
@@ -119,7 +118,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_prepare"), help="cache and scratch folder")
     p.add_argument("--train", type=int, default=50000)
     p.add_argument("--test", type=int, default=50000)
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--workers", type=int, default=0, help="decode processes (default: prepare's own default)")
     p.add_argument("--skip-seed", action="store_true", help="measure prepare alone (e.g. for --test 300000 memory)")
     p.add_argument("--measure", choices=["seed", "prepare"], help=argparse.SUPPRESS)
     p.add_argument("--src", type=Path, help=argparse.SUPPRESS)
@@ -128,6 +127,10 @@ def main() -> int:
     if args.measure:
         measure(args.measure, args.src, args.out, args.workers)
         return 0
+    if not args.workers:  # imported here, not at the top: the seed side's memory is measured without data_prep
+        from data_prep.pipeline import default_workers
+
+        args.workers = default_workers()
     if not GENERATOR.is_file():
         print(f"skipped: {GENERATOR} is absent (the benchmark data comes from ../shared/data)")
         return 0

@@ -25,7 +25,6 @@ class Member:
     name: str
     size: int            # declared unpacked bytes
     packed: int | None   # packed bytes, where the format says (7z solid blocks do not)
-    is_dir: bool
     is_link: bool
 
 
@@ -41,19 +40,16 @@ def unsafe_reason(name: str) -> str | None:
     return None
 
 
-def list_members(archive: Path) -> list[Member]:
-    """The declared entries of a .zip or .7z file; PrepareError if it cannot be read."""
+def _open(archive: Path):
+    """The archive opened by its content (a zip, else 7z), with its declared members; PrepareError if unreadable."""
     try:
-        if archive.suffix.lower() == ".zip":
-            with zipfile.ZipFile(archive) as zf:
-                return [Member(i.filename, i.file_size, i.compress_size, i.is_dir(),
-                               (i.external_attr >> 16) & 0o170000 == 0o120000) for i in zf.infolist()]
+        if zipfile.is_zipfile(archive):
+            zf = zipfile.ZipFile(archive)
+            return zf, [Member(i.filename, i.file_size, i.compress_size, (i.external_attr >> 16) & 0o170000 == 0o120000)
+                        for i in zf.infolist()]
         import py7zr  # imported here: it is slow to import and only archives need it
-        with py7zr.SevenZipFile(archive, "r") as sz:
-            return [Member(f.filename, f.uncompressed or 0, f.compressed, f.is_directory, f.is_symlink)
-                    for f in sz.list()]
-    except PrepareError:
-        raise
+        sz = py7zr.SevenZipFile(archive, "r")
+        return sz, [Member(f.filename, f.uncompressed or 0, f.compressed, f.is_symlink) for f in sz.list()]
     except Exception as exc:  # zipfile.BadZipFile, py7zr.Bad7zFile, lzma errors, truncated files ...
         raise PrepareError(f"{archive}: not a readable archive ({type(exc).__name__}: {exc})") from None
 
@@ -81,31 +77,27 @@ def check_members(archive: Path, members: list[Member], free_bytes: int) -> None
 
 
 def extract(archive: Path, dest: Path) -> None:
-    """Check ARCHIVE's members, then unpack it into DEST (created)."""
-    members = list_members(archive)
-    dest.mkdir(parents=True, exist_ok=True)
-    check_members(archive, members, shutil.disk_usage(dest).free)
-    try:
-        if archive.suffix.lower() == ".zip":
-            _extract_zip(archive, dest)
-        else:
-            import py7zr
-            with py7zr.SevenZipFile(archive, "r") as sz:
-                sz.extractall(path=dest)
-    except PrepareError:
-        raise
-    except Exception as exc:
-        raise PrepareError(f"{archive}: unpacking failed ({type(exc).__name__}: {exc})") from None
+    """Check ARCHIVE's members, then unpack it into DEST (created); the archive is opened and parsed once."""
+    handle, members = _open(archive)
+    with handle:
+        dest.mkdir(parents=True, exist_ok=True)
+        check_members(archive, members, shutil.disk_usage(dest).free)
+        try:
+            if isinstance(handle, zipfile.ZipFile):
+                _extract_zip(handle, dest)
+            else:
+                handle.extractall(path=dest)
+        except Exception as exc:
+            raise PrepareError(f"{archive}: unpacking failed ({type(exc).__name__}: {exc})") from None
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
+def _extract_zip(zf: zipfile.ZipFile, dest: Path) -> None:
     """Unpack member by member; zipfile stops each at its declared size and checks its CRC."""
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            target = dest / info.filename.replace("\\", "/")
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+    for info in zf.infolist():
+        target = dest / info.filename.replace("\\", "/")
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)

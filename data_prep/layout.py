@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def link_or_copy(src: Path, dst: Path) -> bool:
+def link_or_copy(src: str, dst: str) -> bool:
     """Hard-link SRC at DST; copy where a link is impossible (another device, no permission). True if linked."""
     try:
         os.link(src, dst)
@@ -20,16 +20,20 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
-def write_folders(root: Path, entries: Iterable[tuple[str, str, Path]]) -> tuple[int, int]:
-    """Place each (split folder, class folder, source PNG) under ROOT; return (linked, copied)."""
-    made: set[Path] = set()
+def write_folders(root: Path, entries: Iterable[tuple[str, str, str]]) -> tuple[int, int]:
+    """Place each (split folder, class folder, source PNG path) under ROOT; return (linked, copied).
+
+    Plain strings, not Paths: this runs once or twice per image (up to 400,000 links).
+    """
+    folders: dict[tuple[str, str], str] = {}
     linked = copied = 0
     for split, label, src in entries:
-        folder = root / split / label
-        if folder not in made:
-            folder.mkdir(parents=True, exist_ok=True)
-            made.add(folder)
-        if link_or_copy(src, folder / src.name):
+        folder = folders.get((split, label))
+        if folder is None:
+            path = root / split / label
+            path.mkdir(parents=True, exist_ok=True)
+            folder = folders[(split, label)] = f"{path}{os.sep}"
+        if link_or_copy(src, folder + os.path.basename(src)):
             linked += 1
         else:
             copied += 1

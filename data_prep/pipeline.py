@@ -147,7 +147,7 @@ def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
             print(f"warning: {len(converted)} images were grayscale, RGBA or palette PNGs and were converted to RGB "
                   f"(first: {converted[0]})", file=sys.stderr)
         if params["layout"] == "folders":
-            _write_folders(staged, assignment, trainval_paths, test_paths)
+            _write_folders(staged, assignment, trainval_rows, trainval_paths, test_paths)
         shutil.rmtree(scratch, ignore_errors=True)
         hashes = {name: digest.result() for name, digest in digests.items()}
     finally:
@@ -174,7 +174,7 @@ def _checked_files(source: Source, tree: SourceTree) -> tuple[dict[int, str], di
     no_png = [f"line {line}: id {i} ({label})" for i, (label, line) in rows.items() if i not in train_files]
     if no_png:
         problems.append(offenders(f"{tree.labels_csv}: labelled ids with no PNG in {tree.train_dir}", no_png))
-    no_label = [f"{tree.train_dir / name}" for i, name in sorted(train_files.items()) if i not in rows]
+    no_label = [f"{tree.train_dir / train_files[i]}" for i in sorted(train_files.keys() - rows.keys())]
     if no_label:
         problems.append(offenders(f"{tree.train_dir}: PNGs with no label in {tree.labels_csv}", no_label))
     if problems:
@@ -240,18 +240,18 @@ def _results(tasks: list, workers: int) -> Iterator[ChunkResult]:
         yield from pool.map(decode_chunk, tasks)
 
 
-def _write_folders(staged: Path, assignment: Assignment, trainval_paths: list[str], test_paths: list[str]) -> None:
-    """The seed's train_valid_test/ tree inside STAGED, hard-linked to the source PNGs."""
+def _write_folders(staged: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]],
+                   trainval_paths: list[str], test_paths: list[str]) -> None:
+    """The seed's train_valid_test/ tree inside STAGED, hard-linked to the source PNGs (rows: valid, then train)."""
     n_valid = len(assignment.valid)
     classes = assignment.classes
-    rows = assignment.valid + assignment.train
 
-    def entries() -> Iterator[tuple[str, str, Path]]:
-        for row, ((_, label), path) in enumerate(zip(rows, trainval_paths, strict=True)):
-            yield "train_valid", classes[label], Path(path)
-            yield ("valid" if row < n_valid else "train"), classes[label], Path(path)
+    def entries() -> Iterator[tuple[str, str, str]]:
+        for row, ((_, label), path) in enumerate(zip(trainval_rows, trainval_paths, strict=True)):
+            yield "train_valid", classes[label], path
+            yield ("valid" if row < n_valid else "train"), classes[label], path
         for path in test_paths:
-            yield "test", "unknown", Path(path)
+            yield "test", "unknown", path
 
     linked, copied = write_folders(staged / store.FOLDERS, entries())
     if copied:

@@ -52,13 +52,8 @@ class Source:
         if self.kind == "zip":
             archive.extract(self.path, scratch / "zip")
             root = _zip_root(self.path, scratch / "zip")
-        labels_csv = root / LABELS_CSV
-        if not labels_csv.is_file():
-            raise PrepareError(f"{root}: missing {LABELS_CSV}")
-        train_dir = _folder_or_archive(root, "train", scratch)
-        if train_dir is None:
-            raise PrepareError(f"{root}: missing train/ (or train.7z)")
-        return SourceTree(labels_csv, train_dir, _folder_or_archive(root, "test", scratch))
+        dirs = {split: _unpacked(part, scratch) for split, part in _splits(root).items()}
+        return SourceTree(root / LABELS_CSV, dirs["train"], dirs.get("test"))
 
 
 def locate(src: Path) -> Source:
@@ -70,23 +65,26 @@ def locate(src: Path) -> Source:
         return Source(src, "zip", _in_thread(_digest, ["zip", src.name, *_stat_key(src)]))
     if not src.is_dir():
         raise PrepareError(f"{src}: no such file or directory")
-    labels_csv = src / LABELS_CSV
-    if not labels_csv.is_file():
-        raise PrepareError(f"{src}: missing {LABELS_CSV}")
-    listings: dict[Path, list[str]] = {}
-    parts: list[object] = []
-    kind = "folders"
+    parts = list(_splits(src).values())
+    listings = {part: os.listdir(part) for part in parts if part.suffix != ".7z"}
+    kind = "folders" if len(listings) == len(parts) else "7z"
+    return Source(src, kind, _in_thread(_fingerprint, kind, src / LABELS_CSV, parts, listings), listings)
+
+
+def _splits(root: Path) -> dict[str, Path]:
+    """ROOT's train (required) and test parts, each its folder if there is one, else its .7z."""
+    if not (root / LABELS_CSV).is_file():
+        raise PrepareError(f"{root}: missing {LABELS_CSV}")
+    parts: dict[str, Path] = {}
     for split in ("train", "test"):
-        folder, packed = src / split, src / f"{split}.7z"
+        folder, packed = root / split, root / f"{split}.7z"
         if folder.is_dir():
-            listings[folder] = os.listdir(folder)
-            parts.append(folder)
+            parts[split] = folder
         elif packed.is_file():
-            kind = "7z"
-            parts.append(packed)
+            parts[split] = packed
         elif split == "train":
-            raise PrepareError(f"{src}: missing train/ (or train.7z)")
-    return Source(src, kind, _in_thread(_fingerprint, kind, labels_csv, parts, listings), listings)
+            raise PrepareError(f"{root}: missing train/ (or train.7z)")
+    return parts
 
 
 def _fingerprint(kind: str, labels_csv: Path, parts: list[Path], listings: dict[Path, list[str]]) -> str:
@@ -127,15 +125,13 @@ def check_names(folder: Path, bad: list[str]) -> None:
         raise PrepareError(offenders(f"{folder}: files not named <id>.png", bad))
 
 
-def _folder_or_archive(root: Path, split: str, scratch: Path) -> Path | None:
-    """ROOT/SPLIT if it is a folder, else ROOT/SPLIT.7z unpacked under SCRATCH, else None."""
-    folder, packed = root / split, root / f"{split}.7z"
-    if folder.is_dir():
-        return folder
-    if not packed.is_file():
-        return None
+def _unpacked(part: Path, scratch: Path) -> Path:
+    """PART itself if it is a folder, else the .7z unpacked under SCRATCH (its SPLIT/ folder, if it has one)."""
+    if part.suffix != ".7z":
+        return part
+    split = part.stem
     dest = scratch / f"{split}7z"
-    archive.extract(packed, dest)
+    archive.extract(part, dest)
     return dest / split if (dest / split).is_dir() else dest
 
 

@@ -12,13 +12,13 @@ import numpy as np
 from PIL import Image
 
 
-def write_source(root: Path, class_sizes: dict[str, int], n_test: int = 7, seed: int = 0,
+def write_source(root: Path, class_sizes: dict[str, int], n_test: int = 7,
                  reverse: bool = False) -> dict[int, str]:
     """A Kaggle-layout folder (train/, test/, trainLabels.csv, sampleSubmission.csv); returns id -> label.
 
     Train ids are shuffled across classes; REVERSE writes the files in the opposite order.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     names = [name for name, n in class_sizes.items() for _ in range(n)]
     order = rng.permutation(len(names))
     labels = {i + 1: names[j] for i, j in enumerate(order)}
