@@ -98,6 +98,17 @@ def test_override_errors_name_the_key(tmp_path):
     assert proc.returncode == 2 and "'batch_size' is in sections train, predict" in proc.stderr
 
 
+def test_path_flags_are_taken_as_given(demo_src, tmp_path):
+    # flags are values, not YAML: ' #' would start a comment and ': ' a mapping if they were re-parsed
+    work = tmp_path / "odd #dir: x"
+    proc = run_cli(["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(demo_src),
+                    "--workdir", str(work), "--phases", "prepare"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["workdir"] == str(work)
+    assert (work / "prepared" / "manifest.json").is_file()
+
+
 def test_shipped_configs_validate():
     from launcher.run_config import load_run_config
 
