@@ -8,17 +8,17 @@ learns it well above chance in a minute but not trivially.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from data_prep.errors import InputError, run_command
+from data_prep.schema import Parser
 from trainer.score import CIFAR10_CLASSES
 
 CLASSES = tuple(CIFAR10_CLASSES)
@@ -130,16 +130,19 @@ def write_demo_dataset(out: str | Path, n_train: int = 5000, n_test: int = 1000,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: cifar10-hvd demo-data --out DIR [--train N] [--test M] [--seed S]."""
-    p = argparse.ArgumentParser(prog="cifar10-hvd demo-data", description=__doc__.splitlines()[0])
+    p = Parser(prog="cifar10-hvd demo-data", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory to create (must not exist)")
     p.add_argument("--train", type=int, default=5000, help="labelled training images (default 5000)")
     p.add_argument("--test", type=int, default=1000, help="unlabelled test images (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
-    args = p.parse_args(argv)
-    try:
-        out = write_demo_dataset(args.out, args.train, args.test, args.seed)
-    except (ValueError, FileExistsError) as e:
-        print(f"cifar10-hvd demo-data: {e}", file=sys.stderr)
-        return 2
-    print(f"demo data: {args.train} train + {args.test} test images in {out}")
-    return 0
+
+    def body() -> int:
+        args = p.parse_args(argv)
+        try:
+            out = write_demo_dataset(args.out, args.train, args.test, args.seed)
+        except (ValueError, FileExistsError) as e:
+            raise InputError(str(e)) from None
+        print(f"demo data: {args.train} train + {args.test} test images in {out}")
+        return 0
+
+    return run_command("demo-data", body)

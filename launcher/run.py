@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import read_manifest
+from data_prep.errors import run_command
+from data_prep.schema import ConfigError, Parser, add_flags, from_mapping, given_flags, to_argv
 from data_prep.store import MANIFEST
 from launcher import cli
 from launcher.report import write_report
-from launcher.run_config import PHASES, LaunchSection, RunConfig, load_run_config, parse_phases, write_run_config
+from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
 from trainer.checkpoint import FINAL_PARAMS, atomic_write_text
-from trainer.config import ConfigError, from_mapping
 from trainer.device import mpi_world
 from trainer.metrics import read_metrics
 
@@ -136,14 +137,7 @@ class Pipeline:
         if stage == "prepare":
             if not self.cfg.data:
                 raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
-            p = self.cfg.prepare
-            a = ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared),
-                 "--valid-ratio", repr(p.valid_ratio), "--seed", str(p.seed)]
-            if p.workers:
-                a += ["--workers", str(p.workers)]
-            if p.layout == "folders":
-                a += ["--layout", "folders"]
-            return a
+            return ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared), *to_argv(self.cfg.prepare)]
         if stage in TRAIN_STAGES:
             a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir),
                  "--config", str(self.resolved_config), "--phase", stage]
@@ -235,42 +229,38 @@ class Pipeline:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar10-hvd run", description=__doc__.splitlines()[0],
-                                epilog="Overrides: key=value pairs after the flags, e.g. train.epochs=3 launch.np=4 "
-                                       "(a bare key works when only one section has it).")
+    """The run command line: the config, its path flags, LaunchConfig's flags and key=value overrides."""
+    p = Parser(prog="cifar10-hvd run", description=__doc__.splitlines()[0],
+               epilog="Overrides: key=value pairs after the flags, e.g. train.epochs=3 launch.np=4 "
+                      "(a bare key works when only one section has it).")
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--data", help="Kaggle download: directory, directory of train.7z/test.7z, or the competition zip")
     p.add_argument("--workdir", help="run directory (default: the config's workdir)")
     p.add_argument("--prepared", help="an existing prepared directory on shared storage (default: WORKDIR/prepared)")
-    p.add_argument("--np", type=int, help="number of ranks (horovodrun -np)")
-    p.add_argument("--hosts", help="horovodrun -H list, e.g. node1:4,node2:4 (default localhost:NP)")
-    p.add_argument("--hostfile", help="horovodrun --hostfile (e.g. the MPI Operator's /etc/mpi/hostfile)")
-    p.add_argument("--controller", choices=("gloo", "mpi"), help="Horovod controller")
+    add_flags(p, LaunchConfig)
     p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--resume", action="store_true", help="continue a stage that was cut off from its last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry: exit 0 on success, 2 on a config error, the failing stage's status otherwise."""
+def resolve_run_config(args: argparse.Namespace) -> RunConfig:
+    """The file, then its overrides, then the flags (set as values, never re-parsed as YAML)."""
+    cfg = load_run_config(args.config, args.overrides)
+    for key in ("data", "workdir", "prepared"):
+        if getattr(args, key):
+            setattr(cfg, key, os.path.abspath(getattr(args, key)))
+    cfg.launch = from_mapping(LaunchConfig, given_flags(LaunchConfig, args), "command line", cfg.launch)
+    if args.phases:
+        cfg.phases = parse_phases(args.phases, "--phases")
+    return cfg
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    pipe = Pipeline(resolve_run_config(args), Path(args.config), args.resume)
     try:
-        cfg = load_run_config(args.config, args.overrides)
-        # the flags win over the file and its overrides; set directly, as values, not re-parsed as YAML
-        for key in ("data", "workdir", "prepared"):
-            if getattr(args, key):
-                setattr(cfg, key, os.path.abspath(getattr(args, key)))
-        launch = {key: getattr(args, key) for key in ("np", "hosts", "hostfile", "controller")}
-        cfg.launch = from_mapping(LaunchSection, {k: v for k, v in launch.items() if v is not None}, "command line",
-                                  cfg.launch)
-        if args.phases:
-            cfg.phases = parse_phases(args.phases, "--phases")
-        pipe = Pipeline(cfg, Path(args.config), args.resume)
         summary = pipe.run()
-    except ConfigError as e:
-        print(f"cifar10-hvd run: {e}", file=sys.stderr)
-        return 2
     except StageFailed as e:
         print(f"cifar10-hvd run: {e}; the pipeline stopped there (see the stage's messages above)", file=sys.stderr)
         return e.code if 0 < e.code < 256 else 1
@@ -283,3 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[run] {key}: {summary[key]}")
         print(f"[run] summary: {Path(summary['workdir']) / 'summary.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: exit 0 on success, 2 on bad input (config, flags), the failing stage's status otherwise."""
+    return run_command("run", lambda: _main(argv))

@@ -1,8 +1,11 @@
 """The run config: one YAML file (configs/*.yaml) that drives every stage, locally or on a cluster.
 
-Top-level keys: data, prepared, workdir, phases, and the sections prepare, train,
-predict, launch. `train` and `predict` are trainer.config's TrainConfig and
-PredictConfig (the single source of hyperparameters); this module owns the rest.
+Top-level keys: version, data, prepared, workdir, phases, and the sections prepare,
+train, predict, launch. Each section is the class of the stage that owns it:
+data_prep.config.PrepareConfig, trainer.config.TrainConfig and PredictConfig, and
+LaunchConfig here; every value goes through data_prep.schema's validators, the same
+ones the stages' own flags use. The resolved run-config.yaml is a versioned RunConfig
+record, read back with load_run_config.
 """
 from __future__ import annotations
 
@@ -13,53 +16,49 @@ from typing import Any
 
 import yaml
 
-from trainer.checkpoint import atomic_write_text
-from trainer.config import (
+from data_prep.config import PrepareConfig
+from data_prep.schema import (
     RUN_CONFIG_KEYS,
     RUN_CONFIG_SCALARS,
     RUN_CONFIG_SECTIONS,
     ConfigError,
-    PredictConfig,
-    TrainConfig,
     from_mapping,
+    parse_yaml,
     read_yaml,
 )
+from trainer.checkpoint import atomic_write_text
+from trainer.config import PredictConfig, TrainConfig
 
 PHASES = ("prepare", "tune", "final", "predict")
+RUN_CONFIG_VERSION = 1  # the `version:` of run-config.yaml; a config file may leave it out
 
 
 @dataclass
-class PrepareSection:
-    """Options passed to data_prep.prepare."""
-
-    valid_ratio: float = field(default=0.1, metadata={"min_excl": 0.0, "max_excl": 1.0})
-    seed: int = field(default=0, metadata={"min": 0})
-    workers: int = field(default=0, metadata={"min": 0})
-    layout: str = field(default="packed", metadata={"choices": ("packed", "folders")})
-
-
-@dataclass
-class LaunchSection:
+class LaunchConfig:
     """How training and predict are started: horovodrun -np N -H hosts --controller."""
 
-    np: int = field(default=1, metadata={"min": 1})
-    hosts: str = field(default="", metadata={})
-    hostfile: str = field(default="", metadata={})
-    controller: str = field(default="gloo", metadata={"choices": ("gloo", "mpi")})
+    np: int = field(default=1, metadata={"help": "number of ranks (horovodrun -np)", "min": 1})
+    hosts: str = field(default="", metadata={"help": "horovodrun -H list, e.g. node1:4,node2:4 (default localhost:NP)"})
+    hostfile: str = field(default="", metadata={"help": "horovodrun --hostfile (e.g. the MPI Operator's /etc/mpi/hostfile)"})
+    controller: str = field(default="gloo", metadata={"help": "Horovod controller", "choices": ("gloo", "mpi")})
+
+
+PrepareSection, LaunchSection = PrepareConfig, LaunchConfig  # the names this module had before
 
 
 @dataclass
 class RunConfig:
-    """Everything `cifar10-hvd run` needs; built by load_run_config."""
+    """Everything `cifar10-hvd run` needs; built by load_run_config, written as run-config.yaml."""
 
+    version: int = RUN_CONFIG_VERSION
     data: str = ""
     prepared: str = ""
     workdir: str = "runs/default"
     phases: list[str] = field(default_factory=lambda: list(PHASES))
-    prepare: PrepareSection = field(default_factory=PrepareSection)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    launch: LaunchSection = field(default_factory=LaunchSection)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str = "defaults"
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,7 +68,7 @@ class RunConfig:
         return d
 
 
-_SECTIONS = dict(zip(RUN_CONFIG_SECTIONS, (PrepareSection, TrainConfig, PredictConfig, LaunchSection), strict=True))
+_SECTIONS = dict(zip(RUN_CONFIG_SECTIONS, (PrepareConfig, TrainConfig, PredictConfig, LaunchConfig), strict=True))
 _SCALARS = RUN_CONFIG_SCALARS
 
 
@@ -102,6 +101,10 @@ def from_dict(data: dict, source: str) -> RunConfig:
             setattr(cfg, key, value)
         elif key == "phases":
             cfg.phases = parse_phases(value, source)
+        elif key == "version":
+            if type(value) is not int or value != RUN_CONFIG_VERSION:
+                raise ConfigError(f"{source}: key 'version' is {value!r}; this code reads run configs of version "
+                                  f"{RUN_CONFIG_VERSION}")
         else:
             known = ", ".join(RUN_CONFIG_KEYS)
             raise ConfigError(f"{source}: unknown key '{key}' (known keys: {known})")
@@ -115,7 +118,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.epochs=3")
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw, f"override '{item}'") if raw else ""
         section, dot, name = key.partition(".")
         if not dot:
             name = key

@@ -111,7 +111,7 @@ def assert_refused(capsys, src: Path, out: Path, expected: list[str], *flags: st
         status = cli.main(["--data", str(src), "--out", str(target), "--workers", "1", *extra, *flags])
         err = capsys.readouterr().err
         assert status == 2, err
-        assert err.startswith("error: "), err
+        assert err.startswith("cifar10-hvd prepare: "), err
         for text in expected:
             assert text in err, f"{text!r} not in:\n{err}"
     assert snapshot(out) == before

@@ -221,3 +221,16 @@ def test_input_errors_exit_2(twelve, tmp_path, capsys):
     assert main(["--prepared", str(prep), "--model", str(other), "--out", str(tmp_path / "x.csv")]) == 2
     assert "differ from" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_out_that_is_a_directory_is_an_input_error(twelve, tmp_path, capsys):
+    # issue 14 item 10: was exit 1 after inference, with a raw IsADirectoryError
+    from trainer.predict import main
+
+    src, prep, run = twelve
+    target = tmp_path / "subdir"
+    target.mkdir()
+    assert main(["--prepared", str(prep), "--model", str(run), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar10-hvd predict: ") and f"{target}: --out is a directory" in err, err
+    assert list(target.iterdir()) == []

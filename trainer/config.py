@@ -1,27 +1,32 @@
-"""The one config object: every training and prediction hyperparameter, seed values as defaults.
+"""The trainer's sections of the schema: TrainConfig (`train:`) and PredictConfig (`predict:`), seed values as defaults.
 
 Precedence is defaults < YAML file < command-line flags. A YAML file is either a
 flat mapping of these keys or a full run config (configs/*.yaml) whose `train:`
-and `predict:` sections are read here; the launcher validates the other sections.
-Unknown keys, wrong types and impossible values raise ConfigError naming the key
-and the file.
+and `predict:` sections are read here. Reading, validation and flags are
+data_prep.schema's (re-exported here for existing imports); unknown keys, wrong
+types and impossible values raise ConfigError (data_prep.errors.InputError) naming
+the key and the file.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
-import typing
-from collections.abc import Mapping
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type or impossible; the message names it."""
+from data_prep.schema import (  # noqa: F401 - re-exported: trainer and launcher callers import them from here
+    RUN_CONFIG_KEYS,
+    RUN_CONFIG_SCALARS,
+    RUN_CONFIG_SECTIONS,
+    ConfigError,
+    add_flags,
+    check_value,
+    from_mapping,
+    read_yaml,
+    resolve,
+    section,
+)
 
 
 @dataclass
@@ -56,105 +61,51 @@ class PredictConfig:
     batch_size: int = field(default=512, metadata={"help": "per-rank inference batch size", "min": 1})
     tta: str = field(default="none", metadata={"help": "test-time augmentation", "choices": ("none", "flip")})
     precision: str = field(default="float32", metadata={"help": "int8: MKLDNN-quantized CPU inference, calibrated on 512 training images (benchmarks/bench_predict.py gate)", "choices": ("float32", "int8")})
+    threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
 
 
-def _check_value(cls: type, name: str, value: Any, source: str) -> Any:
-    """Return value coerced to the field's type, or raise ConfigError naming name and source."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if name not in fields:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"{source}: unknown key '{name}' (known keys: {known})")
-    f = fields[name]
-    typ = typing.get_type_hints(cls)[name]
-    meta = f.metadata
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{name}' must be true or false, got {value!r}")
-    elif typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: key '{name}' must be an integer, got {value!r}")
-    elif typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{source}: key '{name}' must be a number, got {value!r}")
-        value = float(value)
-    elif typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: key '{name}' must be a string, got {value!r}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
-    if "min_excl" in meta and value <= meta["min_excl"]:
-        raise ConfigError(f"{source}: key '{name}' must be > {meta['min_excl']}, got {value!r}")
-    if "max_excl" in meta and value >= meta["max_excl"]:
-        raise ConfigError(f"{source}: key '{name}' must be < {meta['max_excl']}, got {value!r}")
-    return value
 
 
-def from_mapping(cls: type, mapping: Mapping[str, Any], source: str, base: Any = None) -> Any:
-    """Build (or update a copy of base) a config dataclass from a mapping, validating every key."""
-    if not isinstance(mapping, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(mapping).__name__}")
-    obj = dataclasses.replace(base) if base is not None else cls()
-    for key, value in mapping.items():
-        setattr(obj, str(key), _check_value(cls, str(key), value, source))
-    return obj
+RUN_RECORD_VERSION = 1  # RUN/config.json's format_version; a file without one is read as version 1
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Load a YAML file with safe_load; an empty file is an empty mapping."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if data is None:
-        return {}
+@dataclass
+class RunRecord:
+    """RUN/config.json: the run's TrainConfig and classes, and what it ran on (to reproduce it and predict with it)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classes: list[str] = field(default_factory=list)
+    phase: str = field(default="tune", metadata={"choices": ("tune", "final")})
+    prepared: str = ""
+    world_size: int = field(default=1, metadata={"min": 1})
+    global_batch: int = field(default=0, metadata={"min": 0})
+    lr: float = 0.0
+    threads_per_rank: int = field(default=0, metadata={"min": 0})
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = field(default=RUN_RECORD_VERSION, metadata={"choices": (RUN_RECORD_VERSION,)})
+
+    def to_json(self) -> str:
+        """The record as config.json's text."""
+        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+
+
+def run_record(data: Any, source: str) -> RunRecord:
+    """Validate config.json's parsed JSON into a RunRecord; ConfigError names the key and source."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    rest = dict(data)
+    train = from_mapping(TrainConfig, rest.pop("train", {}), f"{source} (train)")
+    classes = rest.pop("classes", None)
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ConfigError(f"{source}: key 'classes' must be a non-empty list of class names, got {classes!r}")
+    versions = rest.pop("versions", {})
+    if not isinstance(versions, dict):
+        raise ConfigError(f"{source}: key 'versions' must be a mapping, got {versions!r}")
+    return from_mapping(RunRecord, rest, source, RunRecord(train=train, classes=classes, versions=versions))
 
 
-# the top-level keys of a run config (launcher.run_config); a file with any of them is one
-RUN_CONFIG_SCALARS = ("data", "prepared", "workdir")
-RUN_CONFIG_SECTIONS = ("prepare", "train", "predict", "launch")
-RUN_CONFIG_KEYS = (*RUN_CONFIG_SCALARS, "phases", *RUN_CONFIG_SECTIONS)
+def read_run_record(run_dir: str | Path) -> RunRecord:
+    """RUN/config.json read back through the schema (RunDirError if missing or not JSON)."""
+    from trainer.checkpoint import RUN_CONFIG, read_run_config
 
-
-def section(data: dict, name: str, path: str | Path) -> dict:
-    """The keys for cls in a YAML document: its `name:` section in a run config, else the whole mapping."""
-    if not any(k in data for k in RUN_CONFIG_KEYS):
-        return data
-    sub = data.get(name) or {}
-    if not isinstance(sub, dict):
-        raise ConfigError(f"{path}: section '{name}' must be a mapping")
-    return sub
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add a --flag-name for every field of cls; defaults are None so only given flags override."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + prefix + f.name.replace("_", "-")
-        helptext = f"{f.metadata.get('help', '')} (default: {f.default})"
-        dest = prefix.replace("-", "_") + f.name
-        if hints[f.name] is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        else:
-            parser.add_argument(flag, dest=dest, type=hints[f.name], default=None,
-                                choices=f.metadata.get("choices"), help=helptext)
-
-
-def resolve(cls: type, args: argparse.Namespace, config_path: str | None, section_name: str, prefix: str = "") -> Any:
-    """Defaults, then the YAML file's section, then the flags that were given."""
-    cfg = cls()
-    if config_path:
-        data = read_yaml(config_path)
-        cfg = from_mapping(cls, section(data, section_name, config_path), f"{config_path} ({section_name})", cfg)
-    given = {f.name: getattr(args, prefix.replace("-", "_") + f.name) for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in given.items() if v is not None}
-    return from_mapping(cls, given, "command line", cfg)
+    return run_record(read_run_config(run_dir), str(Path(run_dir) / RUN_CONFIG))

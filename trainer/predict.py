@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import config as cfgmod
-from trainer.config import ConfigError, PredictConfig
+from data_prep.errors import InputError, run_command
+from data_prep.schema import Parser, add_flags, resolve
+from trainer.config import PredictConfig
 from trainer.device import set_cpu_threads
 from trainer.inference import forward_rows, logit_batches
 from trainer.sharding import eval_slice
@@ -28,8 +29,7 @@ from trainer.sharding import eval_slice
 CSV_CHUNK_ROWS = 65536
 
 
-class PredictError(ValueError):
-    """Bad input to predict (missing prepared dir, model or output folder; class mismatch)."""
+PredictError = InputError  # bad input to predict (missing prepared dir, model or output folder; class mismatch)
 
 
 def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_images: np.ndarray | None = None):
@@ -39,20 +39,17 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
     """
     import mxnet as mx
 
-    from trainer.checkpoint import find_model_params, read_run_config
+    from trainer.checkpoint import find_model_params
+    from trainer.config import read_run_record
     from trainer.model import resnet18
 
     model_dir = Path(model_dir)
     try:
-        run_cfg = read_run_config(model_dir)
+        record = read_run_record(model_dir)
         params = find_model_params(model_dir)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         raise PredictError(f"{model_dir}: not a usable trainer run dir: {e}") from e
-    classes = run_cfg.get("classes")
-    width = (run_cfg.get("train") or {}).get("width")
-    crop = (run_cfg.get("train") or {}).get("eval_crop", 0)
-    if not isinstance(classes, list) or not classes or not isinstance(width, int):
-        raise PredictError(f"{model_dir / 'config.json'}: needs 'classes' (a list) and 'train': {{'width': int}}")
+    classes, width, crop = record.classes, record.train.width, record.train.eval_crop
     net = resnet18(len(classes), width=width)
     try:
         net.load_parameters(str(params), ctx=ctx)
@@ -152,6 +149,8 @@ def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:
         raise PredictError(f"{prepared}: prepared data dir not found (run `cifar10-hvd prepare` first)")
     if not model_dir.is_dir():
         raise PredictError(f"{model_dir}: model run dir not found")
+    if out.is_dir():
+        raise PredictError(f"{out}: --out is a directory; give the submission's file path, e.g. {out / 'submission.csv'}")
     if not out.parent.is_dir():
         raise PredictError(f"{out}: output folder {out.parent} does not exist")
 
@@ -232,31 +231,27 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The predict command line: paths here, inference options from PredictConfig."""
-    p = argparse.ArgumentParser(prog="cifar10-hvd predict", description=__doc__.split("\n")[0])
+    """The predict command line: paths here, inference options (threads included) from PredictConfig."""
+    p = Parser(prog="cifar10-hvd predict", description=__doc__.split("\n")[0])
     p.add_argument("--prepared", required=True, help="prepared data dir (cifar10-hvd prepare --out)")
     p.add_argument("--model", required=True, help="trainer run dir (its final model, else its newest checkpoint)")
     p.add_argument("--out", default=None, help="submission path (default: MODEL/submission.csv)")
     p.add_argument("--config", default=None, help="YAML file whose predict: section sets the options below")
-    p.add_argument("--threads", type=int, default=0, help="OMP threads per rank (0 = cores / ranks on this host)")
-    cfgmod.add_flags(p, PredictConfig)
+    add_flags(p, PredictConfig)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: 0 on success, 2 for input errors."""
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = cfgmod.resolve(PredictConfig, args, args.config, "predict")
-        predict(args.prepared, args.model, args.out, batch_size=cfg.batch_size, tta=cfg.tta,
-                precision=cfg.precision, threads=args.threads)
-    except (ConfigError, PredictError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"predict: failed: {e}", file=sys.stderr)
-        return 1
+    cfg = resolve(PredictConfig, args, args.config, "predict")
+    predict(args.prepared, args.model, args.out, batch_size=cfg.batch_size, tta=cfg.tta,
+            precision=cfg.precision, threads=cfg.threads)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: 0 on success, 2 for input errors, 1 for other failures (rank named)."""
+    return run_command("predict", lambda: _main(argv))
 
 
 if __name__ == "__main__":

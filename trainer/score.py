@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import InputError, run_command
+from data_prep.schema import Parser
+
 # The Kaggle CIFAR-10 class names, sorted (the manifest's order); used when no --prepared/--classes is given.
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-class ScoreError(ValueError):
-    """A submission or solution file is malformed; the message names the file and line."""
+ScoreError = InputError  # a submission or solution file is malformed; the message names the file and line
 
 
 def read_labels(path: str | Path, classes: list[str], wanted: dict[int, int] | None = None) -> tuple[dict[int, int], dict[int, int]]:
@@ -132,7 +134,7 @@ def score(submission: str | Path, solution: str | Path, classes: list[str] | Non
 
 def build_parser() -> argparse.ArgumentParser:
     """The score command line."""
-    p = argparse.ArgumentParser(prog="cifar10-hvd score", description=__doc__.split("\n")[0])
+    p = Parser(prog="cifar10-hvd score", description=__doc__.split("\n")[0])
     p.add_argument("--submission", required=True, help="submission CSV (id,label)")
     p.add_argument("--solution", required=True, help="solution CSV (id,label) for the ids that count")
     g = p.add_mutually_exclusive_group()
@@ -143,24 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: 0 on success, 2 for input errors."""
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        classes = None
-        if args.classes:
-            classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-        elif args.prepared:
-            import data_prep
+    classes = None
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    elif args.prepared:
+        import data_prep
 
-            try:
-                classes = list(data_prep.read_manifest(args.prepared)["classes"])
-            except (OSError, ValueError, KeyError) as e:
-                raise ScoreError(f"{args.prepared}: cannot read the manifest's classes: {e}") from e
-        result = score(args.submission, args.solution, classes, args.plot)
-    except ScoreError as e:
-        print(f"score: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            classes = list(data_prep.read_manifest(args.prepared)["classes"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ScoreError(f"{args.prepared}: cannot read the manifest's classes: {e}") from e
+    result = score(args.submission, args.solution, classes, args.plot)
     print(f"accuracy: {result['accuracy']:.4f} ({result['count']} ids)")
     for c, acc in result["per_class"].items():
         print(f"  {c:<12} {'-' if acc is None else f'{acc:.4f}'}")
@@ -168,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({k: result[k] for k in ("accuracy", "count", "per_class", "plot")}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: 0 on success, 2 for input errors (file:line named), 1 for other failures."""
+    return run_command("score", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -9,32 +9,29 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import json
 import os
 import platform
 import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import InputError, run_command
+from data_prep.schema import Parser, add_flags, resolve
 from trainer import checkpoint, metrics
-from trainer.config import ConfigError, TrainConfig, add_flags, resolve
-from trainer.device import mpi_world, set_cpu_threads
+from trainer.config import RunRecord, TrainConfig
+from trainer.device import set_cpu_threads
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
 
-
-class TrainError(Exception):
-    """Bad input the user must fix (a missing prepared dir, an occupied RUN): exit status 2."""
+TrainError = InputError  # bad input the user must fix (a missing prepared dir, an occupied RUN): exit status 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: paths and phase, then one flag per TrainConfig field."""
-    p = argparse.ArgumentParser(prog="cifar10-hvd train", description=__doc__.splitlines()[0])
+    p = Parser(prog="cifar10-hvd train", description=__doc__.splitlines()[0])
     p.add_argument("--prepared", required=True, help="directory written by `cifar10-hvd prepare`")
     p.add_argument("--out", required=True, help="run directory (rank 0 writes it)")
     p.add_argument("--config", help="YAML: flat TrainConfig keys, or a run config whose train: section is used")
@@ -45,25 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, resolve the config, then train; 2 for bad input, 1 for other failures."""
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve(TrainConfig, args, args.config, "train")
-    except ConfigError as e:
-        print(f"cifar10-hvd train: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve(TrainConfig, args, args.config, "train")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads)  # before anything imports mxnet
-    rank = (mpi_world() or (0, 1))[0]
-    try:
-        return Training(cfg, args, threads).run()
-    except TrainError as e:
-        print(f"[rank {rank}] cifar10-hvd train: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - any failure must end this rank non-zero, with its rank named
-        traceback.print_exc()
-        print(f"[rank {rank}] cifar10-hvd train: error: {e}", file=sys.stderr)
-        return 1
+    return Training(cfg, args, threads).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, resolve the config, then train; 2 for bad input, 1 for other failures (rank named)."""
+    return run_command("train", lambda: _main(argv))
+
+
+def check_split(prepared: Path, split, n_classes: int) -> None:
+    """The shapes training relies on: uint8 N x 32 x 32 x 3 images, one label per image, labels < n_classes.
+
+    Checked before RUN is touched, so bad prepared data leaves no run dir that would then need --resume.
+    """
+    images, labels = split.images, split.labels
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+        raise TrainError(f"{prepared}: images are {images.dtype} {'x'.join(map(str, images.shape))}, "
+                         "expected uint8 N x 32 x 32 x 3; prepare it again")
+    if labels is None or len(labels) != len(images):
+        raise TrainError(f"{prepared}: {len(images)} images but {0 if labels is None else len(labels)} labels; "
+                         "prepare it again")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise TrainError(f"{prepared}: labels outside 0..{n_classes - 1} (the manifest's classes); prepare it again")
 
 
 def param_crc(net) -> int:
@@ -113,6 +120,9 @@ class Training:
             self.valid_split = data_prep.open_split(self.prepared, "valid", manifest) if self.phase == "tune" else None
         except (OSError, ValueError, KeyError, PrepareError) as e:
             raise TrainError(f"{self.prepared}: cannot read the prepared data: {e}") from e
+        for split in (self.train_split, self.valid_split):
+            if split is not None:
+                check_split(self.prepared, split, len(self.classes))
         n = len(self.train_split.images)
         self.steps = steps_per_epoch(n, self.cfg.batch_size, self.size)
         if self.steps == 0:
@@ -182,11 +192,10 @@ class Training:
         """RUN/config.json: everything needed to reproduce and to predict with this run."""
         if self.rank != 0:
             return
-        record = {"train": dataclasses.asdict(self.cfg), "classes": self.classes, "phase": self.phase,
-                  "prepared": str(self.prepared.resolve()), "world_size": self.size,
-                  "global_batch": self.cfg.batch_size * self.size, "lr": self.lr, "threads_per_rank": self.threads,
-                  "versions": versions()}
-        checkpoint.atomic_write_text(self.out / checkpoint.RUN_CONFIG, json.dumps(record, indent=1) + "\n")
+        record = RunRecord(train=self.cfg, classes=self.classes, phase=self.phase, prepared=str(self.prepared.resolve()),
+                           world_size=self.size, global_batch=self.cfg.batch_size * self.size, lr=self.lr,
+                           threads_per_rank=self.threads, versions=versions())
+        checkpoint.atomic_write_text(self.out / checkpoint.RUN_CONFIG, record.to_json())
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -274,10 +283,10 @@ class Training:
         self.rank, self.size = hvd.rank(), hvd.size()
         self.ctx = context(hvd)
         cfg = self.cfg
+        self.load_data()  # inputs checked before anything is written to RUN
+        self.check_out_dir()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.load_data()
-        self.check_out_dir()
         self.build()
         self.write_config()
         self.log(f"train: phase {self.phase}, {len(self.train_split.images)} images, world size {self.size} "

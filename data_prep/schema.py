@@ -1,0 +1,170 @@
+"""The configuration machinery every stage shares: YAML reading, field validation, argparse flags.
+
+Each stage owns one dataclass for its section of a run config (data_prep.config.PrepareConfig,
+trainer.config.TrainConfig and PredictConfig, launcher.run_config.LaunchConfig). A field's
+metadata holds its help text and its one validator ("min", "min_excl", "max_excl", "choices");
+the same check_value runs for a YAML key, a run override and a command-line flag, so a value
+accepted by one entry point is accepted by all, and rejected with the same message naming the
+key and the file. Precedence: defaults < YAML file < flags. It lives here, in the lowest package.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_prep.errors import InputError
+
+ConfigError = InputError  # the name trainer/launcher callers import
+
+# the top-level keys of a run config (launcher.run_config); a YAML file with any of them is one
+RUN_CONFIG_SCALARS = ("data", "prepared", "workdir")
+RUN_CONFIG_SECTIONS = ("prepare", "train", "predict", "launch")
+RUN_CONFIG_KEYS = ("version", *RUN_CONFIG_SCALARS, "phases", *RUN_CONFIG_SECTIONS)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors raise InputError (exit 2 by the convention) instead of SystemExit,
+    so a bad flag on the in-process path (launcher.cli.main) comes back as a status, not an exception."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+def _check_type(typ: Any, name: str, value: Any, source: str) -> Any:
+    """value as the field's type (an int is a valid float), or ConfigError naming name and source."""
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: key '{name}' must be true or false, got {value!r}")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{source}: key '{name}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{source}: key '{name}' must be a number, got {value!r}")
+        return float(value)
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{source}: key '{name}' must be a string, got {value!r}")
+    return value
+
+
+def check_value(cls: type, name: str, value: Any, source: str) -> Any:
+    """Return value coerced to the field's type, or raise ConfigError naming name and source."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"{source}: unknown key '{name}' (known keys: {', '.join(sorted(fields))})")
+    meta = fields[name].metadata
+    value = _check_type(typing.get_type_hints(cls)[name], name, value, source)
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
+    if "min_excl" in meta and value <= meta["min_excl"]:
+        raise ConfigError(f"{source}: key '{name}' must be > {meta['min_excl']}, got {value!r}")
+    if "max_excl" in meta and value >= meta["max_excl"]:
+        raise ConfigError(f"{source}: key '{name}' must be < {meta['max_excl']}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, mapping: Mapping[str, Any], source: str, base: Any = None) -> Any:
+    """Build (or update a copy of base) a config dataclass from a mapping, validating every key."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(mapping).__name__}")
+    obj = dataclasses.replace(base) if base is not None else cls()
+    for key, value in mapping.items():
+        setattr(obj, str(key), check_value(cls, str(key), value, source))
+    return obj
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load of text; a syntax error or a tag (!!python/...) is a ConfigError naming source."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Load a YAML file with safe_load; an empty file is an empty mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def section(data: dict, name: str, path: str | Path) -> dict:
+    """The keys of section `name` in a YAML document: its `name:` mapping in a run config, else the whole mapping."""
+    if not any(k in data for k in RUN_CONFIG_KEYS):
+        return data
+    sub = data.get(name) or {}
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{path}: section '{name}' must be a mapping")
+    return sub
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add a --flag-name for every field of cls; defaults are None so only given flags override.
+
+    Values stay strings here: given_flags converts them and check_value judges them, so a flag is
+    rejected with the same message as the YAML key (argparse's own type and choice errors would differ).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        choices = f.metadata.get("choices")
+        one_of = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        helptext = f"{f.metadata.get('help', '')}{one_of} (default: {f.default!r})"
+        dest = prefix.replace("-", "_") + f.name
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            parser.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(), help=helptext)
+
+
+def _from_flag(typ: Any, raw: Any) -> Any:
+    """A flag's string as the field's type where it parses (int, float); else unchanged for check_value to refuse."""
+    if isinstance(raw, str) and typ in (int, float):
+        try:
+            return typ(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def given_flags(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The fields of cls that were given as flags (not None), converted to their types."""
+    hints = typing.get_type_hints(cls)
+    given = {f.name: getattr(args, prefix.replace("-", "_") + f.name) for f in dataclasses.fields(cls)}
+    return {k: _from_flag(hints[k], v) for k, v in given.items() if v is not None}
+
+
+def resolve(cls: type, args: argparse.Namespace, config_path: str | None, section_name: str, prefix: str = "") -> Any:
+    """Defaults, then the YAML file's section, then the flags that were given."""
+    cfg = cls()
+    if config_path:
+        data = read_yaml(config_path)
+        cfg = from_mapping(cls, section(data, section_name, config_path), f"{config_path} ({section_name})", cfg)
+    return from_mapping(cls, given_flags(cls, args, prefix), "command line", cfg)
+
+
+def to_argv(cfg: Any) -> list[str]:
+    """The flags that make add_flags' parser rebuild cfg: --name VALUE per field (--flag/--no-flag for bools)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        flag, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
