@@ -30,8 +30,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(PrepareConfig, args, args.config, "prepare")
     try:
-        prepare(args.data, args.out, valid_ratio=cfg.valid_ratio, seed=cfg.seed, workers=cfg.workers or None,
-                layout=None if cfg.layout == "packed" else cfg.layout, force=args.force)
+        prepare(args.data, args.out, valid_ratio=cfg.valid_ratio, seed=cfg.seed, workers=cfg.workers,
+                layout=cfg.layout, force=args.force)
     except KeyboardInterrupt:
         print("interrupted; the prepared directory was left as it was", file=sys.stderr)
         return 130

@@ -16,15 +16,16 @@ import numpy as np
 
 from data_prep import store
 from data_prep.archive import DISK_MARGIN_BYTES
+from data_prep.config import PrepareConfig
 from data_prep.decode import ROW_BYTES, SIDE, ChunkResult, decode_chunk
 from data_prep.errors import PrepareError, offenders
 from data_prep.labels import read_labels
 from data_prep.layout import write_folders
 from data_prep.publish import locked, publish, remove_leftovers, staging_dir
+from data_prep.schema import from_mapping
 from data_prep.source import Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
 
-LAYOUTS = (None, "folders")
 CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
 PARAMS = ("valid_ratio", "seed", "layout")
 
@@ -48,14 +49,10 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
     refused. FORCE rebuilds and replaces OUT whatever it holds. Any error leaves OUT exactly as it was.
     """
-    if not 0 <= valid_ratio < 1:
-        raise PrepareError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
-    if seed < 0:
-        raise PrepareError(f"--seed must be >= 0, got {seed}")
-    if layout not in LAYOUTS:
-        raise PrepareError(f"--layout must be 'folders' or absent, got {layout!r}")
-    if workers is not None and workers < 1:
-        raise PrepareError(f"--workers must be >= 1, got {workers}")
+    # the validators of the `prepare:` section and of the CLI's flags (workers 0/None: all cores)
+    from_mapping(PrepareConfig, {"valid_ratio": valid_ratio, "seed": seed, "workers": workers or 0,
+                                 "layout": layout or "packed"}, "prepare()")
+    layout = None if layout == "packed" else layout
     started = time.perf_counter()
     out = Path(os.path.abspath(out))
     params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout}

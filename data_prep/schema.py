@@ -149,13 +149,20 @@ def given_flags(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[s
     return {k: _from_flag(hints[k], v) for k, v in given.items() if v is not None}
 
 
+def apply_flags(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
+    """base updated with the flags that were given; an error names the flag (`--epochs: key 'epochs' ...`)."""
+    for key, value in given_flags(cls, args, prefix).items():
+        base = from_mapping(cls, {key: value}, "--" + prefix + key.replace("_", "-"), base)
+    return base
+
+
 def resolve(cls: type, args: argparse.Namespace, config_path: str | None, section_name: str, prefix: str = "") -> Any:
     """Defaults, then the YAML file's section, then the flags that were given."""
     cfg = cls()
     if config_path:
         data = read_yaml(config_path)
         cfg = from_mapping(cls, section(data, section_name, config_path), f"{config_path} ({section_name})", cfg)
-    return from_mapping(cls, given_flags(cls, args, prefix), "command line", cfg)
+    return apply_flags(cls, args, cfg, prefix)
 
 
 def to_argv(cfg: Any) -> list[str]:

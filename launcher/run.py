@@ -23,7 +23,7 @@ from typing import Any
 
 from data_prep import read_manifest
 from data_prep.errors import run_command
-from data_prep.schema import ConfigError, Parser, add_flags, from_mapping, given_flags, to_argv
+from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_argv
 from data_prep.store import MANIFEST
 from launcher import cli
 from launcher.report import write_report
@@ -250,7 +250,7 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     for key in ("data", "workdir", "prepared"):
         if getattr(args, key):
             setattr(cfg, key, os.path.abspath(getattr(args, key)))
-    cfg.launch = from_mapping(LaunchConfig, given_flags(LaunchConfig, args), "command line", cfg.launch)
+    cfg.launch = apply_flags(LaunchConfig, args, cfg.launch)
     if args.phases:
         cfg.phases = parse_phases(args.phases, "--phases")
     return cfg

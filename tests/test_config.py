@@ -147,10 +147,10 @@ def test_run_config_is_a_versioned_record_read_back_through_the_schema(tmp_path)
 
 
 def test_bad_flags_in_process_return_2_not_system_exit(tmp_path, capsys):
-    for argv, expect in [(["train", "--prepared", "P", "--out", "R", "--epochs", "x"], "command line: key 'epochs' must be an integer, got 'x'"),
+    for argv, expect in [(["train", "--prepared", "P", "--out", "R", "--epochs", "x"], "--epochs: key 'epochs' must be an integer, got 'x'"),
                          (["predict", "--prepared", "P"], "required: --model"),
-                         (["prepare", "--data", "S", "--out", "O", "--layout", "tree"], "key 'layout' must be one of packed, folders, got 'tree'"),
-                         (["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(tmp_path / "w"), "--np", "two"], "key 'np' must be an integer, got 'two'"),
+                         (["prepare", "--data", "S", "--out", "O", "--layout", "tree"], "--layout: key 'layout' must be one of packed, folders, got 'tree'"),
+                         (["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(tmp_path / "w"), "--np", "two"], "--np: key 'np' must be an integer, got 'two'"),
                          (["score", "--submission", "s"], "required: --solution"),
                          (["demo-data"], "required: --out")]:
         status, err = run_main(capsys, argv)

@@ -157,16 +157,19 @@ def test_eight_ranks_on_two_cores_final_phase(prepared, tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 8
 
 
-def test_config_errors_name_the_key(prepared, tmp_path):
+def test_config_errors_name_the_key(prepared, tmp_path, capsys):
+    from trainer.train import main  # in-process: a config error never reaches horovod or mxnet
+
     cfg = tmp_path / "run.yaml"
     cfg.write_text("train:\n  widht: 4\n")
-    proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "a"), "--config", str(cfg)])
-    assert proc.returncode == 2 and "widht" in proc.stderr and str(cfg) in proc.stderr
+    assert main(["--prepared", str(prepared), "--out", str(tmp_path / "a"), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "widht" in err and str(cfg) in err
     cfg.write_text("train:\n  lr: fast\n")
-    proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "a"), "--config", str(cfg)])
-    assert proc.returncode == 2 and "'lr'" in proc.stderr
-    proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "a"), "--epochs", "x"])
-    assert proc.returncode == 2 and "--epochs" in proc.stderr
+    assert main(["--prepared", str(prepared), "--out", str(tmp_path / "a"), "--config", str(cfg)]) == 2
+    assert "'lr'" in capsys.readouterr().err
+    assert main(["--prepared", str(prepared), "--out", str(tmp_path / "a"), "--epochs", "x"]) == 2
+    assert "--epochs" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
