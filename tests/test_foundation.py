@@ -89,7 +89,9 @@ def test_demo_data_classes_differ_in_pixels(tmp_path):
     assert correct / len(rows) > 0.2
 
 
-def test_demo_data_refuses_an_existing_directory(tmp_path):
-    proc = run_cli(["demo-data", "--out", str(tmp_path), "--train", "10"])
-    assert proc.returncode == 2
-    assert "already exists" in proc.stderr
+def test_demo_data_refuses_an_existing_directory(tmp_path, capsys):
+    from launcher.demo_data import main
+
+    assert main(["--out", str(tmp_path), "--train", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar10-hvd demo-data: ") and "already exists" in err
