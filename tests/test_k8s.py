@@ -361,6 +361,11 @@ def test_crd_check_catches_invalid_and_pruned_fields(rendered, crd_schemas):
     wrong = copy.deepcopy(job)
     wrong["spec"]["slotsPerWorker"] = "4"
     assert any(v.startswith("spec.slotsPerWorker:") for v in crd_violations(wrong, crd_schemas["v0.5.0"]))
+    # x-kubernetes-preserve-unknown-fields keeps what a schema does not declare (neither CRD uses it yet).
+    value = {"a": {"known": 1, "extra": {"deep": 2}}}
+    declared = {"type": "object", "properties": {"known": {"type": "integer"}}}
+    assert pruned_fields(value, {"properties": {"a": declared}}) == ["a.extra"]
+    assert pruned_fields(value, {"properties": {"a": {**declared, "x-kubernetes-preserve-unknown-fields": True}}}) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
