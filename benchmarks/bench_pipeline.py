@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.augment import augment  # noqa: E402
 from trainer.pipeline import batched_stream, seed_stream  # noqa: E402
+from trainer.presets import augment  # noqa: E402
 from trainer.sharding import train_shard  # noqa: E402
 
 

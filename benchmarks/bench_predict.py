@@ -30,7 +30,7 @@ from pathlib import Path
 from data_prep.store import MANIFEST
 from launcher import run as launcher_run
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL_PARAMS
-from trainer.normalize import MEAN, STD
+from trainer.presets import MEAN, STD
 from trainer.score import CIFAR10_CLASSES as CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.augment import eval_transform
 from trainer.config import ConfigError, TrainConfig, from_mapping
-from trainer.normalize import MEAN, STD, normalize
+from trainer.presets import MEAN, STD, eval_transform, normalize
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def make_run(run: Path, seed: int = 0, classes: list[str] | None = None) -> Path
     import mxnet as mx
 
     from trainer.model import resnet18
-    from trainer.normalize import normalize
+    from trainer.presets import normalize
 
     classes = classes or CLASSES
     run.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def reference_logits(run: Path, src: Path, ids: list[int], flip: bool = False) -
     from PIL import Image
 
     from trainer.model import resnet18
-    from trainer.normalize import normalize
+    from trainer.presets import normalize
 
     net = resnet18(len(CLASSES), width=WIDTH)
     net.load_parameters(str(run / "model-final.params"))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import augment, checkpoint, metrics
+from trainer import checkpoint, metrics
+from trainer import presets as augment
 from trainer.config import TrainConfig
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import epoch_permutation, eval_slice, steps_per_epoch, train_shard
@@ -21,7 +22,7 @@ def test_augment_matches_the_seed_transform_per_image():
     import mxnet as mx
     from mxnet.gluon.data.vision import transforms
 
-    from trainer.normalize import MEAN, STD
+    from trainer.presets import MEAN, STD
 
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN.tolist(), STD.tolist())])
     rng = np.random.default_rng(1)

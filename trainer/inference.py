@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from trainer.augment import eval_transform
+from trainer.presets import eval_transform
 
 ACTIVATION_BUDGET = 64 << 20  # bytes per activation tensor; bounds a rank's memory on wide models
 RELEASE_ROWS = 4096  # ~12 MB of images between releases of the memory map's pages

@@ -12,8 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from trainer.augment import augment
-from trainer.normalize import MEAN, STD
+from trainer.presets import augment, seed_transform
 
 
 def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
@@ -68,19 +67,6 @@ def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rn
             yield augment(images[order], rng, out=ring[step % len(ring)]), labels[order].astype(np.float32)
 
     return prefetch(produce(), depth)
-
-
-def seed_transform():
-    """The seed's per-image gluon train transform (kaggle_cifar10.md's transform_train)."""
-    from mxnet.gluon.data.vision import transforms
-
-    return transforms.Compose([
-        transforms.Resize(40),
-        transforms.RandomResizedCrop(32, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
-        transforms.RandomFlipLeftRight(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN.tolist(), STD.tolist()),
-    ])
 
 
 def seed_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray) -> Iterator:

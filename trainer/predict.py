@@ -77,7 +77,7 @@ def quantize_int8(net, calib_images: np.ndarray | None, ctx, crop: int = 0):
     import mxnet as mx
     from mxnet.contrib.quantization import quantize_net_v2
 
-    from trainer.augment import eval_transform
+    from trainer.presets import eval_transform
 
     if calib_images is None or len(calib_images) == 0:
         raise PredictError("int8 precision needs calibration images (the prepared train split is empty)")

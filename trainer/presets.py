@@ -1,4 +1,9 @@
-"""The seed's training augmentation, batched in numpy: Resize(40), RandomResizedCrop(32), flip, normalize.
+"""The train and eval transforms in one place (torchvision's presets): what the model sees in each phase.
+
+- normalize: the seed's ToTensor + Normalize, batched on uint8 NHWC arrays.
+- augment: the seed's training augmentation, batched in numpy: Resize(40), RandomResizedCrop(32), flip, normalize.
+- eval_transform: the evaluation view (normalize only, or a centre crop at the training zoom).
+- seed_transform: the seed's own per-image gluon train transform (the "seed" pipeline).
 
 The seed runs, per image, gluon's Resize(40) (OpenCV bilinear), RandomResizedCrop(32,
 scale=(0.64, 1), ratio=(1, 1)), RandomFlipLeftRight, ToTensor and Normalize. With ratio 1
@@ -19,8 +24,11 @@ import threading
 
 import numpy as np
 
-from trainer.normalize import _SCALE, _SHIFT, normalize
-
+MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+STD = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32)
+# ToTensor divides by 255, then Normalize: (x/255 - mean)/std == x*scale + shift.
+_SCALE = (1.0 / (255.0 * STD)).astype(np.float32)
+_SHIFT = (-MEAN / STD).astype(np.float32)
 SIZE = 32
 RESIZE = 40
 SCALE = (0.64, 1.0)
@@ -100,6 +108,17 @@ def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray,
     return out
 
 
+def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalized with the seed's mean and std."""
+    n, h, w, c = images.shape
+    if out is None:
+        out = np.empty((n, c, h, w), dtype=np.float32)
+    for ch in range(c):
+        np.multiply(images[..., ch], _SCALE[ch], out=out[:, ch], casting="unsafe")
+        out[:, ch] += _SHIFT[ch]
+    return out
+
+
 def eval_transform(images: np.ndarray, crop: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32) for evaluation and predict.
 
@@ -112,6 +131,19 @@ def eval_transform(images: np.ndarray, crop: int = 0, out: np.ndarray | None = N
     k = INDEX[crop, (RESIZE - crop) // 2]
     ks = np.full(len(images), k, dtype=np.int64)
     return apply_params(images, ks, ks, out)
+
+
+def seed_transform():
+    """The seed's per-image gluon train transform (kaggle_cifar10.md's transform_train)."""
+    from mxnet.gluon.data.vision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(40),
+        transforms.RandomResizedCrop(32, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
+        transforms.RandomFlipLeftRight(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN.tolist(), STD.tolist()),
+    ])
 
 
 _local = threading.local()
