@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def _main(argv: list[str] | None) -> int:
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads)  # before anything imports mxnet
-    return Training(cfg, args, threads).run()
+    train(args.prepared, out, cfg, phase=args.phase, resume=args.resume, threads=threads)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,257 +93,426 @@ def versions() -> dict:
             "numpy": np.__version__}
 
 
-class Training:
-    """One training run: set up model, data and optimizer on this rank, then the epoch loop."""
+@dataclass
+class RunSummary:
+    """What a finished `train` returns on every rank; history (the run's metrics rows) is rank 0's alone."""
 
-    def __init__(self, cfg: TrainConfig, args: argparse.Namespace, threads: int):
-        self.cfg, self.args, self.threads = cfg, args, threads
-        self.out = Path(args.out)
-        self.prepared = Path(args.prepared)
-        self.phase = args.phase
+    out: str
+    phase: str
+    epochs: int
+    start_epoch: int
+    world_size: int
+    final_params: str
+    history: list[dict] = field(default_factory=list)
 
-    # --- setup -----------------------------------------------------------------------------------------
+    def figures(self) -> dict:
+        """The launcher's summary.json figures for this stage, from the history (no file read)."""
+        rows = self.history
+        if not rows:
+            return {"epochs": 0}
+        fig = {"epochs": rows[-1]["epoch"] + 1,  # metrics count epochs from 0
+               "train_loss": rows[-1]["train_loss"], "train_acc": rows[-1]["train_acc"],
+               "images_per_sec": round(sum(r["images_per_sec"] for r in rows) / len(rows), 1),
+               "train_seconds": round(sum(r["epoch_seconds"] for r in rows), 2)}
+        if self.phase == "tune":
+            fig["valid_acc"] = rows[-1]["valid_acc"]
+            fig["best_valid_acc"] = max(r["valid_acc"] for r in rows if r["valid_acc"] is not None)
+        return fig
+
+
+@dataclass
+class Data:
+    """The phase's prepared splits, checked: train (train or train_valid), valid (tune only), the classes."""
+
+    classes: list[str]
+    train: object
+    valid: object | None
+    steps: int
+
+
+@dataclass
+class Model:
+    """What one training step needs: the net, its optimizer, the objective, AMP (or None), and where it starts."""
+
+    net: object
+    trainer: object
+    objective: object
+    amp: object | None
+    lr: float
+    start_epoch: int
+    scale_loss: bool = False  # float16 AMP: backward through amp.scale_loss
+
+
+@dataclass
+class World:
+    """This rank's place: horovod, its rank and size, and its device context."""
+
+    hvd: object
+    rank: int
+    size: int
+    ctx: object
 
     def log(self, msg: str) -> None:
         """Rank 0's progress line on stdout; other ranks stay quiet."""
         if self.rank == 0:
             print(msg, flush=True)
 
-    def load_data(self) -> None:
-        """The prepared splits for this phase and the class names."""
-        import data_prep
-        from data_prep.errors import PrepareError
 
-        try:
-            manifest = data_prep.read_manifest(self.prepared)
-            self.classes = list(manifest["classes"])
-            self.train_split = data_prep.open_split(self.prepared, "train" if self.phase == "tune" else "train_valid",
-                                                    manifest)
-            self.valid_split = data_prep.open_split(self.prepared, "valid", manifest) if self.phase == "tune" else None
-        except (OSError, ValueError, KeyError, PrepareError) as e:
-            raise TrainError(f"{self.prepared}: cannot read the prepared data: {e}") from e
-        for split in (self.train_split, self.valid_split):
-            if split is not None:
-                check_split(self.prepared, split, len(self.classes))
-        n = len(self.train_split.images)
-        self.steps = steps_per_epoch(n, self.cfg.batch_size, self.size)
-        if self.steps == 0:
-            raise TrainError(f"{self.prepared}: {n} training images are fewer than one global batch "
-                             f"({self.cfg.batch_size} x {self.size} ranks); lower --batch-size")
+def init_world() -> World:
+    """Horovod initialised, with this rank's device context."""
+    from trainer.device import context, init_horovod
 
-    def check_out_dir(self) -> None:
-        """Refuse to overwrite a run without --resume (rank 0 decides; every rank gets the verdict)."""
+    hvd = init_horovod()
+    return World(hvd, hvd.rank(), hvd.size(), context(hvd))
+
+
+# --- setup -------------------------------------------------------------------------------------------
+
+def load_data(prepared: Path, phase: str, cfg: TrainConfig, size: int) -> Data:
+    """The prepared splits for this phase and the class names, checked before RUN is touched."""
+    import data_prep
+    from data_prep.errors import PrepareError
+
+    try:
+        manifest = data_prep.read_manifest(prepared)
+        classes = list(manifest["classes"])
+        train_split = data_prep.open_split(prepared, "train" if phase == "tune" else "train_valid", manifest)
+        valid_split = data_prep.open_split(prepared, "valid", manifest) if phase == "tune" else None
+    except (OSError, ValueError, KeyError, PrepareError) as e:
+        raise TrainError(f"{prepared}: cannot read the prepared data: {e}") from e
+    for split in (train_split, valid_split):
+        if split is not None:
+            check_split(prepared, split, len(classes))
+    n = len(train_split.images)
+    steps = steps_per_epoch(n, cfg.batch_size, size)
+    if steps == 0:
+        raise TrainError(f"{prepared}: {n} training images are fewer than one global batch "
+                         f"({cfg.batch_size} x {size} ranks); lower --batch-size")
+    return Data(classes, train_split, valid_split, steps)
+
+
+def check_out_dir(out: Path, resume: bool, world: World) -> None:
+    """Refuse to overwrite a run without --resume (rank 0 decides; every rank gets the verdict)."""
+    bad = False
+    if world.rank == 0:
+        has_run = (out / metrics.METRICS).exists() or bool(checkpoint.list_checkpoints(out)) \
+            or (out / checkpoint.FINAL_PARAMS).exists()
+        bad = has_run and not resume
+    if broadcast_scalar(world, float(bad), "out_dir_check"):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def broadcast_scalar(world: World, value: float, name: str) -> float:
+    """Rank 0's value on every rank."""
+    import mxnet as mx
+
+    return float(world.hvd.broadcast(mx.nd.array([value]), root_rank=0, name=name).asscalar())
+
+
+def build_net(cfg: TrainConfig, n_classes: int, ctx):
+    """ResNet-18 at cfg.width, initialised from cfg.seed and hybridized, shapes materialised."""
+    import mxnet as mx
+
+    from trainer.model import resnet18
+
+    mx.random.seed(cfg.seed)
+    net = resnet18(n_classes, cfg.width)
+    net.initialize(mx.init.Xavier(), ctx=ctx)
+    net.hybridize(static_alloc=True)
+    net(mx.nd.zeros((1, 3, 32, 32), ctx=ctx))  # materialise deferred shapes before broadcasting
+    return net
+
+
+def resume_epoch(out: Path, phase: str, resume: bool, world: World) -> int:
+    """The epoch to start at: rank 0 picks the newest checkpoint of this phase (0 without --resume)."""
+    ck = checkpoint.latest_checkpoint(out) if (resume and world.rank == 0) else None
+    pick = (-1 if ck.get("phase", phase) != phase else ck["epoch"]) if ck else 0  # -1: the other phase's
+    start = int(broadcast_scalar(world, pick, "resume_epoch"))
+    if start < 0:
+        raise TrainError(f"{out}: its checkpoints are not from --phase {phase}; use one --out per phase")
+    return start
+
+
+def load_checkpoint_params(net, stem: Path, width: int, ctx) -> None:
+    """The checkpoint's parameters into net, or a TrainError naming the file."""
+    import mxnet as mx
+
+    try:
+        net.load_parameters(str(stem.with_suffix(".params")), ctx=ctx)
+    except (OSError, mx.base.MXNetError, AssertionError) as e:
+        raise TrainError(f"{stem}.params: cannot resume from it with width {width}: {e}") from e
+
+
+def init_amp(mode: str):
+    """mxnet.contrib.amp initialised for mode, or None for 'none'."""
+    if mode == "none":
+        return None
+    from mxnet.contrib import amp
+
+    amp.init(target_dtype=mode)
+    return amp
+
+
+def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: bool, world: World) -> Model:
+    """Model (identical on every rank), optimizer, objective and the resume point."""
+    from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place
+
+    amp = init_amp(cfg.amp)
+    net = build_net(cfg, len(classes), world.ctx)
+    start = resume_epoch(out, phase, resume, world)
+    stem = checkpoint.checkpoint_stem(out, start)
+    if start:
+        load_checkpoint_params(net, stem, cfg.width, world.ctx)
+    params = net.collect_params()
+    # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
+    broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
+    lr = base_lr(cfg, world.size)
+    trainer = DenseGradTrainer(params, "sgd", {"learning_rate": lr, "momentum": cfg.momentum, "wd": cfg.wd})
+    if cfg.amp == "float16":
+        amp.init_trainer(trainer)
+    if start:
+        trainer.load_states(str(stem.with_suffix(".states")))
+    return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, start,
+                 scale_loss=cfg.amp == "float16")
+
+
+def write_run_record(out: Path, cfg: TrainConfig, classes: list[str], phase: str, prepared: Path, size: int,
+                     lr: float, threads: int) -> None:
+    """RUN/config.json: everything needed to reproduce and to predict with this run (rank 0 calls it)."""
+    record = RunRecord(train=cfg, classes=classes, phase=phase, prepared=str(prepared.resolve()),
+                       world_size=size, global_batch=cfg.batch_size * size, lr=lr,
+                       threads_per_rank=threads, versions=versions())
+    checkpoint.atomic_write_text(out / checkpoint.RUN_CONFIG, record.to_json())
+
+
+# --- one step ----------------------------------------------------------------------------------------
+
+def make_objective(n_classes: int, label_smoothing: float):
+    """objective(logits, labels) -> per-image loss: softmax cross-entropy against the (smoothed) labels.
+
+    With smoothing eps the target is 1 - eps + eps/k for the label and eps/k elsewhere.
+    """
+    from mxnet import gluon
+
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=label_smoothing == 0)
+
+    def objective(logits, labels):
+        return loss_fn(logits, smooth_targets(labels, n_classes, label_smoothing))
+
+    return objective
+
+
+def smooth_targets(labels, n_classes: int, eps: float):
+    """The labels themselves (eps 0), else their smoothed one-hot rows."""
+    if not eps:
+        return labels
+    import mxnet as mx
+
+    return mx.nd.one_hot(labels, n_classes, on_value=1 - eps + eps / n_classes, off_value=eps / n_classes)
+
+
+def to_device(a, ctx):
+    """A numpy array or NDArray on ctx."""
+    import mxnet as mx
+
+    return a.as_in_context(ctx) if isinstance(a, mx.nd.NDArray) else mx.nd.array(a, ctx=ctx)
+
+
+def train_step(model: Model, X, Y, batch_size: int):
+    """Forward, backward (loss-scaled under float16 AMP) and one optimizer step; returns (logits, loss)."""
+    from mxnet import autograd
+
+    with autograd.record():
+        out = model.net(X).astype("float32")
+        loss = model.objective(out, Y)
+    if model.scale_loss:
+        with model.amp.scale_loss(loss, model.trainer) as scaled:
+            autograd.backward(scaled)
+    else:
+        loss.backward()
+    model.trainer.step(batch_size)
+    return out, loss
+
+
+# --- one epoch ---------------------------------------------------------------------------------------
+
+def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
+    """This rank's stream of (x, y) for the epoch, from the configured pipeline."""
+    from trainer.pipeline import batched_stream, seed_stream
+
+    shard = train_shard(len(split.images), cfg.batch_size, rank, size, cfg.seed, epoch)
+    if cfg.pipeline == "seed":
+        import random
+
         import mxnet as mx
 
-        bad = 0.0
-        if self.rank == 0:
-            has_run = (self.out / metrics.METRICS).exists() or bool(checkpoint.list_checkpoints(self.out)) \
-                or (self.out / checkpoint.FINAL_PARAMS).exists()
-            bad = float(has_run and not self.args.resume)
-        bad = self.hvd.broadcast(mx.nd.array([bad]), root_rank=0, name="out_dir_check").asscalar()
-        if bad:
-            raise TrainError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        # gluon's crop draws from Python's random, its flip from MXNet's generator
+        random.seed(f"{cfg.seed}-{epoch}-{rank}")
+        mx.random.seed(cfg.seed * 1000003 + epoch * 101 + rank)
+        return seed_stream(split.images, split.labels, shard)
+    rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
+    return batched_stream(split.images, split.labels, shard, rng)
 
-    def build(self) -> None:
-        """Model (identical on every rank), optimizer, and the resume point."""
-        import mxnet as mx
-        from mxnet import gluon
 
-        from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place
-        from trainer.model import resnet18
+def progress_bar(world: World, steps: int, epoch: int):
+    """A tqdm bar on rank 0 when stderr is a terminal, else None."""
+    if world.rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
 
-        cfg = self.cfg
-        self.amp = None
-        if cfg.amp != "none":
-            from mxnet.contrib import amp
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
 
-            self.amp = amp
-            amp.init(target_dtype=cfg.amp)
-        mx.random.seed(cfg.seed)
-        self.net = resnet18(len(self.classes), cfg.width)
-        self.net.initialize(mx.init.Xavier(), ctx=self.ctx)
-        self.net.hybridize(static_alloc=True)
-        self.net(mx.nd.zeros((1, 3, 32, 32), ctx=self.ctx))  # materialise deferred shapes before broadcasting
 
-        # rank 0 picks the checkpoint (-1: it belongs to the other phase); every rank loads that one
-        ck = checkpoint.latest_checkpoint(self.out) if (self.args.resume and self.rank == 0) else None
-        pick = (-1 if ck.get("phase", self.phase) != self.phase else ck["epoch"]) if ck else 0
-        self.start_epoch = int(self.hvd.broadcast(mx.nd.array([pick]), root_rank=0, name="resume_epoch").asscalar())
-        if self.start_epoch < 0:
-            raise TrainError(f"{self.out}: its checkpoints are not from --phase {self.phase}; use one --out per phase")
-        stem = checkpoint.checkpoint_stem(self.out, self.start_epoch)
-        if self.start_epoch:
-            try:
-                self.net.load_parameters(str(stem.with_suffix(".params")), ctx=self.ctx)
-            except (OSError, mx.base.MXNetError, AssertionError) as e:
-                raise TrainError(f"{stem}.params: cannot resume from it with width {cfg.width}: {e}") from e
-        params = self.net.collect_params()
-        # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
-        broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
+def gather_epoch(world: World, loss_sum: float, correct: float, images: int, steps: int, seconds: float) -> dict:
+    """Every rank's epoch totals combined: global loss, accuracy and speed, and each rank's step count."""
+    import mxnet as mx
 
-        self.lr = base_lr(cfg, self.size)
-        self.trainer = DenseGradTrainer(params, "sgd",
-                                        {"learning_rate": self.lr, "momentum": cfg.momentum, "wd": cfg.wd})
-        if cfg.amp == "float16":
-            self.amp.init_trainer(self.trainer)
-        if self.start_epoch:
-            self.trainer.load_states(str(stem.with_suffix(".states")))
-        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=cfg.label_smoothing == 0)
+    local = mx.nd.array([loss_sum, correct, images, steps, seconds], dtype="float64")
+    totals = world.hvd.allgather(local.reshape((1, -1)), name="train_totals").asnumpy()
+    n = totals[:, 2].sum()
+    return {"train_loss": totals[:, 0].sum() / n, "train_acc": totals[:, 1].sum() / n,
+            "images_per_sec": n / totals[:, 4].max(), "steps_per_rank": totals[:, 3].astype(int).tolist()}
 
-    def write_config(self) -> None:
-        """RUN/config.json: everything needed to reproduce and to predict with this run."""
-        if self.rank != 0:
-            return
-        record = RunRecord(train=self.cfg, classes=self.classes, phase=self.phase, prepared=str(self.prepared.resolve()),
-                           world_size=self.size, global_batch=self.cfg.batch_size * self.size, lr=self.lr,
-                           threads_per_rank=self.threads, versions=versions())
-        checkpoint.atomic_write_text(self.out / checkpoint.RUN_CONFIG, record.to_json())
 
-    # --- the loop --------------------------------------------------------------------------------------
+def train_one_epoch(model: Model, data: Data, cfg: TrainConfig, epoch: int, world: World) -> dict:
+    """One pass over this rank's shard; returns the global loss, accuracy and speed."""
+    import mxnet as mx
 
-    def batches(self, epoch: int):
-        """This rank's stream of (x, y) for the epoch, from the configured pipeline."""
-        from trainer.pipeline import batched_stream, seed_stream
-
-        split = self.train_split
-        shard = train_shard(len(split.images), self.cfg.batch_size, self.rank, self.size, self.cfg.seed, epoch)
-        if self.cfg.pipeline == "seed":
-            import random
-
-            import mxnet as mx
-
-            # gluon's crop draws from Python's random, its flip from MXNet's generator
-            random.seed(f"{self.cfg.seed}-{epoch}-{self.rank}")
-            mx.random.seed(self.cfg.seed * 1000003 + epoch * 101 + self.rank)
-            return seed_stream(split.images, split.labels, shard)
-        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
-        return batched_stream(split.images, split.labels, shard, rng)
-
-    def train_epoch(self, epoch: int) -> dict:
-        """One pass over this rank's shard; returns the global loss, accuracy and speed."""
-        import mxnet as mx
-        from mxnet import autograd
-
-        cfg, ctx = self.cfg, self.ctx
-        loss_sum = mx.nd.zeros(1, ctx=ctx)
-        correct = mx.nd.zeros(1, ctx=ctx)
-        in_flight: collections.deque = collections.deque()
-        bar = None
-        if self.rank == 0 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
-        start = time.perf_counter()
-        for step, (x, y) in enumerate(self.batches(epoch)):
-            self.trainer.set_learning_rate(lr_at(cfg, epoch + step / self.steps, self.size))
-            X = x.as_in_context(ctx) if isinstance(x, mx.nd.NDArray) else mx.nd.array(x, ctx=ctx)
-            Y = y.as_in_context(ctx) if isinstance(y, mx.nd.NDArray) else mx.nd.array(y, ctx=ctx)
-            target = Y
-            if cfg.label_smoothing:
-                k, eps = len(self.classes), cfg.label_smoothing
-                target = mx.nd.one_hot(Y, k, on_value=1 - eps + eps / k, off_value=eps / k)
-            with autograd.record():
-                out = self.net(X).astype("float32")
-                loss = self.loss_fn(out, target)
-            if cfg.amp == "float16":
-                with self.amp.scale_loss(loss, self.trainer) as scaled:
-                    autograd.backward(scaled)
-            else:
-                loss.backward()
-            self.trainer.step(cfg.batch_size)
-            loss_sum += loss.sum()
-            correct += (out.argmax(axis=1) == Y).sum()
-            # MXNet runs ahead asynchronously; bound it to two steps so memory stays flat
-            in_flight.append(loss)
-            if len(in_flight) > 2:
-                in_flight.popleft().wait_to_read()
-            if bar is not None:
-                bar.update(1)
-        mx.nd.waitall()
-        seconds = time.perf_counter() - start
+    loss_sum = mx.nd.zeros(1, ctx=world.ctx)
+    correct = mx.nd.zeros(1, ctx=world.ctx)
+    in_flight: collections.deque = collections.deque()
+    bar = progress_bar(world, data.steps, epoch)
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(epoch_batches(data.train, cfg, epoch, world.rank, world.size)):
+        model.trainer.set_learning_rate(lr_at(cfg, epoch + step / data.steps, world.size))
+        Y = to_device(y, world.ctx)
+        out, loss = train_step(model, to_device(x, world.ctx), Y, cfg.batch_size)
+        loss_sum += loss.sum()
+        correct += (out.argmax(axis=1) == Y).sum()
+        # MXNet runs ahead asynchronously; bound it to two steps so memory stays flat
+        in_flight.append(loss)
+        if len(in_flight) > 2:
+            in_flight.popleft().wait_to_read()
         if bar is not None:
-            bar.close()
-        images = self.steps * cfg.batch_size
-        local = mx.nd.array([loss_sum.asscalar(), correct.asscalar(), images, self.steps, seconds], dtype="float64")
-        totals = self.hvd.allgather(local.reshape((1, -1)), name="train_totals").asnumpy()
-        n = totals[:, 2].sum()
-        return {"train_loss": totals[:, 0].sum() / n, "train_acc": totals[:, 1].sum() / n,
-                "images_per_sec": n / totals[:, 4].max(), "steps_per_rank": totals[:, 3].astype(int).tolist()}
+            bar.update(1)
+    mx.nd.waitall()
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return gather_epoch(world, loss_sum.asscalar(), correct.asscalar(), data.steps * cfg.batch_size, data.steps,
+                        seconds)
 
-    def sync_batchnorm_stats(self) -> None:
-        """Average BatchNorm running statistics over ranks (each saw only its shard): one model everywhere."""
-        from trainer.hvd_trainer import average_in_place
 
-        average_in_place({f"aux.{name}": p.data() for name, p in self.net.collect_params().items()
-                          if p.grad_req == "null"})
+def sync_batchnorm_stats(net) -> None:
+    """Average BatchNorm running statistics over ranks (each saw only its shard): one model everywhere."""
+    from trainer.hvd_trainer import average_in_place
 
-    def run(self) -> int:
-        """Set up, train the remaining epochs, write the final model; 0 on success."""
-        from trainer.device import context, init_horovod
+    average_in_place({f"aux.{name}": p.data() for name, p in net.collect_params().items() if p.grad_req == "null"})
 
-        self.hvd = hvd = init_horovod()
-        self.rank, self.size = hvd.rank(), hvd.size()
-        self.ctx = context(hvd)
-        cfg = self.cfg
-        self.load_data()  # inputs checked before anything is written to RUN
-        self.check_out_dir()
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.build()
-        self.write_config()
-        self.log(f"train: phase {self.phase}, {len(self.train_split.images)} images, world size {self.size} "
-                 f"({self.threads} threads/rank, {self.ctx}), per-rank batch {cfg.batch_size}, "
-                 f"global batch {cfg.batch_size * self.size}, lr {self.lr:g}, {self.steps} steps/epoch, "
-                 f"pipeline {cfg.pipeline}, amp {cfg.amp}")
-        history: list[dict] = []
-        if self.rank == 0:
-            history = metrics.truncate_metrics(self.out, self.start_epoch)
-        if self.start_epoch:
-            self.log(f"resuming at epoch {self.start_epoch + 1} from {self.out / checkpoint.CHECKPOINT_DIR}")
-        for epoch in range(self.start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, epoch, self.size)
-            record = self.train_epoch(epoch)
-            self.sync_batchnorm_stats()
-            valid = None
-            if self.valid_split is not None:
-                from trainer.evaluate import evaluate
 
-                valid = evaluate(self.net, self.valid_split.images, self.valid_split.labels, self.ctx,
-                                 cfg.eval_batch_size, hvd, crop=cfg.eval_crop)
-            record = {"epoch": epoch, "phase": self.phase, "lr": lr, **record,
-                      "valid_acc": valid["acc"] if valid else None, "valid_loss": valid["loss"] if valid else None,
-                      "epoch_seconds": time.perf_counter() - t0}
-            if self.rank == 0:
-                metrics.append_metrics(self.out, record)
-                history.append(record)
-                metrics.plot_curves(self.out, history)
-                checkpoint.save_checkpoint(self.out, epoch + 1, self.net, self.trainer,
-                                           {"phase": self.phase, "lr": lr, "world_size": self.size,
-                                            "global_batch": cfg.batch_size * self.size}, cfg.keep_checkpoints)
-                valid_txt = f" valid_acc {valid['acc']:.4f}" if valid else ""
-                self.log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} train_loss {record['train_loss']:.4f} "
-                         f"train_acc {record['train_acc']:.4f}{valid_txt} {record['images_per_sec']:.0f} img/s "
-                         f"{record['epoch_seconds']:.1f}s")
-        self.finish()
-        return 0
+def evaluate_valid(model: Model, data: Data, cfg: TrainConfig, world: World) -> dict | None:
+    """Accuracy and loss on the valid split (tune), or None (final)."""
+    if data.valid is None:
+        return None
+    from trainer.evaluate import evaluate
 
-    def finish(self) -> None:
-        """Check all ranks hold the same model, then rank 0 writes model-final.params and the export."""
-        import mxnet as mx
+    return evaluate(model.net, data.valid.images, data.valid.labels, world.ctx, cfg.eval_batch_size, world.hvd,
+                    crop=cfg.eval_crop)
 
-        crcs = self.hvd.allgather(mx.nd.array([[param_crc(self.net)]], dtype="float64"), name="param_crc").asnumpy()
-        crcs = [int(c) for c in crcs[:, 0]]
-        self.log("param crc32 by rank: " + " ".join(f"{c:08x}" for c in crcs))
-        if len(set(crcs)) != 1:
-            raise RuntimeError(f"ranks ended with different parameters (crc32 by rank: {crcs})")
-        if self.rank != 0:
-            return
-        checkpoint.atomic_write(self.out / checkpoint.FINAL_PARAMS, self.net.save_parameters)
-        tmp = self.out / f".export-{os.getpid()}"
-        tmp.mkdir()
-        self.net.export(str(tmp / "model"))
-        for name in ("model-symbol.json", "model-0000.params"):
-            os.replace(tmp / name, self.out / name)
-        tmp.rmdir()
-        self.log(f"wrote {self.out / checkpoint.FINAL_PARAMS} and {self.out / 'model-symbol.json'}")
+
+def run_epoch(model: Model, data: Data, cfg: TrainConfig, phase: str, epoch: int, world: World) -> dict:
+    """Train one epoch, agree on BatchNorm statistics, validate; the epoch's metrics row."""
+    t0 = time.perf_counter()
+    lr = lr_at(cfg, epoch, world.size)
+    record = train_one_epoch(model, data, cfg, epoch, world)
+    sync_batchnorm_stats(model.net)
+    valid = evaluate_valid(model, data, cfg, world)
+    return {"epoch": epoch, "phase": phase, "lr": lr, **record,
+            "valid_acc": valid["acc"] if valid else None, "valid_loss": valid["loss"] if valid else None,
+            "epoch_seconds": time.perf_counter() - t0}
+
+
+# --- recording ---------------------------------------------------------------------------------------
+
+def save_epoch(out: Path, record: dict, history: list[dict], model: Model, cfg: TrainConfig, size: int) -> None:
+    """Rank 0's record of a finished epoch: metrics.jsonl, curves.png and a checkpoint."""
+    metrics.append_metrics(out, record)
+    history.append(record)
+    metrics.plot_curves(out, history)
+    checkpoint.save_checkpoint(out, record["epoch"] + 1, model.net, model.trainer,
+                               {"phase": record["phase"], "lr": record["lr"], "world_size": size,
+                                "global_batch": cfg.batch_size * size}, cfg.keep_checkpoints)
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """The progress line for a finished epoch."""
+    valid = f" valid_acc {record['valid_acc']:.4f}" if record["valid_acc"] is not None else ""
+    return (f"epoch {record['epoch'] + 1}/{epochs} lr {record['lr']:.4g} train_loss {record['train_loss']:.4f} "
+            f"train_acc {record['train_acc']:.4f}{valid} {record['images_per_sec']:.0f} img/s "
+            f"{record['epoch_seconds']:.1f}s")
+
+
+def check_same_model(net, world: World) -> None:
+    """Every rank must end with the same parameters (crc32 compared across ranks)."""
+    import mxnet as mx
+
+    crcs = world.hvd.allgather(mx.nd.array([[param_crc(net)]], dtype="float64"), name="param_crc").asnumpy()
+    crcs = [int(c) for c in crcs[:, 0]]
+    world.log("param crc32 by rank: " + " ".join(f"{c:08x}" for c in crcs))
+    if len(set(crcs)) != 1:
+        raise RuntimeError(f"ranks ended with different parameters (crc32 by rank: {crcs})")
+
+
+def write_final(net, out: Path) -> None:
+    """model-final.params, then the exported graph and its parameters, each published by a rename."""
+    checkpoint.atomic_write(out / checkpoint.FINAL_PARAMS, net.save_parameters)
+    tmp = out / f".export-{os.getpid()}"
+    tmp.mkdir()
+    net.export(str(tmp / "model"))
+    for name in ("model-symbol.json", "model-0000.params"):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+def start_line(data: Data, cfg: TrainConfig, phase: str, model: Model, world: World, threads: int) -> str:
+    """The run's opening progress line."""
+    return (f"train: phase {phase}, {len(data.train.images)} images, world size {world.size} "
+            f"({threads} threads/rank, {world.ctx}), per-rank batch {cfg.batch_size}, "
+            f"global batch {cfg.batch_size * world.size}, lr {model.lr:g}, {data.steps} steps/epoch, "
+            f"pipeline {cfg.pipeline}, amp {cfg.amp}")
+
+
+def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = "tune", resume: bool = False,
+          threads: int | None = None) -> RunSummary:
+    """Train cfg's model on the prepared dir's phase split into the run dir out; call it on every rank.
+
+    Inputs are checked before anything is written to out; rank 0 alone writes. threads: the
+    per-rank CPU thread count already set (None: set it now from cfg.threads).
+    """
+    prepared, out = Path(prepared), Path(out)
+    threads = set_cpu_threads(cfg.threads) if threads is None else threads
+    world = init_world()
+    data = load_data(prepared, phase, cfg, world.size)
+    check_out_dir(out, resume, world)
+    if world.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model = build(cfg, data.classes, out, phase, resume, world)
+    if world.rank == 0:
+        write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads)
+    world.log(start_line(data, cfg, phase, model, world, threads))
+    history = metrics.truncate_metrics(out, model.start_epoch) if world.rank == 0 else []
+    if model.start_epoch:
+        world.log(f"resuming at epoch {model.start_epoch + 1} from {out / checkpoint.CHECKPOINT_DIR}")
+    for epoch in range(model.start_epoch, cfg.epochs):
+        record = run_epoch(model, data, cfg, phase, epoch, world)
+        if world.rank == 0:
+            save_epoch(out, record, history, model, cfg, world.size)
+            world.log(epoch_line(record, cfg.epochs))
+    check_same_model(model.net, world)
+    if world.rank == 0:
+        write_final(model.net, out)
+        world.log(f"wrote {out / checkpoint.FINAL_PARAMS} and {out / 'model-symbol.json'}")
+    return RunSummary(str(out), phase, cfg.epochs, model.start_epoch, world.size, str(out / checkpoint.FINAL_PARAMS),
+                      history)
