@@ -143,7 +143,7 @@ def worker_predict(args) -> None:
 
     res = predict(args.prepared, args.model, args.out, batch_size=args.batch_size, tta=args.tta,
                   precision=args.precision, quiet=True)
-    print("BENCH " + json.dumps({**res, "rank_peak_mb": peak_mb(), "threads": int(os.environ["OMP_NUM_THREADS"])}), flush=True)
+    print("BENCH " + json.dumps({**res.__dict__, "rank_peak_mb": peak_mb(), "threads": int(os.environ["OMP_NUM_THREADS"])}), flush=True)
 
 
 def worker_seed(args) -> None:

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -155,63 +156,69 @@ def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:
         raise PredictError(f"{out}: output folder {out.parent} does not exist")
 
 
-def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None = None, batch_size: int = 512,
-            tta: str = "none", precision: str = "float32", threads: int = 0, quiet: bool = False) -> dict:
-    """Predict the prepared test split with the run's model; rank 0 writes out (default RUN/submission.csv).
+@dataclass
+class SubmissionSummary:
+    """What `predict` returns on every rank. Also readable as a mapping (res["count"]), as its dict used to be."""
 
-    Returns {"path", "count", "seconds", "images_per_sec", "ranks", "shard"} on every rank;
-    images_per_sec counts all ranks' images over the wall time from first batch to file written.
-    precision: float32 or int8 (the CLI's choices); bfloat16 only for the benchmark's gate (slower on CPU here).
-    """
-    set_cpu_threads(threads)
+    path: str
+    count: int
+    seconds: float
+    images_per_sec: float
+    ranks: int
+    shard: list[int]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def figures(self) -> dict:
+        """The launcher's summary.json figures for the predict stage (no file read)."""
+        return {"images": self.count, "submission": self.path}
+
+
+def open_test_split(prepared: Path, precision: str):
+    """(test split, manifest classes, int8 calibration images or None) from the prepared dir."""
     import data_prep
     from data_prep.errors import PrepareError
-    from trainer.device import context, init_horovod
-
-    prepared, model_dir = Path(prepared), Path(model_dir)
-    out = Path(out) if out is not None else model_dir / "submission.csv"
-    _check_inputs(prepared, model_dir, out)
-    hvd = init_horovod()
-    rank, size = hvd.rank(), hvd.size()
-    ctx = context(hvd)
 
     try:
         manifest = data_prep.read_manifest(prepared)
         split = data_prep.open_split(prepared, "test", manifest)
-        manifest_classes = list(manifest["classes"])
         calib = None
         if precision == "int8":
             train = data_prep.open_split(prepared, "train", manifest)
             calib = np.asarray(train.images[: min(512, len(train.images))])
     except (PrepareError, OSError, ValueError, KeyError) as e:
         raise PredictError(f"{prepared}: cannot open the prepared test split: {e}") from e
-    net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
-    if classes != manifest_classes:
-        raise PredictError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
+    return split, list(manifest["classes"]), calib
 
-    n = len(split.ids)
-    shard = eval_slice(n, rank, size)  # contiguous; sizes differ by at most one, some may be empty
-    start, stop = shard.start, shard.stop
+
+def infer_shard(net, images: np.ndarray, shard: slice, ctx, batch_size: int, width: int, tta: str, crop: int,
+                bar: str | None) -> np.ndarray:
+    """Predictions for rows shard of images, under a progress bar titled bar when given and stderr is a terminal."""
     progress = None
-    if rank == 0 and not quiet and sys.stderr.isatty():
+    if bar and sys.stderr.isatty():
         from tqdm import tqdm
 
-        progress = tqdm(total=stop - start, unit="img", desc=f"predict rank 0/{size}", file=sys.stderr)
-    t0 = time.perf_counter()
-    preds = predict_rows(net, split.images[start:stop], ctx, forward_rows(batch_size, width), tta, progress, crop)
+        progress = tqdm(total=shard.stop - shard.start, unit="img", desc=bar, file=sys.stderr)
+    preds = predict_rows(net, images[shard], ctx, forward_rows(batch_size, width), tta, progress, crop)
     if progress is not None:
         progress.close()
-    pairs = gather_pairs(hvd, np.asarray(split.ids[start:stop]), preds)
+    return preds
 
+
+def write_on_rank0(hvd, pairs: np.ndarray, expected_ids: np.ndarray, out: Path, classes: list[str]) -> None:
+    """Rank 0 orders, checks and writes the pairs; every rank learns whether it worked (RuntimeError if not)."""
     failure = ""
-    if rank == 0:
+    if hvd.rank() == 0:
         try:
-            ids, ordered = order_and_check(pairs, np.asarray(split.ids))
+            ids, ordered = order_and_check(pairs, expected_ids)
             write_submission(out, ids, ordered, classes)
         except (OSError, RuntimeError) as e:
             failure = f"{out}: {e}"
-    del pairs
-    if size > 1:
+    if hvd.size() > 1:
         import mxnet as mx
 
         # rank 0's write outcome, so no rank reports success for a file that was not written
@@ -220,13 +227,41 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
             failure = f"{out}: rank 0 failed to write the submission"
     if failure:
         raise RuntimeError(failure)
+
+
+def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None = None, batch_size: int = 512,
+            tta: str = "none", precision: str = "float32", threads: int = 0, quiet: bool = False) -> SubmissionSummary:
+    """Predict the prepared test split with the run's model; rank 0 writes out (default RUN/submission.csv).
+
+    Call it on every rank. images_per_sec counts all ranks' images over the wall time from first
+    batch to file written. precision: float32 or int8 (the CLI's choices); bfloat16 only for the
+    benchmark's gate (slower on CPU here).
+    """
+    set_cpu_threads(threads)
+    from trainer.device import context, init_horovod
+
+    prepared, model_dir = Path(prepared), Path(model_dir)
+    out = Path(out) if out is not None else model_dir / "submission.csv"
+    _check_inputs(prepared, model_dir, out)
+    hvd = init_horovod()
+    ctx = context(hvd)
+    split, manifest_classes, calib = open_test_split(prepared, precision)
+    net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
+    if classes != manifest_classes:
+        raise PredictError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
+    n = len(split.ids)
+    shard = eval_slice(n, hvd.rank(), hvd.size())  # contiguous; sizes differ by at most one, some may be empty
+    t0 = time.perf_counter()
+    bar = f"predict rank 0/{hvd.size()}" if hvd.rank() == 0 and not quiet else None
+    preds = infer_shard(net, split.images, shard, ctx, batch_size, width, tta, crop, bar)
+    pairs = gather_pairs(hvd, np.asarray(split.ids[shard]), preds)
+    write_on_rank0(hvd, pairs, np.asarray(split.ids), out, classes)
     seconds = time.perf_counter() - t0
-    result = {"path": str(out), "count": int(n), "seconds": round(seconds, 3),
-              "images_per_sec": round(n / seconds, 1) if seconds > 0 else 0.0,
-              "ranks": size, "shard": [int(start), int(stop)]}
-    if rank == 0 and not quiet:
-        print(f"predict: {n} images on {size} rank(s) ({precision}) in {seconds:.1f}s, {result['images_per_sec']:.0f} images/s, "
-              f"wrote {out}", flush=True)
+    result = SubmissionSummary(str(out), int(n), round(seconds, 3), round(n / seconds, 1) if seconds > 0 else 0.0,
+                               hvd.size(), [int(shard.start), int(shard.stop)])
+    if hvd.rank() == 0 and not quiet:
+        print(f"predict: {n} images on {hvd.size()} rank(s) ({precision}) in {seconds:.1f}s, "
+              f"{result.images_per_sec:.0f} images/s, wrote {out}", flush=True)
     return result
 
 
