@@ -1,9 +1,9 @@
 """data_prep: validate the Kaggle CIFAR-10 download and publish it once, packed, for every rank to read.
 
-Public API: prepare(src, out, ...) -> manifest, open_split(prep_dir, split) -> Split, read_manifest(prep_dir).
+Public API: prepare(src, out, ...) -> Manifest, open_split(prep_dir, split) -> Split, read_manifest(prep_dir).
 """
 from data_prep.errors import InputError, PrepareError
 from data_prep.pipeline import prepare
-from data_prep.store import SPLITS, Split, open_split, read_manifest
+from data_prep.store import SPLITS, Manifest, Split, open_split, read_manifest
 
-__all__ = ["SPLITS", "InputError", "PrepareError", "Split", "open_split", "prepare", "read_manifest"]
+__all__ = ["SPLITS", "InputError", "Manifest", "PrepareError", "Split", "open_split", "prepare", "read_manifest"]

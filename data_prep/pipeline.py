@@ -43,7 +43,7 @@ def default_workers() -> int:
 
 
 def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: int = 0,
-            workers: int | None = None, layout: str | None = None, force: bool = False) -> dict:
+            workers: int | None = None, layout: str | None = None, force: bool = False) -> store.Manifest:
     """Validate SRC, decode it once into OUT (published by one rename) and return OUT's manifest.
 
     Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
@@ -86,7 +86,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
           f"({manifest['n_valid_per_label']} per class), {splits['test']['count']} test, "
           f"{len(manifest['classes'])} classes; {decoded} images in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):,.0f} images/s)", file=sys.stderr)
-    return manifest
+    return store.Manifest(manifest)
 
 
 def _existing(out: Path) -> dict | None:

@@ -57,7 +57,24 @@ def write_manifest(prep_dir: Path, manifest: dict) -> None:
         f.write("\n")
 
 
-def read_manifest(prep_dir: str | Path) -> dict:
+class Manifest(dict):
+    """A prepared directory's manifest.json: the dict as written, with typed views of what callers read."""
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self["classes"])
+
+    def count(self, split: str) -> int:
+        """Rows in split (train, valid, train_valid or test)."""
+        return int(self["splits"][split]["count"])
+
+    def figures(self) -> dict:
+        """The launcher's summary.json figures for the prepare stage: images decoded and each split's rows."""
+        return {"images": self.count("train_valid") + self.count("test"), "train": self.count("train"),
+                "valid": self.count("valid"), "test": self.count("test")}
+
+
+def read_manifest(prep_dir: str | Path) -> Manifest:
     """The manifest of a prepared directory; PrepareError if missing, unreadable or of another format."""
     path = Path(prep_dir) / MANIFEST
     try:
@@ -70,7 +87,7 @@ def read_manifest(prep_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise PrepareError(f"{path}: format_version {found!r}, this code reads {FORMAT_VERSION}; prepare it again")
-    return manifest
+    return Manifest(manifest)
 
 
 def open_split(prep_dir: str | Path, split: str, manifest: dict | None = None) -> Split:
