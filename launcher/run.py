@@ -25,15 +25,15 @@ from data_prep import read_manifest
 from data_prep.errors import run_command
 from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_argv
 from data_prep.store import MANIFEST
-from launcher import cli
 from launcher.report import write_report
 from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
 from trainer.checkpoint import FINAL_PARAMS, atomic_write_text
 from trainer.device import mpi_world
 from trainer.metrics import read_metrics
+from trainer.train import run_figures
 
 TRAIN_STAGES = ("tune", "final")  # each writes a trainer run dir WORKDIR/<stage>
-# the cifar10-hvd subcommand whose main() runs a distributed stage in-process inside an MPI world
+# the stage's subcommand, whose name prefixes its messages when its function runs in-process inside an MPI world
 IN_PROCESS = {"tune": "train", "final": "train", "predict": "predict"}
 
 
@@ -115,14 +115,13 @@ class Pipeline:
         return (self.workdir / "submission.csv").is_file()
 
     # -- launching ---------------------------------------------------------------------------------
-    def execute(self, stage: str, argv: list[str], distributed: bool) -> None:
-        """Run `python ARGV` for a stage: in-process inside an MPI world, else as a (horovodrun) child."""
+    def execute(self, stage: str, out_dir: Path, resume: bool):
+        """Run a stage: through its function inside an MPI world (returning its summary), else its CLI as a
+        (horovodrun) child (returning None: its figures are read back from its files)."""
+        distributed = stage != "prepare"
         if self.world and distributed:
-            code = cli.main([IN_PROCESS[stage], *argv[2:]])
-            if code:
-                raise StageFailed(stage, code)
-            return
-        cmd = [self.python, *argv]
+            return self.call_in_process(stage, out_dir, resume)
+        cmd = [self.python, *self.argv(stage, out_dir, resume)]
         if distributed:
             launch = self.cfg.launch
             cmd = horovodrun_argv(launch.np, cmd, launch.controller, launch.hosts, launch.hostfile)
@@ -130,20 +129,42 @@ class Pipeline:
         code = subprocess.call(cmd, env=child_env())
         if code:
             raise StageFailed(stage, code)
+        return None
+
+    def call_in_process(self, stage: str, out_dir: Path, resume: bool):
+        """The stage's function on this rank (train -> RunSummary, predict -> SubmissionSummary), its errors
+        reported as its CLI would (`cifar10-hvd train: ...`, exit 2 for bad input) and raised as StageFailed."""
+        if stage in TRAIN_STAGES:
+            from trainer.train import train
+
+            def body():
+                return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume)
+        else:
+            from trainer.predict import predict
+
+            p = self.cfg.predict
+
+            def body():
+                return predict(self.prepared, self.workdir / "final", self.workdir / "submission.csv",
+                               batch_size=p.batch_size, tta=p.tta, precision=p.precision, threads=p.threads)
+        results: list = []
+        code = run_command(IN_PROCESS[stage], lambda: results.append(body()) or 0)
+        if code:
+            raise StageFailed(stage, code)
+        return results[0]
 
     # -- stages --------------------------------------------------------------------------------------
-    def argv(self, stage: str, out_dir: Path) -> list[str]:
-        """The stage's command line (after `python`)."""
+    def argv(self, stage: str, out_dir: Path, resume: bool = False) -> list[str]:
+        """The stage's command line (after `python`), its options built from its section's class."""
         if stage == "prepare":
             if not self.cfg.data:
                 raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
             return ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared), *to_argv(self.cfg.prepare)]
         if stage in TRAIN_STAGES:
-            a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir),
-                 "--config", str(self.resolved_config), "--phase", stage]
-            return a + (["--resume"] if self.resume and (out_dir / "config.json").exists() else [])
+            a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir), "--phase", stage]
+            return a + (["--resume"] if resume else []) + to_argv(self.cfg.train)
         return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
-                "--out", str(self.workdir / "submission.csv"), "--config", str(self.resolved_config)]
+                "--out", str(self.workdir / "submission.csv"), *to_argv(self.cfg.predict)]
 
     def run_stage(self, stage: str) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""
@@ -158,11 +179,11 @@ class Pipeline:
             shutil.rmtree(out_dir)
         print(f"[run] == stage {stage} ==", flush=True)
         start = time.time()
-        self.execute(stage, self.argv(stage, out_dir), distributed=stage != "prepare")
+        result = self.execute(stage, out_dir, self.resume and (out_dir / "config.json").exists())
         figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2)}
         if self.rank != 0:  # only rank 0 records figures: the others would read the same files for nothing
             return figures
-        figures.update(self.figures(stage, out_dir))
+        figures.update(result.figures() if result is not None else self.figures(stage, out_dir))
         if stage in ("prepare", "predict") and figures.get("images"):
             figures["images_per_sec_wall"] = round(figures["images"] / max(figures["wall_seconds"], 1e-9), 1)
         self.markers.mkdir(parents=True, exist_ok=True)
@@ -170,36 +191,20 @@ class Pipeline:
         return figures
 
     def figures(self, stage: str, out_dir: Path) -> dict:
-        """Figures read back from a finished stage's outputs."""
+        """Figures read back from a finished stage's outputs (a stage run as a child process)."""
         if stage == "prepare":
-            splits = read_manifest(self.prepared)["splits"]
-            return {"images": splits["train_valid"]["count"] + splits["test"]["count"],
-                    "train": splits["train"]["count"], "valid": splits["valid"]["count"], "test": splits["test"]["count"]}
+            return read_manifest(self.prepared).figures()
         if stage == "predict":
             with open(self.workdir / "submission.csv") as f:
                 rows = sum(1 for _ in f) - 1
             return {"images": rows, "submission": str(self.workdir / "submission.csv")}
-        rows = read_metrics(out_dir)
-        if not rows:
-            return {"epochs": 0}
-        fig = {"epochs": rows[-1]["epoch"] + 1,  # metrics count epochs from 0
-               "train_loss": rows[-1]["train_loss"], "train_acc": rows[-1]["train_acc"],
-               "images_per_sec": round(sum(r["images_per_sec"] for r in rows) / len(rows), 1),
-               "train_seconds": round(sum(r["epoch_seconds"] for r in rows), 2)}
-        if stage == "tune":
-            fig["valid_acc"] = rows[-1]["valid_acc"]
-            fig["best_valid_acc"] = max(r["valid_acc"] for r in rows if r["valid_acc"] is not None)
-        return fig
+        return run_figures(stage, read_metrics(out_dir))
 
     def run(self) -> dict:
         """All configured phases in order; summary.json and the report on rank 0."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.rank != 0:
-            # Each rank of an MPI world reads its own copy: rank 0's run-config.yaml can still be an
-            # earlier run's, or half-written, when another rank's stage reads it.
-            self.markers.mkdir(parents=True, exist_ok=True)
-            self.resolved_config = self.markers / f"run-config.rank{self.rank}.yaml"
-        write_run_config(self.cfg, self.resolved_config)
+        if self.rank == 0:  # the record of what ran; the stages get their options as arguments, not from it
+            write_run_config(self.cfg, self.resolved_config)
         summary: dict[str, Any] = {"config": str(self.config_path), "workdir": str(self.workdir),
                                    "prepared": str(self.prepared), "phases": self.cfg.phases,
                                    "launch": self.cfg.to_dict()["launch"], "in_mpi_world": bool(self.world),

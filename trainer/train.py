@@ -46,11 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(TrainConfig, args, args.config, "train")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads)  # before anything imports mxnet
-    train(args.prepared, out, cfg, phase=args.phase, resume=args.resume, threads=threads)
+    train(args.prepared, args.out, cfg, phase=args.phase, resume=args.resume, threads=threads)
     return 0
 
 
@@ -107,17 +104,21 @@ class RunSummary:
 
     def figures(self) -> dict:
         """The launcher's summary.json figures for this stage, from the history (no file read)."""
-        rows = self.history
-        if not rows:
-            return {"epochs": 0}
-        fig = {"epochs": rows[-1]["epoch"] + 1,  # metrics count epochs from 0
-               "train_loss": rows[-1]["train_loss"], "train_acc": rows[-1]["train_acc"],
-               "images_per_sec": round(sum(r["images_per_sec"] for r in rows) / len(rows), 1),
-               "train_seconds": round(sum(r["epoch_seconds"] for r in rows), 2)}
-        if self.phase == "tune":
-            fig["valid_acc"] = rows[-1]["valid_acc"]
-            fig["best_valid_acc"] = max(r["valid_acc"] for r in rows if r["valid_acc"] is not None)
-        return fig
+        return run_figures(self.phase, self.history)
+
+
+def run_figures(phase: str, rows: list[dict]) -> dict:
+    """Figures of a run from its metrics rows: epochs done, last loss and accuracy, mean speed, (tune) valid accuracy."""
+    if not rows:
+        return {"epochs": 0}
+    fig = {"epochs": rows[-1]["epoch"] + 1,  # metrics count epochs from 0
+           "train_loss": rows[-1]["train_loss"], "train_acc": rows[-1]["train_acc"],
+           "images_per_sec": round(sum(r["images_per_sec"] for r in rows) / len(rows), 1),
+           "train_seconds": round(sum(r["epoch_seconds"] for r in rows), 2)}
+    if phase == "tune":
+        fig["valid_acc"] = rows[-1]["valid_acc"]
+        fig["best_valid_acc"] = max(r["valid_acc"] for r in rows if r["valid_acc"] is not None)
+    return fig
 
 
 @dataclass
@@ -492,6 +493,8 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
     per-rank CPU thread count already set (None: set it now from cfg.threads).
     """
     prepared, out = Path(prepared), Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads) if threads is None else threads
     world = init_world()
     data = load_data(prepared, phase, cfg, world.size)
