@@ -138,6 +138,24 @@ def test_prepare_argv_is_built_from_the_class(tmp_path):
     assert (args.data, args.out) == ("/src", str(pipe.prepared))
 
 
+def test_train_and_predict_argv_are_built_from_their_classes(tmp_path):
+    # under horovodrun the stages get flags from their section's class, parsed back to the same sections
+    from trainer.config import PredictConfig, TrainConfig
+
+    cfg = run_config.load_run_config(write(tmp_path / "c.yaml", "data: /src\n"),
+                                     ["train.epochs=3", "train.lr=0.05", "train.label_smoothing=0.1",
+                                      "train.eval_crop=36", "train.amp=float16", "predict.tta=flip", "predict.threads=2"])
+    pipe = run_mod.Pipeline(cfg, tmp_path / "c.yaml", resume=False)
+    argv = pipe.argv("final", pipe.workdir / "final", resume=True)
+    assert argv[:2] == ["-m", "trainer"] and "--config" not in argv
+    args = train_mod.build_parser().parse_args(argv[2:])
+    assert train_mod.resolve(TrainConfig, args, None, "train") == cfg.train
+    assert (args.phase, args.resume, args.out) == ("final", True, str(pipe.workdir / "final"))
+    argv = pipe.argv("predict", pipe.workdir)
+    assert argv[:2] == ["-m", "trainer.predict"] and "--config" not in argv
+    assert predict_mod.resolve(PredictConfig, predict_mod.build_parser().parse_args(argv[2:]), None, "predict") == cfg.predict
+
+
 def test_run_config_is_a_versioned_record_read_back_through_the_schema(tmp_path):
     cfg = run_config.load_run_config(ROOT / "configs" / "demo.yaml", ["train.epochs=3", "launch.np=2"])
     run_config.write_run_config(cfg, tmp_path / "run-config.yaml")

@@ -59,20 +59,21 @@ def make_run(run: Path, seed: int = 0, classes: list[str] | None = None) -> Path
     return run
 
 
-def reference_logits(run: Path, src: Path, ids: list[int], flip: bool = False) -> np.ndarray:
-    """Logits for src/test/ID.png, decoded from the PNGs here (not through data_prep), one image at a time."""
+def reference_logits(run: Path, src: Path, ids: list[int], flip: bool = False, crop: int = 0) -> np.ndarray:
+    """Logits for src/test/ID.png, decoded from the PNGs here (not through data_prep), one image at a time,
+    seen through the evaluation view eval_transform(crop)."""
     import mxnet as mx
     from PIL import Image
 
     from trainer.model import resnet18
-    from trainer.presets import normalize
+    from trainer.presets import eval_transform
 
     net = resnet18(len(CLASSES), width=WIDTH)
     net.load_parameters(str(run / "model-final.params"))
     out = []
     for i in ids:
         img = np.asarray(Image.open(src / "test" / f"{i}.png").convert("RGB"))[None]
-        x = mx.nd.array(normalize(img))
+        x = mx.nd.array(eval_transform(img, crop))
         logits = net(x)
         if flip:
             logits = (logits + net(x.flip(axis=3))) / 2
@@ -135,6 +136,22 @@ def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
     for _ in range(2):
         predict(prep, run, None, batch_size=512, quiet=True)
     assert read_submission(run / "submission.csv")[1] == list(range(1, 13))
+
+
+def test_eval_crop_reaches_predict_through_the_run_record(twelve, tmp_path):
+    """The run record written by training (trainer.train.write_run_record) carries eval_crop to predict."""
+    from trainer.config import TrainConfig
+    from trainer.predict import predict
+    from trainer.train import write_run_record
+
+    src, prep, _ = twelve
+    run = make_run(tmp_path / "crop-run", seed=1)
+    write_run_record(run, TrainConfig(width=WIDTH, eval_crop=36), CLASSES, "final", prep, 1, 0.1, 1)
+    predict(prep, run, tmp_path / "crop.csv", quiet=True)
+    _, ids, labels = read_submission(tmp_path / "crop.csv")
+    at36, at0 = reference_logits(run, src, ids, crop=36), reference_logits(run, src, ids)
+    assert mismatches([CLASSES[k] for k in at0.argmax(1)], at36), "the crop should change some confident prediction"
+    assert_matches_reference(labels, at36)
 
 
 def test_run_without_final_model_uses_newest_checkpoint(twelve, tmp_path):

@@ -166,3 +166,25 @@ def test_metrics_append_truncate_and_plot(tmp_path):
     metrics.plot_curves(tmp_path, records[:2] + [dict(records[2], valid_acc=None)])
     with Image.open(tmp_path / metrics.CURVES) as im:
         assert im.format == "PNG" and im.size == (600, 400)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_label_smoothing_changes_the_loss_as_computed_by_hand(eps):
+    import mxnet as mx
+
+    from trainer.train import make_objective
+
+    rng = np.random.default_rng(3)
+    k = 10
+    logits = rng.normal(scale=3.0, size=(6, k)).astype(np.float32)
+    labels = np.array([0, 3, 9, 3, 1, 7])
+    # by hand: cross-entropy of log-softmax against 1 - eps + eps/k on the label and eps/k elsewhere
+    z = logits.astype(np.float64)
+    log_p = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    target = np.full((6, k), eps / k)
+    target[np.arange(6), labels] += 1 - eps
+    hand = -(target * log_p).sum(1)
+    got = make_objective(k, eps)(mx.nd.array(logits), mx.nd.array(labels, dtype="float32")).asnumpy()
+    np.testing.assert_allclose(got, hand, rtol=1e-5)
+    plain = -log_p[np.arange(6), labels]
+    assert np.allclose(got, plain, rtol=1e-5) == (eps == 0)

@@ -204,3 +204,21 @@ def test_cpu_ranks_default_the_horovod_cycle_time(tmp_path, monkeypatch, preset,
     proc = horovodrun(2, [str(BIN / "python"), str(script)], timeout=120, **env)
     for rank in (0, 1):
         assert f"rank {rank} cycle {expected}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_one_averaged_step_on_two_ranks_equals_one_step_on_the_whole_batch(tmp_path):
+    """Each of 2 ranks steps on its half of 8 rows; the averaged step equals 1 rank stepping on all 8."""
+    import numpy as np
+
+    script = str(ROOT / "tests" / "hvd_step.py")
+    horovodrun(2, ["python", script, str(tmp_path / "two.npz")], timeout=300)
+    horovodrun(1, ["python", script, str(tmp_path / "one.npz")], timeout=300)
+    horovodrun(1, ["python", script, str(tmp_path / "half.npz"), "4"], timeout=300)
+    two, one, half = (dict(np.load(tmp_path / f"{n}.npz")) for n in ("two", "one", "half"))
+    names = [k for k in one if k.startswith("after/")]
+    assert names and sorted(names) == sorted(k for k in two if k.startswith("after/"))
+    for k in names:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # the step moved the parameters, and a step on rank 0's half alone lands elsewhere: the gradients were averaged
+    assert any(not np.allclose(one[k], one[k.replace("after/", "before/")]) for k in names)
+    assert any(not np.allclose(two[k], half[k], rtol=1e-4, atol=1e-5) for k in names)
