@@ -73,6 +73,22 @@ def test_rerun_skips_complete_stages_and_reruns_changed_ones(demo_run, demo_src)
     assert summary["stages"]["predict"]["status"] == "ran"
 
 
+def test_changed_train_key_reruns_tune_final_predict_not_prepare(demo_run, demo_src):
+    work, _ = demo_run
+    manifest = (work / "prepared" / "manifest.json").stat().st_mtime_ns
+    args = ["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(demo_src),
+            "--workdir", str(work), "--np", "2", "train.epochs=1", "train.lr_period=1", *TINY]
+    proc = run_cli(args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = json.loads((work / "summary.json").read_text())["stages"]
+    assert {s: stages[s]["status"] for s in stages} == {"prepare": "skipped", "tune": "ran", "final": "ran",
+                                                        "predict": "ran"}
+    assert (work / "prepared" / "manifest.json").stat().st_mtime_ns == manifest
+    for phase in ("tune", "final"):
+        assert json.loads((work / phase / "config.json").read_text())["train"]["epochs"] == 1
+        assert stages[phase]["epochs"] == 1
+
+
 def test_path_flags_are_taken_as_given(demo_src, tmp_path):
     # flags are values, not YAML: ' #' would start a comment and ': ' a mapping if they were re-parsed
     work = tmp_path / "odd #dir: x"
@@ -141,3 +157,19 @@ def test_inside_an_mpi_world_runs_in_process(prepared, tmp_path):
     assert cfg_out["world_size"] == 2
     summary = json.loads((work / "summary.json").read_text())
     assert summary["in_mpi_world"] is True and summary["stages"]["tune"]["status"] == "ran"
+    # the figures come from train()'s returned summary; they agree with the run dir's metrics
+    from trainer.metrics import read_metrics
+
+    rows = read_metrics(work / "tune")
+    tune = summary["stages"]["tune"]
+    assert (tune["epochs"], tune["train_loss"], tune["valid_acc"]) == (1, rows[-1]["train_loss"], rows[-1]["valid_acc"])
+
+
+def test_prepare_inside_an_mpi_world_runs_once(demo_src, tmp_path):
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "prepare: {workers: 1}\n")
+    proc = horovodrun(2, [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--data", str(demo_src),
+                          "--workdir", str(work), "--phases", "prepare"], timeout=600)
+    out = proc.stdout + proc.stderr
+    assert out.count(f"prepared {work / 'prepared'}:") == 1, out[-3000:]  # one build, on one rank
+    assert json.loads((work / "summary.json").read_text())["stages"]["prepare"]["images"] == 697
