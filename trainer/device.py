@@ -56,3 +56,11 @@ def context(hvd):
     if mx.context.num_gpus() > 0:
         return mx.gpu(hvd.local_rank() % mx.context.num_gpus())
     return mx.cpu()
+
+
+def device_problem(amp: str, ctx) -> str | None:
+    """Why this rank cannot train on ctx: amp precision unsupported there, or a GPU without MXNet kernels."""
+    from trainer.cuda_arch import gpu_problem
+    from trainer.precision import amp_error
+
+    return amp_error(amp, ctx.device_type) or gpu_problem(ctx)
