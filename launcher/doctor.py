@@ -18,6 +18,23 @@ def _run(cmd: list[str]) -> str | None:
         return None
 
 
+def gpu_report(gpus: list[tuple[str, tuple[int, int]]], build: str, archs: tuple | None) -> tuple[list[str], list[str]]:
+    """(lines, problems) for the GPUs (name, compute capability) the driver shows, against the MXNet build's kernels."""
+    from trainer.cuda_arch import describe_build, kernel_for, support_problem
+
+    carries = describe_build(*archs) if archs else "architectures not known for this build"
+    lines = [f"mxnet build {build}: {carries}"] if gpus else []
+    problems = []
+    for i, (name, cc) in enumerate(gpus):
+        target = kernel_for(cc, *archs) if archs else None
+        verdict = f"runs {target}" if target else ("no kernels in this build" if archs else "unknown")
+        lines.append(f"gpu {i}       {name}, compute capability {cc[0]}.{cc[1]}: {verdict}")
+        problem = support_problem(cc, name, build, archs)
+        if problem:
+            problems.append(problem)
+    return lines, problems
+
+
 def checks() -> tuple[list[str], list[str]]:
     """(report lines, problems) for the current environment."""
     lines = [f"python      {platform.python_version()} ({sys.executable})"]
@@ -67,6 +84,11 @@ def checks() -> tuple[list[str], list[str]]:
         problems.append("Open MPI is missing: apt-get install -y openmpi-bin libopenmpi-dev")
     smi = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"])
     lines.append(f"nvidia-smi  {'; '.join(smi.strip().splitlines()) if smi else 'not found (CPU only)'}")
+    from trainer.cuda_arch import installed_build, visible_gpus
+
+    gpu_lines, gpu_problems = gpu_report(visible_gpus(), *installed_build())
+    lines += gpu_lines
+    problems += gpu_problems
     return lines, problems
 
 
