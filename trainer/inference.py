@@ -13,7 +13,8 @@ import numpy as np
 
 from trainer.presets import eval_transform
 
-ACTIVATION_BUDGET = 64 << 20  # bytes per activation tensor; bounds a rank's memory on wide models
+ACTIVATION_BUDGET = 64 << 20  # bytes per activation tensor on CPU; bounds a rank's memory on wide models
+GPU_BUDGET_FRACTION = 16  # on GPU: device memory / 16 per activation tensor (16 GB -> 1 GiB, 4096 rows at width 64)
 RELEASE_ROWS = 4096  # ~12 MB of images between releases of the memory map's pages
 
 
@@ -39,31 +40,55 @@ def page_releaser(images: np.ndarray):
     return release
 
 
-def forward_rows(batch_size: int, width: int) -> int:
+def device_budget(device_type: str, device_bytes: int = 0) -> int:
+    """Bytes one activation tensor may take: ACTIVATION_BUDGET on CPU, a share of the memory of a GPU."""
+    if device_type == "gpu" and device_bytes > 0:
+        return max(ACTIVATION_BUDGET, device_bytes // GPU_BUDGET_FRACTION)
+    return ACTIVATION_BUDGET
+
+
+def context_budget(ctx) -> int:
+    """device_budget() for an MXNet context (a GPU's total memory from mx.context.gpu_memory_info)."""
+    if ctx.device_type != "gpu":
+        return device_budget(ctx.device_type)
+    import mxnet as mx
+
+    return device_budget("gpu", mx.context.gpu_memory_info(ctx.device_id)[1])
+
+
+def forward_rows(batch_size: int, width: int, budget: int = ACTIVATION_BUDGET) -> int:
     """Rows per forward pass: batch_size, capped so a stage-1 activation (width x 32 x 32 floats a row) stays within budget."""
-    return max(1, min(batch_size, ACTIVATION_BUDGET // (width * 32 * 32 * 4)))
+    return max(1, min(batch_size, budget // (width * 32 * 32 * 4)))
 
 
 def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,
                   tta: str = "none") -> Iterator[tuple[int, int, object]]:
     """(start, stop, logits of rows start..stop) for images (uint8 N x 32 x 32 x 3) seen through
-    eval_transform(crop); tta='flip' adds the mirrored view's logits. Pages of a memory-mapped
+    eval_transform(crop); tta='flip' adds the mirrored view's logits. Batch k+1 is transformed and
+    its device copy queued (trainer.staging) while batch k's forward runs. Pages of a memory-mapped
     input are released as the stream passes them."""
-    import mxnet as mx
+    from trainer.staging import StagingRing
 
     n = len(images)
     if n == 0:
         return
     bs = min(batch_size, n)
     buf = np.zeros((bs, 3) + images.shape[1:3], dtype=np.float32)
+    ring = StagingRing(ctx, slots=2)
     release, released = page_releaser(images), 0
+
+    def stage(start: int):
+        eval_transform(images[start:start + bs], crop, out=buf[: min(bs, n - start)])
+        return ring.put(buf)[0]
+
+    x = stage(0)
     for start in range(0, n, bs):
         stop = min(start + bs, n)
-        eval_transform(images[start:stop], crop, out=buf[: stop - start])
-        x = mx.nd.array(buf, ctx=ctx)
         logits = net(x)
         if tta == "flip":
             logits = logits + net(x.flip(axis=3))
+        if stop < n:
+            x = stage(stop)
         yield start, stop, logits[: stop - start]
         if stop - released >= RELEASE_ROWS or stop == n:
             release(released, stop)

@@ -24,7 +24,7 @@ from data_prep.errors import InputError, run_command
 from data_prep.schema import Parser, add_flags, resolve
 from trainer.config import PredictConfig
 from trainer.device import set_cpu_threads
-from trainer.inference import forward_rows, logit_batches
+from trainer.inference import context_budget, forward_rows, logit_batches
 from trainer.sharding import eval_slice
 
 CSV_CHUNK_ROWS = 65536
@@ -203,7 +203,8 @@ def infer_shard(net, images: np.ndarray, shard: slice, ctx, batch_size: int, wid
         from tqdm import tqdm
 
         progress = tqdm(total=shard.stop - shard.start, unit="img", desc=bar, file=sys.stderr)
-    preds = predict_rows(net, images[shard], ctx, forward_rows(batch_size, width), tta, progress, crop)
+    rows = forward_rows(batch_size, width, context_budget(ctx))
+    preds = predict_rows(net, images[shard], ctx, rows, tta, progress, crop)
     if progress is not None:
         progress.close()
     return preds
@@ -238,6 +239,7 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     benchmark's gate (slower on CPU here).
     """
     set_cpu_threads(threads)
+    from trainer.cuda_arch import gpu_problem
     from trainer.device import context, init_horovod
 
     prepared, model_dir = Path(prepared), Path(model_dir)
@@ -245,6 +247,9 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     _check_inputs(prepared, model_dir, out)
     hvd = init_horovod()
     ctx = context(hvd)
+    problem = gpu_problem(ctx)
+    if problem:
+        raise PredictError(problem)
     split, manifest_classes, calib = open_test_split(prepared, precision)
     net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
     if classes != manifest_classes:

@@ -23,7 +23,8 @@ from data_prep.errors import InputError, run_command
 from data_prep.schema import Parser, add_flags, resolve
 from trainer import checkpoint, metrics
 from trainer.config import RunRecord, TrainConfig
-from trainer.device import set_cpu_threads
+from trainer.device import device_problem, set_cpu_threads
+from trainer.precision import loss_scale_state
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
 
@@ -256,7 +257,8 @@ def init_amp(mode: str):
 
 def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: bool, world: World) -> Model:
     """Model (identical on every rank), optimizer, objective and the resume point."""
-    from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place
+    from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place, compressor
+    from trainer.precision import resume_loss_scale
 
     amp = init_amp(cfg.amp)
     net = build_net(cfg, len(classes), world.ctx)
@@ -268,11 +270,13 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
     # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
     broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
     lr = base_lr(cfg, world.size)
-    trainer = DenseGradTrainer(params, "sgd", {"learning_rate": lr, "momentum": cfg.momentum, "wd": cfg.wd})
+    trainer = DenseGradTrainer(params, "sgd", {"learning_rate": lr, "momentum": cfg.momentum, "wd": cfg.wd},
+                               compression=compressor(cfg.compression))
     if cfg.amp == "float16":
         amp.init_trainer(trainer)
     if start:
         trainer.load_states(str(stem.with_suffix(".states")))
+        resume_loss_scale(trainer, checkpoint.latest_checkpoint(out) if world.rank == 0 else None, world.hvd)
     return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, start,
                  scale_loss=cfg.amp == "float16")
 
@@ -310,13 +314,6 @@ def smooth_targets(labels, n_classes: int, eps: float):
     import mxnet as mx
 
     return mx.nd.one_hot(labels, n_classes, on_value=1 - eps + eps / n_classes, off_value=eps / n_classes)
-
-
-def to_device(a, ctx):
-    """A numpy array or NDArray on ctx."""
-    import mxnet as mx
-
-    return a.as_in_context(ctx) if isinstance(a, mx.nd.NDArray) else mx.nd.array(a, ctx=ctx)
 
 
 def train_step(model: Model, X, Y, batch_size: int):
@@ -379,15 +376,18 @@ def train_one_epoch(model: Model, data: Data, cfg: TrainConfig, epoch: int, worl
     """One pass over this rank's shard; returns the global loss, accuracy and speed."""
     import mxnet as mx
 
+    from trainer.staging import StagingRing, staged
+
     loss_sum = mx.nd.zeros(1, ctx=world.ctx)
     correct = mx.nd.zeros(1, ctx=world.ctx)
     in_flight: collections.deque = collections.deque()
     bar = progress_bar(world, data.steps, epoch)
     start = time.perf_counter()
-    for step, (x, y) in enumerate(epoch_batches(data.train, cfg, epoch, world.rank, world.size)):
+    # batch k+1's copy to the device is queued before batch k's step (trainer.staging)
+    batches = staged(epoch_batches(data.train, cfg, epoch, world.rank, world.size), StagingRing(world.ctx))
+    for step, (X, Y) in enumerate(batches):
         model.trainer.set_learning_rate(lr_at(cfg, epoch + step / data.steps, world.size))
-        Y = to_device(y, world.ctx)
-        out, loss = train_step(model, to_device(x, world.ctx), Y, cfg.batch_size)
+        out, loss = train_step(model, X, Y, cfg.batch_size)
         loss_sum += loss.sum()
         correct += (out.argmax(axis=1) == Y).sum()
         # MXNet runs ahead asynchronously; bound it to two steps so memory stays flat
@@ -442,7 +442,8 @@ def save_epoch(out: Path, record: dict, history: list[dict], model: Model, cfg: 
     metrics.plot_curves(out, history)
     checkpoint.save_checkpoint(out, record["epoch"] + 1, model.net, model.trainer,
                                {"phase": record["phase"], "lr": record["lr"], "world_size": size,
-                                "global_batch": cfg.batch_size * size}, cfg.keep_checkpoints)
+                                "global_batch": cfg.batch_size * size,
+                                "amp_loss_scale": loss_scale_state(model.trainer)}, cfg.keep_checkpoints)
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -497,6 +498,9 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
         raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads) if threads is None else threads
     world = init_world()
+    problem = device_problem(cfg.amp, world.ctx)
+    if problem:
+        raise TrainError(problem)
     data = load_data(prepared, phase, cfg, world.size)
     check_out_dir(out, resume, world)
     if world.rank == 0:
