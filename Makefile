@@ -9,7 +9,7 @@ NP ?= 2
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-check
 
 # Idempotent: the stamp is newer than everything the install depends on, so a second
 # `make setup` does nothing. Delete .venv to start over.
@@ -29,6 +29,10 @@ test: setup
 
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# On a GPU machine: doctor, a short np-1 AMP run (prepare, tune, final, predict) and bench_h2d, in minutes.
+gpu-check: setup
+	bash scripts/gpu-check.sh $(GPU_CHECK_DIR)
 
 lint: setup
 	$(VENV)/bin/ruff check .
