@@ -1,12 +1,13 @@
 """Host-to-device copy: the training step loop and the inference loop, with and without the overlapped copy.
 
 Side by side in one process, on whatever device is present (mx.gpu(0) if MXNet sees one, else the CPU),
-interleaved repeats so a shared machine's noise hits both alike:
+interleaved repeats so a shared machine's noise hits both alike; wall-clock and CPU-time figures:
   train  sync:   mx.nd.array(x, ctx) per step (the copy blocks Python; from pageable memory on GPU)
          staged: trainer.staging (pinned ring, batch k+1's copy queued before batch k's step)
   infer  sync:   transform, mx.nd.array, forward, wait, per batch (the loop before staging)
          staged: trainer.inference.logit_batches (batch k+1 transformed and copied during batch k's forward)
-On CPU the ratio shows that the staged path costs nothing; on a GPU it shows the gain.
+  copy   the copy alone, waited for (us per batch; on CPU staged does two memcpys, the sync path one)
+On CPU the step ratio shows that the staged path costs nothing; on a GPU it shows the gain.
 
     .venv/bin/python benchmarks/bench_h2d.py [--width 16] [--batch-size 128] [--steps 40] [--repeats 3]
                                              [--threads 0] [--amp none|float16|bfloat16] [--skip-infer]
@@ -73,6 +74,7 @@ class Setup:
         self.images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         self.labels = rng.integers(0, 10, n).astype(np.float32)
         self.shard = np.arange(n).reshape(args.steps, args.batch_size)
+        self.infer_images = rng.integers(0, 256, (512 * args.infer_batches, 32, 32, 3), dtype=np.uint8)
 
     def step(self, X, Y):
         from mxnet import autograd
@@ -103,7 +105,7 @@ class Setup:
         from trainer.staging import StagingRing, staged
 
         mx.nd.waitall()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         in_flight: collections.deque = collections.deque()
         if staged_copy:
             stream = staged(self.batches(1), StagingRing(self.ctx))
@@ -114,7 +116,7 @@ class Setup:
             if len(in_flight) > 2:
                 in_flight.popleft().wait_to_read()
         mx.nd.waitall()
-        return self.shard.size / (time.perf_counter() - start)
+        return self.shard.size / (time.perf_counter() - start), self.shard.size / (time.process_time() - cpu)
 
     def infer(self, staged_copy: bool) -> float:
         """Images/s of predict's loop (eval_transform, forward, argmax to host) over infer_batches x 512 images."""
@@ -124,8 +126,8 @@ class Setup:
         from trainer.augment import eval_transform
         from trainer.inference import logit_batches
 
-        images = self.images[: 512 * self.args.infer_batches]
-        start = time.perf_counter()
+        images = self.infer_images
+        start, cpu = time.perf_counter(), time.process_time()
         if staged_copy:
             for _, _, logits in logit_batches(self.net, images, self.ctx, 512):
                 logits.argmax(axis=1).asnumpy()
@@ -134,22 +136,45 @@ class Setup:
             for s in range(0, len(images), 512):
                 eval_transform(images[s:s + 512], 0, out=buf)
                 self.net(mx.nd.array(buf, ctx=self.ctx)).argmax(axis=1).asnumpy()
-        return len(images) / (time.perf_counter() - start)
+        return len(images) / (time.perf_counter() - start), len(images) / (time.process_time() - cpu)
 
 
-def compare(name: str, run, repeats: int) -> None:
-    """Warm both variants, then interleave them; print best and median images/s and the ratio."""
+    def copy(self, staged_copy: bool) -> float:
+        """Microseconds per batch for the copy alone (x and y to the device, waited for), over one epoch's batches."""
+        import mxnet as mx
+
+        from trainer.staging import StagingRing
+
+        ring = StagingRing(self.ctx)
+        batches = list(self.batches(2))[:8]
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(10):
+            for x, y in batches:
+                X = ring.put(x, y)[0] if staged_copy else mx.nd.array(x, ctx=self.ctx)
+                Y = None if staged_copy else mx.nd.array(y, ctx=self.ctx)
+                X.wait_to_read()
+                del Y
+        n = 10 * len(batches)
+        return 1e6 * (time.perf_counter() - start) / n, 1e6 * (time.process_time() - cpu) / n
+
+
+def compare(name: str, run, repeats: int, unit: str = "img/s") -> None:
+    """Warm both variants, then interleave them; print best and median of the wall-clock and the CPU-time
+    figures (this process's CPU seconds: less sensitive to other loads on a shared machine), and staged/sync."""
     run(False), run(True)
-    got: dict[bool, list[float]] = {False: [], True: []}
+    got: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for i in range(repeats):
         for staged_copy in ((False, True) if i % 2 == 0 else (True, False)):
             got[staged_copy].append(run(staged_copy))
-    for staged_copy, label in ((False, "sync  "), (True, "staged")):
-        v = got[staged_copy]
-        print(f"{name} {label}: best {max(v):8.1f} img/s, median {statistics.median(v):8.1f} "
-              f"({', '.join(f'{x:.1f}' for x in v)})")
-    print(f"{name} staged/sync: best {max(got[True]) / max(got[False]):.3f}, "
-          f"median {statistics.median(got[True]) / statistics.median(got[False]):.3f}", flush=True)
+    best = min if unit == "us" else max  # a time per batch: the least is the best
+    for j, clock in enumerate(("wall", "cpu ")):
+        for staged_copy, label in ((False, "sync  "), (True, "staged")):
+            v = [r[j] for r in got[staged_copy]]
+            print(f"{name} {clock} {label}: best {best(v):8.1f} {unit}, median {statistics.median(v):8.1f} "
+                  f"({', '.join(f'{x:.1f}' for x in v)})")
+        a, b = ([r[j] for r in got[k]] for k in (True, False))
+        print(f"{name} {clock} staged/sync: best {best(a) / best(b):.3f}, median {statistics.median(a) / statistics.median(b):.3f}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args)
     print(f"bench_h2d: {setup.ctx}, width {args.width}, batch {args.batch_size}, {args.steps} steps, amp {args.amp}, "
           f"{threads} OMP threads, {args.repeats} interleaved repeats", flush=True)
+    compare("copy", setup.copy, args.repeats, unit="us")
     compare("train", setup.train, args.repeats)
     if not args.skip_infer:
         setup.net.hybridize()  # predict's hybridization (no static_alloc)

@@ -56,7 +56,7 @@ def installed_build() -> tuple[str, tuple | None]:
     from importlib import metadata
 
     names = metadata.packages_distributions().get("mxnet") or ["mxnet"]
-    for name in names:
+    for name in sorted(names, key=lambda n: n.lower() not in KNOWN_BUILDS):  # a known CUDA build first
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -5,8 +5,13 @@ done, so the GPU idles while the host copies. Here a batch is first copied on th
 one of a ring of page-locked slots (`mx.cpu_pinned()`), then MXNet's engine copies the slot to
 the device (CopyCPU2GPU on the GPU's copy stream, asynchronous from pinned memory) while the
 caller goes on. Lifetime rule: a slot is rewritten only after its previous copy has landed
-(its destination has been written), so no copy ever reads a half-overwritten slot. On CPU the
-same path runs; the "device" copy is one engine memcpy into a fresh cpu array.
+(its destination has been written), so no copy ever reads a half-overwritten slot.
+
+On CPU the same ring runs with its slots in ordinary cpu memory handed out as the batch itself:
+one host memcpy per array, like mx.nd.array, and no second copy. There the slot's readers are
+the step's operators, and rewriting a slot waits for them (MXNet orders a write after pending
+reads), so a returned batch stays valid for the next `slots - 1` puts. pinned=True forces the
+GPU's two-stage path on any context (the tests run it on CPU).
 """
 from __future__ import annotations
 
@@ -14,27 +19,29 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-DEFAULT_SLOTS = 3
+DEFAULT_SLOTS = 4  # one-ahead staging plus the trainer's two steps in flight, and one spare
 
 
 class StagingRing:
     """`slots` pinned host buffers per array position, reused in turn; put() returns device arrays."""
 
-    def __init__(self, ctx, slots: int = DEFAULT_SLOTS):
+    def __init__(self, ctx, slots: int = DEFAULT_SLOTS, pinned: bool | None = None):
         if slots < 2:
             raise ValueError(f"a staging ring needs at least 2 slots to overlap copies, got {slots}")
         self.ctx = ctx
+        self.pinned = ctx.device_type != "cpu" if pinned is None else pinned
         self.host: list[tuple | None] = [None] * slots  # per slot: one pinned NDArray per array position
         self.copies: list[tuple] = [()] * slots  # per slot: the device arrays its last copy writes
         self.count = 0  # batches put so far; the next one goes to slot count % slots
 
     def slot_arrays(self, i: int, arrays: tuple[np.ndarray, ...]) -> tuple:
-        """Slot i's pinned buffers, (re)allocated when the shapes or dtypes change."""
+        """Slot i's buffers (pinned, or on ctx itself), (re)allocated when the shapes or dtypes change."""
         import mxnet as mx
 
         host = self.host[i]
         if host is None or [(h.shape, h.dtype) for h in host] != [(a.shape, a.dtype) for a in arrays]:
-            host = self.host[i] = tuple(mx.nd.empty(a.shape, ctx=mx.cpu_pinned(0), dtype=a.dtype) for a in arrays)
+            where = mx.cpu_pinned(0) if self.pinned else self.ctx
+            host = self.host[i] = tuple(mx.nd.empty(a.shape, ctx=where, dtype=a.dtype) for a in arrays)
         return host
 
     def put(self, *arrays: np.ndarray) -> tuple:
@@ -49,10 +56,10 @@ class StagingRing:
         host = self.slot_arrays(i, arrays)
         out = []
         for h, a in zip(host, arrays, strict=True):
-            h[:] = a  # a host memcpy (MXNDArraySyncCopyFromCPU), no device wait
-            out.append(h.copyto(self.ctx))  # queued on the engine; returns at once
-        self.copies[i] = tuple(out)
-        return self.copies[i]
+            h[:] = a  # a host memcpy (MXNDArraySyncCopyFromCPU) after the slot's pending reads; no device wait
+            out.append(h.copyto(self.ctx) if self.pinned else h)  # the device copy is queued; returns at once
+        self.copies[i] = tuple(out) if self.pinned else ()
+        return tuple(out)
 
 
 def staged(batches: Iterable[tuple], ring: StagingRing) -> Iterator[tuple]:
