@@ -123,8 +123,8 @@ class Setup:
         import mxnet as mx
         import numpy as np
 
-        from trainer.augment import eval_transform
         from trainer.inference import logit_batches
+        from trainer.presets import eval_transform
 
         images = self.infer_images
         start, cpu = time.perf_counter(), time.process_time()

@@ -243,9 +243,9 @@ def test_forward_rows_per_device():
 def test_overlapped_inference_loop_matches_one_forward():
     import mxnet as mx
 
-    from trainer.augment import eval_transform
     from trainer.inference import logit_batches
     from trainer.model import resnet18
+    from trainer.presets import eval_transform
 
     net = resnet18(10, 4)
     net.initialize(mx.init.Xavier())
