@@ -27,11 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.labels import CIFAR10_CLASSES as CLASSES
 from data_prep.store import MANIFEST
 from launcher import run as launcher_run
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL_PARAMS
 from trainer.presets import MEAN, STD
-from trainer.score import CIFAR10_CLASSES as CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,67 +1,143 @@
-"""Read and check the competition's trainLabels.csv (id,label), the only source of truth for labels."""
+"""The `id,label` CSV contract: trainLabels.csv, submission.csv and solution files, read and written here only.
+
+One policy for every such file: UTF-8 (a byte-order mark and CRLF line ends accepted, as Windows
+tools write them), the header `id,label`, ids positive integers (no sign, no leading zero) each
+once, labels non-empty and usable as one path component, and with `classes` given, one of them.
+Every problem is reported as `FILE:LINE: what`, the first MAX_SHOWN of them in one PrepareError.
+"""
 from __future__ import annotations
 
 import csv
 import io
-import re
+import os
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
 
 from data_prep.errors import PrepareError, offenders
+from data_prep.files import atomic_write
 
-POSITIVE_INT = re.compile(r"[1-9][0-9]*")
+# The Kaggle CIFAR-10 class names, sorted (a prepared manifest's order): the default of demo data and score.
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+HEADER = ["id", "label"]
+ID_PATTERN = r"[1-9][0-9]{0,17}"  # positive, and within int64
 # Labels become folder names in the seed's layout, so they must be safe as one path component.
-BAD_LABEL_CHARS = re.compile(r"[/\\\x00-\x1f]")
+BAD_LABEL_PATTERN = r"[/\\\x00-\x1f]"
+MAX_LABEL_CHARS = 200  # a folder name is at most 255 bytes
+SHOWN_CHARS = 40  # of a bad value quoted in a message (a line may be 300 KB long)
+
+
+class LabelTable(NamedTuple):
+    """An id,label file's rows in file order: int64 ids, str labels (object array), their line numbers."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lines: np.ndarray
+
+
+def _short(value: str) -> str:
+    """repr of value, cut to SHOWN_CHARS characters."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return repr(value[:SHOWN_CHARS]) + f"... ({len(value)} characters)"
+
+
+def _text(path: Path, missing_hint: str) -> str:
+    """The file as text without its byte-order mark; PrepareError naming the line of a non-UTF-8 byte."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PrepareError(f"{path}: cannot read: missing{missing_hint}") from None
+    except OSError as exc:
+        raise PrepareError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PrepareError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+
+
+def _rows(path: Path, text: str) -> pd.DataFrame:
+    """Header checked; the data rows as two str columns, index = line number (1-based, header on line 1)."""
+    first = text.split("\n", 1)[0].rstrip("\r")
+    header = next(csv.reader([first]), [])
+    if [cell.strip() for cell in header] != HEADER:
+        raise PrepareError(f"{path}:1: header must be 'id,label', found {_short(first) if text else 'an empty file'}")
+    try:
+        df = pd.read_csv(io.StringIO(text), header=None, names=HEADER, dtype={"id": str, "label": str},
+                         na_filter=False, skip_blank_lines=False, index_col=False, engine="c", skiprows=1)
+    except pd.errors.ParserError as exc:
+        # "... Expected 2 fields in line N, saw M"
+        where = str(exc).rsplit("line ", 1)[-1]
+        raise PrepareError(f"{path}:{where.replace(', saw', ': expected 2 fields (id,label), found')}") from None
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame({"id": [], "label": []}, dtype=str)
+    df.index = np.arange(2, len(df) + 2)
+    if df["label"].str.contains("\n").any():  # a quoted field spanning lines would shift every line number after it
+        line = int(df.index[df["label"].str.contains("\n")][0])
+        raise PrepareError(f"{path}:{line}: a label spans lines")
+    return df
+
+
+def _problems(df: pd.DataFrame, classes: list[str] | None) -> tuple[pd.Series, list[tuple[int, str]]]:
+    """(ids stripped, [(line, problem)]) for the rows that break the policy; blank lines are skipped."""
+    raw_id, label = df["id"].str.strip(), df["label"].str.strip()
+    blank = (raw_id == "") & (label == "")
+    bad_id = ~raw_id.str.fullmatch(ID_PATTERN) & ~blank
+    found = [(n, f"id {_short(v)} is not a positive integer") for n, v in raw_id[bad_id].items()]
+    ok = ~bad_id & ~blank
+    empty = ok & (label == "")
+    found += [(n, f"id {v} has an empty label") for n, v in raw_id[empty].items()]
+    unsafe = ok & ~empty & (label.str.contains(BAD_LABEL_PATTERN) | label.isin([".", ".."])
+                                 | (label.str.len() > MAX_LABEL_CHARS))
+    found += [(n, f"label {_short(v)} cannot be used as a class folder name") for n, v in label[unsafe].items()]
+    ok &= ~empty & ~unsafe
+    if classes is not None:
+        foreign = ok & ~label.isin(classes)
+        found += [(n, f"label {_short(v)} is not one of the classes ({', '.join(classes)})")
+                  for n, v in label[foreign].items()]
+        ok &= ~foreign
+    dup = ok & raw_id.duplicated(keep=False)
+    first_line = raw_id[dup].reset_index().drop_duplicates("id").set_index("id")["index"]
+    found += [(n, f"duplicate id {v} (first on line {first_line[v]})") for n, v in raw_id[dup].items()
+              if first_line[v] != n]
+    return raw_id, sorted(found)
+
+
+def read_table(path: str | Path, classes: list[str] | None = None, missing_hint: str = "") -> LabelTable:
+    """Every row of an id,label file, checked against the policy; PrepareError listing FILE:LINE problems."""
+    path = Path(path)
+    df = _rows(path, _text(path, missing_hint))
+    raw_id, found = _problems(df, classes)
+    if found:
+        raise PrepareError(offenders(f"{path}: bad rows", [f"{path}:{n}: {what}" for n, what in found]))
+    keep = raw_id != ""
+    return LabelTable(raw_id[keep].astype(np.int64).to_numpy(), df["label"].str.strip()[keep].to_numpy(dtype=object),
+                      df.index[keep].to_numpy(dtype=np.int64))
 
 
 def read_labels(path: Path) -> dict[int, tuple[str, int]]:
-    """Map each id to (label, line number); raise PrepareError listing every bad line.
-
-    Accepts CRLF line endings and a UTF-8 byte-order mark, as Windows tools write them.
-    """
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise PrepareError(f"{path}: missing (the Kaggle download has trainLabels.csv beside train/)") from None
-    except UnicodeDecodeError as exc:
-        raise PrepareError(f"{path}: not UTF-8 text ({exc})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-    except csv.Error as exc:
-        raise PrepareError(f"{path}: line 1: {exc}") from None
-    if header is None or [cell.strip() for cell in header] != ["id", "label"]:
-        shown = ",".join(header) if header else "an empty file"
-        raise PrepareError(f"{path}: line 1: header must be 'id,label', found {shown!r}")
-
-    labels: dict[int, tuple[str, int]] = {}
-    problems: list[str] = []
-    try:
-        for row in reader:
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line, e.g. a trailing newline
-            if len(row) != 2:
-                problems.append(f"line {line}: expected 2 fields (id,label), found {len(row)}: {','.join(row)!r}")
-                continue
-            raw_id, label = row[0].strip(), row[1].strip()
-            if not POSITIVE_INT.fullmatch(raw_id):
-                problems.append(f"line {line}: id {raw_id!r} is not a positive integer")
-                continue
-            if not label:
-                problems.append(f"line {line}: id {raw_id} has an empty label")
-                continue
-            if BAD_LABEL_CHARS.search(label) or label in (".", ".."):
-                problems.append(f"line {line}: label {label!r} cannot be used as a class folder name")
-                continue
-            image_id = int(raw_id)
-            if image_id in labels:
-                problems.append(f"line {line}: duplicate id {image_id} (first on line {labels[image_id][1]})")
-                continue
-            labels[image_id] = (label, line)
-    except csv.Error as exc:
-        problems.append(f"line {reader.line_num}: {exc}")
-    if problems:
-        raise PrepareError(offenders(f"{path}: bad rows", problems))
-    if not labels:
+    """trainLabels.csv as {id: (label, line number)}; PrepareError if it breaks the policy or has no rows."""
+    table = read_table(path, missing_hint=" (the Kaggle download has trainLabels.csv beside train/)")
+    if not len(table.ids):
         raise PrepareError(f"{path}: no labelled rows after the header")
-    return labels
+    return dict(zip(table.ids.tolist(), zip(table.labels.tolist(), table.lines.tolist(), strict=True), strict=True))
+
+
+def write_table(path: str | Path, ids: np.ndarray, labels: np.ndarray | list[str]) -> Path:
+    """Write `id,label` rows (ids positive, each once) to a temporary sibling, then rename it to path."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and (ids.min() < 1 or len(np.unique(ids)) != len(ids)):
+        raise ValueError(f"{path}: ids must be positive integers, each once")
+    frame = pd.DataFrame({"id": ids, "label": np.asarray(labels, dtype=object)})
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            frame.to_csv(f, index=False, lineterminator="\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+    return Path(path)

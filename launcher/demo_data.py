@@ -8,7 +8,6 @@ learns it well above chance in a minute but not trivially.
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import tempfile
@@ -18,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from data_prep.errors import InputError, run_command
+from data_prep.labels import CIFAR10_CLASSES, write_table
 from data_prep.schema import Parser
-from trainer.score import CIFAR10_CLASSES
 
 CLASSES = tuple(CIFAR10_CLASSES)
 SIZE = 32
@@ -104,22 +103,15 @@ def write_demo_dataset(out: str | Path, n_train: int = 5000, n_test: int = 1000,
         (tmp / "test").mkdir()
         for i, label in enumerate(labels, start=1):
             Image.fromarray(draw(int(label), rng)).save(tmp / "train" / f"{i}.png")
-        with open(tmp / "trainLabels.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "label"])
-            w.writerows((i, CLASSES[label]) for i, label in enumerate(labels, start=1))
+        names = np.array(CLASSES, dtype=object)
+        write_table(tmp / "trainLabels.csv", np.arange(1, n_train + 1), names[labels])
         test_labels = rng.integers(0, len(CLASSES), size=n_test)
         for i, label in enumerate(test_labels, start=1):
             Image.fromarray(draw(int(label), rng)).save(tmp / "test" / f"{i}.png")
-        with open(tmp / "sampleSubmission.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "label"])
-            w.writerows((i, "cat") for i in range(1, n_test + 1))
+        test_ids = np.arange(1, n_test + 1)
+        write_table(tmp / "sampleSubmission.csv", test_ids, ["cat"] * n_test)
         # The answers for the demo test set, outside the Kaggle layout's files, so `score` can be tried.
-        with open(tmp / "testSolution.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "label"])
-            w.writerows((i, CLASSES[label]) for i, label in enumerate(test_labels, start=1))
+        write_table(tmp / "testSolution.csv", test_ids, names[test_labels])
         os.chmod(tmp, 0o755)
         os.rename(tmp, out)
     except BaseException:

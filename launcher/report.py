@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import atomic_write
+from data_prep.files import atomic_write
 from trainer.metrics import draw_curves, read_metrics
 
 

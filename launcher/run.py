@@ -23,11 +23,13 @@ from typing import Any
 
 from data_prep import read_manifest
 from data_prep.errors import run_command
+from data_prep.files import atomic_write_text
+from data_prep.labels import read_table
 from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_argv
 from data_prep.store import MANIFEST
 from launcher.report import write_report
 from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
-from trainer.checkpoint import FINAL_PARAMS, atomic_write_text
+from trainer.checkpoint import FINAL_PARAMS
 from trainer.device import mpi_world
 from trainer.metrics import read_metrics
 from trainer.train import run_figures
@@ -195,8 +197,7 @@ class Pipeline:
         if stage == "prepare":
             return read_manifest(self.prepared).figures()
         if stage == "predict":
-            with open(self.workdir / "submission.csv") as f:
-                rows = sum(1 for _ in f) - 1
+            rows = len(read_table(self.workdir / "submission.csv").ids)
             return {"images": rows, "submission": str(self.workdir / "submission.csv")}
         return run_figures(stage, read_metrics(out_dir))
 

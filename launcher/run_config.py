@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from data_prep.config import PrepareConfig
+from data_prep.files import atomic_write_text
 from data_prep.schema import (
     RUN_CONFIG_KEYS,
     RUN_CONFIG_SCALARS,
@@ -26,7 +27,6 @@ from data_prep.schema import (
     parse_yaml,
     read_yaml,
 )
-from trainer.checkpoint import atomic_write_text
 from trainer.config import PredictConfig, TrainConfig
 
 PHASES = ("prepare", "tune", "final", "predict")

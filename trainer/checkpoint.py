@@ -7,11 +7,10 @@ and is ignored. Every file is written to a temporary sibling and renamed into pl
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from data_prep.files import atomic_write, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_PARAMS = "model-final.params"
@@ -21,23 +20,6 @@ _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
 
 class RunDirError(FileNotFoundError):
     """A run directory lacks what was asked of it; the message names the path."""
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Call write(tmp_path) for a temporary sibling of path, then rename it onto path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_run_config(run_dir: str | Path) -> dict:

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer.checkpoint import atomic_write, atomic_write_text
+from data_prep.files import atomic_write, atomic_write_text
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"

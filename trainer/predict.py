@@ -12,7 +12,6 @@ streams the CSV to a temporary sibling that is renamed into place.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -26,9 +25,6 @@ from trainer.config import PredictConfig
 from trainer.device import set_cpu_threads
 from trainer.inference import context_budget, forward_rows, logit_batches
 from trainer.sharding import eval_slice
-
-CSV_CHUNK_ROWS = 65536
-
 
 PredictError = InputError  # bad input to predict (missing prepared dir, model or output folder; class mismatch)
 
@@ -124,24 +120,10 @@ def order_and_check(pairs: np.ndarray, expected_ids: np.ndarray) -> tuple[np.nda
 
 
 def write_submission(path: str | Path, ids: np.ndarray, preds: np.ndarray, classes: list[str]) -> Path:
-    """Stream `id,label` rows in chunks to a temporary sibling, then rename it to path."""
-    from trainer.checkpoint import atomic_write
+    """submission.csv through the id,label contract (data_prep.labels): written beside, then renamed to path."""
+    from data_prep.labels import write_table
 
-    path = Path(path)
-    names = np.array(classes, dtype=object)
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            f.write("id,label\n")
-            for start in range(0, len(ids), CSV_CHUNK_ROWS):
-                chunk_ids = ids[start:start + CSV_CHUNK_ROWS].tolist()
-                chunk_names = names[preds[start:start + CSV_CHUNK_ROWS]].tolist()
-                f.write("".join(f"{i},{c}\n" for i, c in zip(chunk_ids, chunk_names, strict=True)))
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write_csv)
-    return path
+    return write_table(path, ids, np.array(classes, dtype=object)[preds])
 
 
 def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:

@@ -9,7 +9,6 @@ ids missing from the submission are input errors naming the file and line (exit 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -17,55 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import InputError, run_command
+from data_prep.files import atomic_write
+from data_prep.labels import CIFAR10_CLASSES, read_table
 from data_prep.schema import Parser
 
-# The Kaggle CIFAR-10 class names, sorted (the manifest's order); used when no --prepared/--classes is given.
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
 ScoreError = InputError  # a submission or solution file is malformed; the message names the file and line
-
-
-def read_labels(path: str | Path, classes: list[str], wanted: dict[int, int] | None = None) -> tuple[dict[int, int], dict[int, int]]:
-    """({id: class index}, {id: line number}) from an `id,label` CSV, checking header, ids, duplicates and labels.
-
-    With wanted (a solution's {id: index}), only those ids are kept, so a 300,000-row
-    submission costs a set of ids, not a dict of all rows.
-    """
-    path = Path(path)
-    index = {c: i for i, c in enumerate(classes)}
-    seen: set[int] = set()
-    rows: dict[int, int] = {}
-    lines: dict[int, int] = {}
-    try:
-        f = open(path, newline="")
-    except OSError as e:
-        raise ScoreError(f"{path}: cannot read: {e.strerror}") from e
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != ["id", "label"]:
-            raise ScoreError(f"{path}:1: header must be 'id,label', got {','.join(header or [])!r}")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 2:
-                raise ScoreError(f"{path}:{line}: expected 2 fields (id,label), got {len(row)}")
-            raw_id, label = row[0].strip(), row[1].strip()
-            try:
-                id_ = int(raw_id)
-            except ValueError:
-                raise ScoreError(f"{path}:{line}: id {raw_id!r} is not an integer") from None
-            if id_ in seen:
-                raise ScoreError(f"{path}:{line}: duplicate id {id_}")
-            seen.add(id_)
-            if label not in index:
-                raise ScoreError(f"{path}:{line}: label {label!r} is not one of the classes ({', '.join(classes)})")
-            if wanted is None or id_ in wanted:
-                rows[id_] = index[label]
-                lines[id_] = line
-    return rows, lines
 
 
 def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -98,8 +53,6 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
                         color="white" if frac[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    from trainer.checkpoint import atomic_write
-
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
@@ -112,17 +65,20 @@ def score(submission: str | Path, solution: str | Path, classes: list[str] | Non
     """Accuracy of submission on the solution's ids: {"accuracy", "count", "per_class", "confusion", "plot"}."""
     classes = list(classes or CIFAR10_CLASSES)
     submission = Path(submission)
-    truth, truth_lines = read_labels(solution, classes)
-    if not truth:
+    truth = read_table(solution, classes)
+    if not len(truth.ids):
         raise ScoreError(f"{solution}: no rows to score")
-    preds, _ = read_labels(submission, classes, wanted=truth)
-    missing = [i for i in truth if i not in preds]
+    sub = read_table(submission, classes)
+    index = {c: i for i, c in enumerate(classes)}
+    preds = dict(zip(sub.ids.tolist(), sub.labels.tolist(), strict=True))
+    missing = [(i, n) for i, n in zip(truth.ids.tolist(), truth.lines.tolist(), strict=True) if i not in preds]
     if missing:
-        raise ScoreError(f"{solution}:{truth_lines[missing[0]]}: id {missing[0]} is not in {submission} "
+        raise ScoreError(f"{solution}:{missing[0][1]}: id {missing[0][0]} is not in {submission} "
                          f"({len(missing)} solution id(s) missing)")
-    ids = sorted(truth)
-    t = np.array([truth[i] for i in ids], dtype=np.int64)
-    p = np.array([preds[i] for i in ids], dtype=np.int64)
+    order = np.argsort(truth.ids)
+    ids = truth.ids[order].tolist()
+    t = np.array([index[c] for c in truth.labels[order]], dtype=np.int64)
+    p = np.array([index[preds[i]] for i in ids], dtype=np.int64)
     matrix = confusion(t, p, len(classes))
     per_class = {c: (float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None) for k, c in enumerate(classes)}
     accuracy = float(np.trace(matrix) / len(ids))
