@@ -20,6 +20,7 @@ SPLITS = ("train", "valid", "train_valid", "test")
 TRAINVAL_IMAGES, TRAINVAL_LABELS, TRAINVAL_IDS = "trainval_images.npy", "trainval_labels.npy", "trainval_ids.npy"
 TEST_IMAGES, TEST_IDS = "test_images.npy", "test_ids.npy"
 FOLDERS = "train_valid_test"
+IMAGE_SHAPE = (32, 32, 3)
 
 
 class Split(NamedTuple):
@@ -90,16 +91,108 @@ def read_manifest(prep_dir: str | Path) -> Manifest:
     return Manifest(manifest)
 
 
+def _fail(prep_dir: Path, key: str, what: str) -> PrepareError:
+    """The error for a manifest key that does not match the directory (exit 2)."""
+    return PrepareError(f"{Path(prep_dir) / MANIFEST}: key '{key}': {what}; prepare the data again")
+
+
+def _count(prep_dir: Path, key: str, value: object) -> int:
+    """value if it is a non-negative integer (not a bool, not a string), else the error naming key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(prep_dir, key, f"must be a non-negative integer, found {value!r}")
+    return value
+
+
+def _array(prep_dir: Path, files: dict, key: str, name: object) -> np.ndarray:
+    """The memory map of a file the manifest lists, its size checked against the manifest's bytes."""
+    if not isinstance(name, str) or Path(name).name != name or name not in files:
+        raise _fail(prep_dir, key, f"{name!r} is not one of the files listed under 'files'")
+    path = prep_dir / name
+    expected = files[name].get("bytes") if isinstance(files[name], dict) else None
+    try:
+        size = path.stat().st_size
+        if size != expected:
+            raise _fail(prep_dir, f"files.{name}.bytes", f"{path} has {size} bytes, the manifest says {expected!r}")
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise _fail(prep_dir, key, f"cannot map {path}: {exc}") from None
+
+
+def _check_entry(prep_dir: Path, manifest: dict, split: str) -> tuple[np.ndarray, range]:
+    """One split's arrays against its entry: shapes, dtypes, rows inside them, labels within classes."""
+    key = f"splits.{split}"
+    entry, files = manifest["splits"].get(split), manifest["files"]
+    if not isinstance(entry, dict):
+        raise _fail(prep_dir, key, "missing")
+    start = _count(prep_dir, f"{key}.start", entry.get("start"))
+    rows = range(start, start + _count(prep_dir, f"{key}.count", entry.get("count")))
+    images = _array(prep_dir, files, f"{key}.images", entry.get("images"))
+    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+        raise _fail(prep_dir, f"{key}.images", f"{entry['images']} is {images.dtype} {images.shape}, "
+                    f"expected uint8 (N, {', '.join(map(str, IMAGE_SHAPE))})")
+    kinds = ("ids",) if split == "test" and entry.get("labels") is None else ("ids", "labels")
+    for kind in kinds:
+        arr = _array(prep_dir, files, f"{key}.{kind}", entry.get(kind))
+        if arr.dtype.kind not in "iu" or arr.shape != (len(images),):
+            raise _fail(prep_dir, f"{key}.{kind}", f"{entry[kind]} is {arr.dtype} {arr.shape}, "
+                        f"expected integers, one per image ({len(images)})")
+        if kind == "labels" and len(rows) and not (0 <= arr[rows.start:rows.stop].min()
+                                                   and arr[rows.start:rows.stop].max() < len(manifest["classes"])):
+            raise _fail(prep_dir, f"{key}.labels", f"rows {rows.start}..{rows.stop - 1} hold labels outside "
+                        f"0..{len(manifest['classes']) - 1} (the classes)")
+    if rows.stop > len(images):
+        raise _fail(prep_dir, key, f"rows {rows.start}..{rows.stop - 1} lie beyond the {len(images)} rows of "
+                    f"{entry['images']}")
+    return images, rows
+
+
+def check(prep_dir: str | Path, manifest: dict) -> None:
+    """The manifest against the arrays it maps, without reading images: PrepareError naming the key.
+
+    Checks the classes, every split's files (sizes as listed, shapes, dtypes), its rows inside the
+    arrays, its labels within the classes, and that train, valid and test share no rows.
+    """
+    prep_dir = Path(prep_dir)
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes) \
+            or not all(isinstance(c, str) and c for c in classes):
+        raise _fail(prep_dir, "classes", f"must list at least 2 distinct names, found {classes!r}")
+    for key in ("splits", "files"):
+        if not isinstance(manifest.get(key), dict):
+            raise _fail(prep_dir, key, "missing or not a mapping")
+    used = {split: _check_entry(prep_dir, manifest, split) for split in SPLITS}
+    for i, a in enumerate(("train", "valid", "test")):
+        for b in ("train", "valid", "test")[i + 1:]:
+            rows_a, rows_b = used[a][1], used[b][1]
+            same_file = manifest["splits"][a]["images"] == manifest["splits"][b]["images"]
+            if same_file and max(rows_a.start, rows_b.start) < min(rows_a.stop, rows_b.stop):
+                raise _fail(prep_dir, f"splits.{b}", f"rows {rows_b.start}..{rows_b.stop - 1} overlap "
+                            f"splits.{a}'s {rows_a.start}..{rows_a.stop - 1}")
+
+
+def verify(prep_dir: str | Path) -> list[str]:
+    """Re-hash every file against the manifest's sha256 (after check); return the names that differ.
+
+    Run it after copying a prepared directory to new storage: sizes can match while bytes do not.
+    """
+    manifest = read_manifest(prep_dir)
+    check(prep_dir, manifest)
+    return [name for name, meta in manifest["files"].items()
+            if sha256_file(Path(prep_dir) / name) != (meta or {}).get("sha256")]
+
+
 def open_split(prep_dir: str | Path, split: str, manifest: dict | None = None) -> Split:
     """The rows of SPLIT: images memory-mapped (a rank reads only its shard), labels and ids loaded.
 
-    Pass the manifest already read (read_manifest) to open several splits of one publish without
-    reading it again.
+    The manifest is checked against the arrays first (check); pass the manifest already read
+    (read_manifest) to open several splits of one publish without reading it again.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     prep_dir = Path(prep_dir)
-    entry = (manifest or read_manifest(prep_dir))["splits"][split]
+    manifest = manifest or read_manifest(prep_dir)
+    check(prep_dir, manifest)
+    entry = manifest["splits"][split]
     rows = slice(entry["start"], entry["start"] + entry["count"])
 
     def load(name: str) -> np.ndarray:

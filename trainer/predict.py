@@ -54,12 +54,6 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
         raise PredictError(f"{params}: cannot load into resnet18(width={width}, classes={len(classes)}): {e}") from e
     if precision == "int8":
         net = quantize_int8(net, calib_images, ctx, crop)
-    elif precision == "bfloat16":
-        from mxnet.contrib import amp
-
-        net.hybridize()
-        net(mx.nd.zeros((1, 3, 32, 32), ctx=ctx))  # conversion works on the traced graph
-        net = amp.convert_hybrid_block(net, target_dtype="bfloat16", ctx=ctx)
     # not static_alloc: it keeps every intermediate buffer (2.6 GB at width 64, batch 512)
     net.hybridize()
     return net, list(classes), width, crop

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import platform
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 
 from data_prep.errors import InputError, run_command
 from data_prep.schema import Parser, add_flags, resolve
-from trainer import checkpoint, metrics
+from trainer import checkpoint, metrics, rundir
 from trainer.config import RunRecord, TrainConfig
 from trainer.device import device_problem, set_cpu_threads
 from trainer.precision import loss_scale_state
@@ -40,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=("tune", "final"), default="tune",
                    help="tune: train on train, validate each epoch; final: train on train_valid")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the prepared files against their manifest first (sizes are always checked)")
     add_flags(p, TrainConfig)
     return p
 
@@ -48,29 +49,13 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(TrainConfig, args, args.config, "train")
     threads = set_cpu_threads(cfg.threads)  # before anything imports mxnet
-    train(args.prepared, args.out, cfg, phase=args.phase, resume=args.resume, threads=threads)
+    train(args.prepared, args.out, cfg, phase=args.phase, resume=args.resume, threads=threads, verify=args.verify)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, resolve the config, then train; 2 for bad input, 1 for other failures (rank named)."""
     return run_command("train", lambda: _main(argv))
-
-
-def check_split(prepared: Path, split, n_classes: int) -> None:
-    """The shapes training relies on: uint8 N x 32 x 32 x 3 images, one label per image, labels < n_classes.
-
-    Checked before RUN is touched, so bad prepared data leaves no run dir that would then need --resume.
-    """
-    images, labels = split.images, split.labels
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
-        raise TrainError(f"{prepared}: images are {images.dtype} {'x'.join(map(str, images.shape))}, "
-                         "expected uint8 N x 32 x 32 x 3; prepare it again")
-    if labels is None or len(labels) != len(images):
-        raise TrainError(f"{prepared}: {len(images)} images but {0 if labels is None else len(labels)} labels; "
-                         "prepare it again")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise TrainError(f"{prepared}: labels outside 0..{n_classes - 1} (the manifest's classes); prepare it again")
 
 
 def param_crc(net) -> int:
@@ -182,9 +167,6 @@ def load_data(prepared: Path, phase: str, cfg: TrainConfig, size: int) -> Data:
         valid_split = data_prep.open_split(prepared, "valid", manifest) if phase == "tune" else None
     except (OSError, ValueError, KeyError, PrepareError) as e:
         raise TrainError(f"{prepared}: cannot read the prepared data: {e}") from e
-    for split in (train_split, valid_split):
-        if split is not None:
-            check_split(prepared, split, len(classes))
     n = len(train_split.images)
     steps = steps_per_epoch(n, cfg.batch_size, size)
     if steps == 0:
@@ -465,17 +447,6 @@ def check_same_model(net, world: World) -> None:
         raise RuntimeError(f"ranks ended with different parameters (crc32 by rank: {crcs})")
 
 
-def write_final(net, out: Path) -> None:
-    """model-final.params, then the exported graph and its parameters, each published by a rename."""
-    checkpoint.atomic_write(out / checkpoint.FINAL_PARAMS, net.save_parameters)
-    tmp = out / f".export-{os.getpid()}"
-    tmp.mkdir()
-    net.export(str(tmp / "model"))
-    for name in ("model-symbol.json", "model-0000.params"):
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
-
-
 # --- the stage ---------------------------------------------------------------------------------------
 
 def start_line(data: Data, cfg: TrainConfig, phase: str, model: Model, world: World, threads: int) -> str:
@@ -487,11 +458,12 @@ def start_line(data: Data, cfg: TrainConfig, phase: str, model: Model, world: Wo
 
 
 def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = "tune", resume: bool = False,
-          threads: int | None = None) -> RunSummary:
+          threads: int | None = None, verify: bool = False) -> RunSummary:
     """Train cfg's model on the prepared dir's phase split into the run dir out; call it on every rank.
 
     Inputs are checked before anything is written to out; rank 0 alone writes. threads: the
-    per-rank CPU thread count already set (None: set it now from cfg.threads).
+    per-rank CPU thread count already set (None: set it now from cfg.threads). verify: re-hash the prepared
+    files (rank 0) before any rank reads them.
     """
     prepared, out = Path(prepared), Path(out)
     if out.exists() and not out.is_dir():
@@ -501,10 +473,12 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
     problem = device_problem(cfg.amp, world.ctx)
     if problem:
         raise TrainError(problem)
+    rundir.verify_prepared(world.hvd, prepared, verify)
     data = load_data(prepared, phase, cfg, world.size)
     check_out_dir(out, resume, world)
     if world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        rundir.start(out)
     model = build(cfg, data.classes, out, phase, resume, world)
     if world.rank == 0:
         write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads)
@@ -519,7 +493,7 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
             world.log(epoch_line(record, cfg.epochs))
     check_same_model(model.net, world)
     if world.rank == 0:
-        write_final(model.net, out)
+        rundir.write_final_model(out, model.net, data.classes, cfg.eval_crop)
         world.log(f"wrote {out / checkpoint.FINAL_PARAMS} and {out / 'model-symbol.json'}")
     return RunSummary(str(out), phase, cfg.epochs, model.start_epoch, world.size, str(out / checkpoint.FINAL_PARAMS),
                       history)
