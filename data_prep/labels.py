@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,14 +60,18 @@ def _text(path: Path, missing_hint: str) -> str:
         raise PrepareError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
-def _rows(path: Path, text: str) -> pd.DataFrame:
-    """Header checked; the data rows as two str columns, index = line number (1-based, header on line 1)."""
+def _check_header(path: Path, text: str) -> None:
+    """Line 1 must be `id,label` (read with csv: pandas would take a longer header's first two names)."""
     first = text.split("\n", 1)[0].rstrip("\r")
     header = next(csv.reader([first]), [])
     if [cell.strip() for cell in header] != HEADER:
         raise PrepareError(f"{path}:1: header must be 'id,label', found {_short(first) if text else 'an empty file'}")
+
+
+def _frame(path: Path, text: str, id_dtype: type) -> pd.DataFrame:
+    """The data rows as columns id (id_dtype) and label (str), index = line number (the header is line 1)."""
     try:
-        df = pd.read_csv(io.StringIO(text), header=None, names=HEADER, dtype={"id": str, "label": str},
+        df = pd.read_csv(io.StringIO(text), header=None, names=HEADER, dtype={"id": id_dtype, "label": str},
                          na_filter=False, skip_blank_lines=False, index_col=False, engine="c", skiprows=1)
     except pd.errors.ParserError as exc:
         # "... Expected 2 fields in line N, saw M"
@@ -75,47 +80,73 @@ def _rows(path: Path, text: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         df = pd.DataFrame({"id": [], "label": []}, dtype=str)
     df.index = np.arange(2, len(df) + 2)
-    if df["label"].str.contains("\n").any():  # a quoted field spanning lines would shift every line number after it
-        line = int(df.index[df["label"].str.contains("\n")][0])
+    spans = df["label"].str.contains("\n") if '"' in text else None  # only a quoted field can span lines
+    if spans is not None and spans.any():  # it would shift the line number of every row after it
+        line = int(df.index[spans][0])
         raise PrepareError(f"{path}:{line}: a label spans lines")
     return df
 
 
-def _problems(df: pd.DataFrame, classes: list[str] | None) -> tuple[pd.Series, list[tuple[int, str]]]:
-    """(ids stripped, [(line, problem)]) for the rows that break the policy; blank lines are skipped."""
-    raw_id, label = df["id"].str.strip(), df["label"].str.strip()
+def _label_problem(label: str, classes: list[str] | None) -> str | None:
+    """What is wrong with one stripped label under the policy ('' for an empty one), or None."""
+    if not label:
+        return ""
+    if re.search(BAD_LABEL_PATTERN, label) or label in (".", "..") or len(label) > MAX_LABEL_CHARS:
+        return f"label {_short(label)} cannot be used as a class folder name"
+    if classes is not None and label not in classes:
+        return f"label {_short(label)} is not one of the classes ({', '.join(classes)})"
+    return None
+
+
+def _fast(path: Path, text: str, classes: list[str] | None) -> LabelTable | None:
+    """The table when every line is canonical (an id as write_table writes it, then a comma; ids once; good
+    labels), checked without a Python step per row; None sends the file to _slow, which names the lines."""
+    body = text.split("\n", 1)[1].rstrip("\r\n") if "\n" in text else ""
+    if re.search(rf"(?m)^(?!{ID_PATTERN},)", body):
+        return None
+    try:
+        df = _frame(path, text, np.int64)
+    except (ValueError, OverflowError):
+        return None
+    if df["id"].duplicated().any() or any(u != u.strip() or _label_problem(u, classes) is not None
+                                          for u in pd.unique(df["label"])):
+        return None
+    return LabelTable(df["id"].to_numpy(dtype=np.int64), df["label"].to_numpy(dtype=object),
+                      df.index.to_numpy(np.int64))
+
+
+def _slow(path: Path, text: str, classes: list[str] | None) -> LabelTable:
+    """The table after stripping cells and skipping blank lines; PrepareError listing every FILE:LINE problem."""
+    df = _frame(path, text, str)
+    raw_id = df["id"].str.strip()
+    codes, uniques = pd.factorize(df["label"])
+    stripped = np.array([u.strip() for u in uniques] + [""], dtype=object)  # code -1 cannot occur: na_filter off
+    label = pd.Series(stripped[codes], index=df.index)
+    problem = np.array([_label_problem(u, classes) for u in stripped], dtype=object)[codes]
     blank = (raw_id == "") & (label == "")
     bad_id = ~raw_id.str.fullmatch(ID_PATTERN) & ~blank
     found = [(n, f"id {_short(v)} is not a positive integer") for n, v in raw_id[bad_id].items()]
-    ok = ~bad_id & ~blank
-    empty = ok & (label == "")
-    found += [(n, f"id {v} has an empty label") for n, v in raw_id[empty].items()]
-    unsafe = ok & ~empty & (label.str.contains(BAD_LABEL_PATTERN) | label.isin([".", ".."])
-                                 | (label.str.len() > MAX_LABEL_CHARS))
-    found += [(n, f"label {_short(v)} cannot be used as a class folder name") for n, v in label[unsafe].items()]
-    ok &= ~empty & ~unsafe
-    if classes is not None:
-        foreign = ok & ~label.isin(classes)
-        found += [(n, f"label {_short(v)} is not one of the classes ({', '.join(classes)})")
-                  for n, v in label[foreign].items()]
-        ok &= ~foreign
+    has_problem = pd.Series(problem != None, index=df.index) & ~bad_id & ~blank  # noqa: E711 - elementwise
+    found += [(n, f"id {i} has an empty label" if problem[k] == "" else problem[k])
+              for k, (n, i) in enumerate(raw_id.items()) if has_problem.iat[k]]
+    ok = ~bad_id & ~blank & ~has_problem
     dup = ok & raw_id.duplicated(keep=False)
     first_line = raw_id[dup].reset_index().drop_duplicates("id").set_index("id")["index"]
     found += [(n, f"duplicate id {v} (first on line {first_line[v]})") for n, v in raw_id[dup].items()
               if first_line[v] != n]
-    return raw_id, sorted(found)
+    if found:
+        raise PrepareError(offenders(f"{path}: bad rows", [f"{path}:{n}: {what}" for n, what in sorted(found)]))
+    keep = ~blank
+    return LabelTable(raw_id[keep].astype(np.int64).to_numpy(), label[keep].to_numpy(dtype=object),
+                      df.index[keep].to_numpy(dtype=np.int64))
 
 
 def read_table(path: str | Path, classes: list[str] | None = None, missing_hint: str = "") -> LabelTable:
     """Every row of an id,label file, checked against the policy; PrepareError listing FILE:LINE problems."""
     path = Path(path)
-    df = _rows(path, _text(path, missing_hint))
-    raw_id, found = _problems(df, classes)
-    if found:
-        raise PrepareError(offenders(f"{path}: bad rows", [f"{path}:{n}: {what}" for n, what in found]))
-    keep = raw_id != ""
-    return LabelTable(raw_id[keep].astype(np.int64).to_numpy(), df["label"].str.strip()[keep].to_numpy(dtype=object),
-                      df.index[keep].to_numpy(dtype=np.int64))
+    text = _text(path, missing_hint)
+    _check_header(path, text)
+    return _fast(path, text, classes) or _slow(path, text, classes)
 
 
 def read_labels(path: Path) -> dict[int, tuple[str, int]]:
