@@ -125,7 +125,9 @@ def worker_init(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import mxnet as mx
 
+    from trainer.config import TrainConfig
     from trainer.model import resnet18
+    from trainer.rundir import RunRecord, write_record
 
     run = Path(args.model)
     run.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def worker_init(args) -> None:
     net.initialize(mx.init.Xavier())
     net(mx.nd.zeros((1, 3, 32, 32)))
     net.save_parameters(str(run / FINAL_PARAMS))
-    (run / "config.json").write_text(json.dumps({"train": {"width": args.width}, "classes": CLASSES}))
+    write_record(run, RunRecord(TrainConfig(width=args.width), list(CLASSES)))
 
 
 def worker_predict(args) -> None:

@@ -75,16 +75,6 @@ def test_open_split_checks_the_manifest_against_the_arrays(prepared, tmp_path, c
     assert expect in str(err.value)
 
 
-def test_train_and_predict_refuse_a_bad_manifest_with_exit_2(prepared, tmp_path):
-    """Issue 14 item 4 through the CLIs: exit 2 with the key named, no traceback, nothing trained."""
-    prep = copy_prepared(prepared, tmp_path / "prep")
-    edit_manifest(prep, set_split("train", "count", "486"))
-    proc = run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "'splits.train.count'" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
 def test_prepare_verify_rehashes_against_the_manifest(prepared, tmp_path):
     """Issue 14 item 4: `prepare --verify PREP` passes a faithful copy and names a file whose bytes changed."""
     prep = copy_prepared(prepared, tmp_path / "prep")
@@ -117,6 +107,21 @@ def crop_run(prepared, tmp_path_factory):
              "--verify", *TINY], check=True)
     run_cli(["predict", "--prepared", str(prepared), "--model", str(run)], check=True)
     return run
+
+
+def test_train_and_predict_refuse_a_bad_manifest_with_exit_2(prepared, crop_run, tmp_path):
+    """Issue 14 item 4 through the CLIs: exit 2 with the key named, no traceback, nothing trained."""
+    prep = copy_prepared(prepared, tmp_path / "prep")
+    edit_manifest(prep, set_split("train", "count", "486"))
+    proc = run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "'splits.train.count'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    shutil.copy(prepared / "manifest.json", prep / "manifest.json")
+    edit_manifest(prep, set_split("test", "start", 1))  # test rows beyond test_ids.npy
+    proc = run_cli(["predict", "--prepared", str(prep), "--model", str(crop_run), "--out", str(tmp_path / "s.csv")])
+    assert proc.returncode == 2 and "'splits.test'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_start_removes_temporaries_a_kill_left(prepared, crop_run, tmp_path):
