@@ -125,9 +125,10 @@ def worker_init(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import mxnet as mx
 
-    from trainer.config import TrainConfig
+    from data_prep.files import atomic_write_text
+    from trainer.checkpoint import RUN_CONFIG
+    from trainer.config import RunRecord, TrainConfig
     from trainer.model import resnet18
-    from trainer.rundir import RunRecord, write_record
 
     run = Path(args.model)
     run.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def worker_init(args) -> None:
     net.initialize(mx.init.Xavier())
     net(mx.nd.zeros((1, 3, 32, 32)))
     net.save_parameters(str(run / FINAL_PARAMS))
-    write_record(run, RunRecord(TrainConfig(width=args.width), list(CLASSES)))
+    atomic_write_text(run / RUN_CONFIG, RunRecord(train=TrainConfig(width=args.width), classes=list(CLASSES)).to_json())
 
 
 def worker_predict(args) -> None:

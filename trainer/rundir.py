@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-from data_prep.errors import PrepareError
 from data_prep.files import atomic_write, atomic_write_text, remove_stale_temps
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL_PARAMS
 
@@ -25,30 +24,6 @@ def start(run_dir: str | Path) -> list[Path]:
     """Before a run writes RUN: remove the temporaries of writers that died (kill -9 mid-write); return them."""
     run_dir = Path(run_dir)
     return remove_stale_temps(run_dir) + remove_stale_temps(run_dir / CHECKPOINT_DIR)
-
-
-def verify_prepared(hvd, prepared: str | Path, hashes: bool) -> None:
-    """Rank 0 checks the prepared dir (manifest against arrays and sizes; sha256 too with hashes) before
-    any rank reads it; every rank raises the same PrepareError, so none is left waiting in a collective."""
-    from data_prep.store import check, read_manifest, verify
-
-    problem = ""
-    if hvd.rank() == 0:
-        try:
-            check(prepared, read_manifest(prepared))
-            differ = verify(prepared) if hashes else []
-            if differ:
-                problem = f"{prepared}: sha256 differs from the manifest for {', '.join(differ)}"
-        except PrepareError as e:
-            problem = str(e)
-    if hvd.size() > 1:
-        import mxnet as mx
-
-        problem = hvd.broadcast_object(problem, root_rank=0, name="prepared.verify")
-        # wait until every rank has the verdict (collectives are asynchronous): a rank that leaves ends Horovod
-        hvd.allreduce(mx.nd.zeros(1), name="prepared.verified").wait_to_read()
-    if problem:
-        raise PrepareError(problem)
 
 
 def _raw_image_block(net, crop: int):

@@ -23,6 +23,7 @@ from data_prep.schema import Parser, add_flags, resolve
 from trainer import checkpoint, metrics, rundir
 from trainer.config import RunRecord, TrainConfig
 from trainer.device import device_problem, set_cpu_threads
+from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
@@ -473,7 +474,7 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
     problem = device_problem(cfg.amp, world.ctx)
     if problem:
         raise TrainError(problem)
-    rundir.verify_prepared(world.hvd, prepared, verify)
+    verify_prepared(world.hvd, prepared, verify)
     data = load_data(prepared, phase, cfg, world.size)
     check_out_dir(out, resume, world)
     if world.rank == 0:
