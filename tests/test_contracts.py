@@ -89,6 +89,8 @@ def test_prepare_verify_rehashes_against_the_manifest(prepared, tmp_path):
 def test_train_verify_on_two_ranks_refuses_changed_bytes(prepared, tmp_path):
     """Issue 14 item 4: `train --verify` re-hashes on rank 0 before any rank reads; both ranks exit 2, no hang."""
     prep = copy_prepared(prepared, tmp_path / "prep")
+    run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "ok"), "--epochs", "0", "--verify", *TINY],
+            check=True)  # a faithful copy passes
     flip_byte(prep / "trainval_images.npy")
     cmd = ["python", "-m", "trainer", "--prepared", str(prep), "--out", str(tmp_path / "run"), "--epochs", "1",
            "--verify", *TINY]
@@ -103,8 +105,8 @@ def test_train_verify_on_two_ranks_refuses_changed_bytes(prepared, tmp_path):
 def crop_run(prepared, tmp_path_factory):
     """A 1-epoch width-4 run whose evaluation view is eval_crop 36, and its predict submission."""
     run = tmp_path_factory.mktemp("crop") / "run"
-    run_cli(["train", "--prepared", str(prepared), "--out", str(run), "--epochs", "1", "--eval-crop", "36",
-             "--verify", *TINY], check=True)
+    run_cli(["train", "--prepared", str(prepared), "--out", str(run), "--epochs", "1", "--eval-crop", "36", *TINY],
+            check=True)
     run_cli(["predict", "--prepared", str(prepared), "--model", str(run)], check=True)
     return run
 
