@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from data_prep.errors import InputError
 from data_prep.files import atomic_write, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
@@ -18,8 +19,7 @@ RUN_CONFIG = "config.json"
 _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
 
 
-class RunDirError(FileNotFoundError):
-    """A run directory lacks what was asked of it; the message names the path."""
+RunDirError = InputError  # a run directory lacks what was asked of it; the message names the path (exit 2)
 
 
 def read_run_config(run_dir: str | Path) -> dict:
