@@ -27,13 +27,12 @@ def start(run_dir: str | Path) -> list[Path]:
 
 
 def _raw_image_block(net, crop: int):
-    """net behind the evaluation view: uint8 NHWC in, the `crop` resample (trainer.augment) and the
-    normalization (trainer.normalize) as graph constants, logits out."""
+    """net behind the evaluation view (trainer.presets.eval_transform): uint8 NHWC in, the `crop` resample
+    and the normalization as graph constants, logits out."""
     import mxnet as mx
     from mxnet import gluon
 
-    from trainer.augment import INDEX, RESIZE, ROWS
-    from trainer.normalize import _SCALE, _SHIFT
+    from trainer.presets import _SCALE, _SHIFT, INDEX, RESIZE, ROWS
 
     class RawImages(gluon.HybridBlock):
         def __init__(self):
@@ -60,7 +59,7 @@ def write_final_model(run_dir: str | Path, net, classes: list[str], crop: int) -
     """RUN/model-final.params, then the self-contained export and model-meta.json, each published by rename."""
     import mxnet as mx
 
-    from trainer.normalize import MEAN, STD
+    from trainer.presets import MEAN, STD
 
     run_dir = Path(run_dir)
     atomic_write(run_dir / FINAL_PARAMS, net.save_parameters)
