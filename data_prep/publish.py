@@ -5,15 +5,14 @@ work done. Leftovers of a killed run (its temporary siblings) are removed by the
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_prep import lock
 from data_prep.errors import PrepareError
 
 
@@ -24,21 +23,13 @@ def lock_path(out: Path) -> Path:
 
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on PREP's lock file, waiting for another run to finish first."""
+    """Hold the exclusive lock on PREP's lock file, waiting for another prepare to finish first."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise PrepareError(f"{out.parent}: cannot create the lock file {lock_path(out).name} ({exc.strerror})") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another prepare of {out} (lock {lock_path(out)}) ...", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with lock.acquire(lock_path(out), str(out), wait=True):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def remove_leftovers(out: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import InputError, run_command
+from data_prep.lock import DIR_LOCK, Lock, lock_dir
 from data_prep.schema import Parser, add_flags, resolve
 from trainer import checkpoint, metrics, rundir
 from trainer.config import RunRecord, TrainConfig
@@ -176,15 +177,26 @@ def load_data(prepared: Path, phase: str, cfg: TrainConfig, size: int) -> Data:
     return Data(classes, train_split, valid_split, steps)
 
 
-def check_out_dir(out: Path, resume: bool, world: World) -> None:
-    """Refuse to overwrite a run without --resume (rank 0 decides; every rank gets the verdict)."""
-    bad = False
+def check_out_dir(out: Path, resume: bool, world: World) -> Lock:
+    """Take RUN's writer lock, and refuse to overwrite a run without --resume (rank 0 decides; every rank
+    gets the verdict). Only rank 0 writes RUN, so only rank 0 locks it; the others get an unheld Lock."""
+    lock, bad, busy = Lock(out / DIR_LOCK, -1), 0.0, ""
     if world.rank == 0:
+        try:
+            lock = lock_dir(out, "run directory")
+        except InputError as e:  # another writer holds RUN: "in use by pid N on host H"
+            busy, bad = str(e), 2.0
         has_run = (out / metrics.METRICS).exists() or bool(checkpoint.list_checkpoints(out)) \
             or (out / checkpoint.FINAL_PARAMS).exists()
-        bad = has_run and not resume
-    if broadcast_scalar(world, float(bad), "out_dir_check"):
+        bad = bad or float(has_run and not resume)
+    verdict = broadcast_scalar(world, bad, "out_dir_check")
+    if verdict:
+        lock.release()
+    if verdict == 2:
+        raise TrainError(busy or f"{out}: rank 0 could not take the run directory's lock")
+    if verdict:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return lock
 
 
 def broadcast_scalar(world: World, value: float, name: str) -> float:
@@ -476,7 +488,16 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
         raise TrainError(problem)
     verify_prepared(world.hvd, prepared, verify)
     data = load_data(prepared, phase, cfg, world.size)
-    check_out_dir(out, resume, world)
+    lock = check_out_dir(out, resume, world)  # rank 0 holds RUN's writer lock until train returns
+    try:
+        return fit(prepared, out, cfg, phase, resume, threads, data, world)
+    finally:
+        lock.release()
+
+
+def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, threads: int, data: Data,
+        world: World) -> RunSummary:
+    """The checked part of train: build (or resume) the model, run the epochs, export; rank 0 writes."""
     if world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         rundir.start(out)

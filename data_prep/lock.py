@@ -1,0 +1,91 @@
+"""One writer at a time: an exclusive lock on a file that records who holds it (pid and host).
+
+The lock is an flock on the file, so it dies with its holder (kill -9 included): a lock file left
+by a dead writer never blocks the next one. Its text only names the holder for the error message.
+Used for the prepared directory (prepare waits its turn) and for run directories (train and run
+refuse at once: two writers of one run would interleave their epochs).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+from pathlib import Path
+
+from data_prep.errors import PrepareError
+
+
+class Busy(PrepareError):
+    """Another live process holds the lock; the message names its pid and host (exit status 2)."""
+
+
+class Lock:
+    """A held lock; release() (or leaving a `with` block, or the process ending) frees it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        """Free the lock (closing the file releases the flock); safe to call twice."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder(path: Path) -> str:
+    """'pid N on host H' as the lock file records it, or 'another process' when it does not say."""
+    try:
+        fields = dict(item.split("=", 1) for item in Path(path).read_text().split() if "=" in item)
+    except OSError:
+        fields = {}
+    if "pid" in fields and "host" in fields:
+        return f"pid {fields['pid']} on host {fields['host']}"
+    return "another process"
+
+
+def acquire(path: str | Path, what: str, wait: bool = False) -> Lock:
+    """Take the exclusive lock PATH (created if missing) for WHAT, e.g. 'run directory /x'.
+
+    Held by another live process: wait for it when WAIT (saying so on stderr), else raise Busy
+    naming WHAT and the holder. PrepareError if the lock file cannot be created.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PrepareError(f"{path}: cannot create the lock file for {what} ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        busy = f"{what} is in use by {holder(path)} (lock {path})"
+        if not wait:
+            os.close(fd)
+            raise Busy(f"{busy}; wait for it to finish, or stop that process first") from None
+        print(f"{busy}; waiting for it ...", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+    return Lock(path, fd)
+
+
+DIR_LOCK = ".cifar10-hvd.lock"  # a run directory's writer lock, inside it (run directories are not swapped)
+
+
+def lock_dir(directory: str | Path, what: str) -> Lock:
+    """Take DIRECTORY's writer lock (DIRECTORY/DIR_LOCK), creating DIRECTORY; Busy if another writer holds it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrepareError(f"{directory}: cannot create the {what} ({exc.strerror})") from None
+    return acquire(directory / DIR_LOCK, f"{what} {directory}")
