@@ -4,8 +4,9 @@ Outside an MPI world it starts each stage itself: `prepare` as one process, the
 training and predict stages through `horovodrun` (the exact command is printed so it
 can be copied). Inside one (started by horovodrun, mpirun or an MPIJob launcher) it
 runs the stages in-process on every rank instead of launching again. Each finished
-stage leaves a marker with a hash of the config it ran with; a re-run skips stages
-whose marker matches and whose outputs are complete.
+stage leaves a marker with a hash of the config it ran with (and of the prepared data it
+read); a re-run skips stages whose marker matches and whose outputs are complete. Prepare
+always runs: it answers "up to date" itself, from the source's fingerprint.
 """
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from data_prep import read_manifest
+from data_prep import PrepareError, read_manifest
 from data_prep.errors import run_command
 from data_prep.files import atomic_write_text
 from data_prep.labels import read_table
+from data_prep.lock import lock_dir
 from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_argv
-from data_prep.store import MANIFEST
+from launcher import child, workdir
 from launcher.report import write_report
 from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
 from trainer.checkpoint import FINAL_PARAMS
@@ -89,13 +90,20 @@ class Pipeline:
         self.config_path = config_path
 
     # -- config identity -------------------------------------------------------------------------
+    def data_identity(self) -> dict:
+        """What the prepared data is (its files' sha256s and splits): a rebuilt PREP re-runs every later stage."""
+        manifest = read_manifest(self.prepared)
+        files = {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()}
+        return {"files": files, "splits": manifest.get("splits"), "classes": manifest.get("classes")}
+
     def stage_key(self, stage: str) -> str:
         """Hash of everything that determines a stage's output (and its inputs' keys)."""
         d = self.cfg.to_dict()
         parts: dict[str, Any] = {"prepare": {"data": self.cfg.data, "prepared": str(self.prepared), **d["prepare"]}}
-        parts["tune"] = {"prev": parts["prepare"], "train": d["train"]}
-        parts["final"] = parts["tune"]
-        parts["predict"] = {"prev": parts["final"], "predict": d["predict"]}
+        if stage != "prepare":
+            parts["tune"] = {"data": self.data_identity(), "train": d["train"]}
+            parts["final"] = parts["tune"]
+            parts["predict"] = {"prev": parts["final"], "predict": d["predict"]}
         blob = json.dumps({"stage": stage, **parts[stage]}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -108,10 +116,8 @@ class Pipeline:
 
     def complete(self, stage: str, marker: dict | None, key: str) -> bool:
         """The stage ran with this config (its marker holds key) and its outputs are all there."""
-        if not marker or marker.get("key") != key:
+        if not marker or marker.get("key") != key or stage == "prepare":  # prepare decides that itself
             return False
-        if stage == "prepare":
-            return (self.prepared / MANIFEST).is_file()
         if stage in TRAIN_STAGES:
             return (self.workdir / stage / FINAL_PARAMS).is_file()
         return (self.workdir / "submission.csv").is_file()
@@ -127,11 +133,15 @@ class Pipeline:
         if distributed:
             launch = self.cfg.launch
             cmd = horovodrun_argv(launch.np, cmd, launch.controller, launch.hosts, launch.hostfile)
+        self.spawn(stage, cmd)
+        return None
+
+    def spawn(self, stage: str, cmd: list[str]) -> None:
+        """Run CMD as the stage's child (printed, so it can be copied); StageFailed unless it exits 0."""
         print(f"[run] {stage}: {shlex.join(cmd)}", flush=True)
-        code = subprocess.call(cmd, env=child_env())
+        code = child.call(cmd, env=child_env())
         if code:
             raise StageFailed(stage, code)
-        return None
 
     def call_in_process(self, stage: str, out_dir: Path, resume: bool):
         """The stage's function on this rank (train -> RunSummary, predict -> SubmissionSummary), its errors
@@ -168,24 +178,50 @@ class Pipeline:
         return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
                 "--out", str(self.workdir / "submission.csv"), *to_argv(self.cfg.predict)]
 
+    def prepare(self) -> bool:
+        """Run prepare, which itself answers "up to date"; True if it left PREP's data as it was.
+
+        The launcher's own PREP (WORKDIR/prepared, no --prepared given) prepared from other data or with
+        other parameters is rebuilt (prepare --force builds beside it and renames); a given one is not.
+        """
+        try:
+            before = self.data_identity()
+        except PrepareError:
+            before = None
+        try:
+            self.execute("prepare", self.workdir, False)
+        except StageFailed:
+            if self.cfg.prepared or before is None:
+                raise
+            print(f"[run] prepare: {self.prepared} is not what {self.cfg.data} and the prepare section make "
+                  "now; rebuilding it (prepare --force)", flush=True)
+            self.spawn("prepare", [self.python, *self.argv("prepare", self.workdir), "--force"])
+        return before == self.data_identity()
+
     def run_stage(self, stage: str) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""
-        out_dir = self.workdir / stage if stage in TRAIN_STAGES else self.workdir
+        target = self.workdir / stage if stage in TRAIN_STAGES else self.workdir
         key, marker = self.stage_key(stage), self.marker(stage)
         if self.complete(stage, marker, key):
             print(f"[run] {stage}: up to date, skipped", flush=True)
             return {**marker.get("figures", {}), "status": "skipped"}
-        if stage in TRAIN_STAGES and out_dir.exists() and not self.resume and self.rank == 0:
-            print(f"[run] {stage}: {out_dir} holds an earlier, unfinished or different run; starting over "
-                  "(pass --resume to continue from its last checkpoint)", flush=True)
-            shutil.rmtree(out_dir)
+        out_dir = workdir.stage_dir(target, self.resume) if stage in TRAIN_STAGES else target
+        if stage in TRAIN_STAGES and self.rank == 0:
+            workdir.begin(out_dir, target, self.resume)
         print(f"[run] == stage {stage} ==", flush=True)
         start = time.time()
-        result = self.execute(stage, out_dir, self.resume and (out_dir / "config.json").exists())
+        result = None
+        if stage != "prepare":
+            result = self.execute(stage, out_dir, self.resume and (out_dir / "config.json").exists())
+        elif self.prepare() and marker and marker.get("key") == key:
+            print("[run] prepare: up to date, skipped", flush=True)
+            return {**marker.get("figures", {}), "status": "skipped"}
+        if stage in TRAIN_STAGES and self.rank == 0:
+            workdir.finish(out_dir, target)
         figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2)}
         if self.rank != 0:  # only rank 0 records figures: the others would read the same files for nothing
             return figures
-        figures.update(result.figures() if result is not None else self.figures(stage, out_dir))
+        figures.update(result.figures() if result is not None else self.figures(stage, target))
         if stage in ("prepare", "predict") and figures.get("images"):
             figures["images_per_sec_wall"] = round(figures["images"] / max(figures["wall_seconds"], 1e-9), 1)
         self.markers.mkdir(parents=True, exist_ok=True)
@@ -200,6 +236,32 @@ class Pipeline:
             rows = len(read_table(self.workdir / "submission.csv").ids)
             return {"images": rows, "submission": str(self.workdir / "submission.csv")}
         return run_figures(stage, read_metrics(out_dir))
+
+    def check_inputs(self) -> None:
+        """What the phases need, checked before anything is written or removed; exit 2 naming the path."""
+        phases = self.cfg.phases
+        if "prepare" in phases:
+            if not self.cfg.data:
+                raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
+            if not os.path.lexists(self.cfg.data):
+                raise ConfigError(f"data {self.cfg.data}: no such file or directory")
+        elif phases:
+            read_manifest(self.prepared)  # PrepareError naming PREP/manifest.json
+        if os.path.lexists(self.workdir) and not self.workdir.is_dir():
+            raise ConfigError(f"workdir {self.workdir}: exists and is not a directory")
+        for stage in TRAIN_STAGES:
+            if stage in phases:
+                workdir.stage_dir(self.workdir / stage, self.resume)
+
+    @contextmanager
+    def writing(self):
+        """Check the inputs, then hold WORKDIR's writer lock (rank 0 only, which writes what the ranks share)."""
+        self.check_inputs()
+        if self.rank != 0:
+            yield
+            return
+        with lock_dir(self.workdir, "workdir"):
+            yield
 
     def run(self) -> dict:
         """All configured phases in order; summary.json and the report on rank 0."""
@@ -266,7 +328,13 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     pipe = Pipeline(resolve_run_config(args), Path(args.config), args.resume)
     try:
-        summary = pipe.run()
+        # outside an MPI world a signal ends the running stage's whole process tree, then the launcher
+        with nullcontext() if pipe.world else child.stop_on_signals(), pipe.writing():
+            summary = pipe.run()
+    except child.Stopped as e:
+        print(f"cifar10-hvd run: {e}; the running stage and all its processes were ended "
+              "(pass --resume to continue a training stage from its last checkpoint)", file=sys.stderr)
+        return e.exit_status
     except StageFailed as e:
         print(f"cifar10-hvd run: {e}; the pipeline stopped there (see the stage's messages above)", file=sys.stderr)
         return e.code if 0 < e.code < 256 else 1

@@ -64,7 +64,9 @@ def test_rerun_skips_complete_stages_and_reruns_changed_ones(demo_run, demo_src)
     proc = run_cli(args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((work / "summary.json").read_text())
+    # nothing re-trains when nothing changed; prepare still ran, and answered "up to date" itself
     assert all(s["status"] == "skipped" for s in summary["stages"].values())
+    assert "[run] prepare: " in proc.stdout and "is up to date" in proc.stderr
     assert (work / "submission.csv").stat().st_mtime_ns == before
     # a predict option changed: only predict runs again
     proc = run_cli(args + ["predict.tta=flip", "--phases", "predict"], timeout=300)
