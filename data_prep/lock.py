@@ -21,7 +21,7 @@ class Busy(PrepareError):
 
 
 class Lock:
-    """A held lock; release() (or leaving a `with` block, or the process ending) frees it."""
+    """A held lock (fd -1: none held); release() (or leaving a `with` block, or the process ending) frees it."""
 
     def __init__(self, path: Path, fd: int):
         self.path, self.fd = path, fd

@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,7 @@ class Pipeline:
                 workdir.stage_dir(self.workdir / stage, self.resume)
 
     @contextmanager
-    def writing(self):
+    def writing(self) -> Iterator[None]:
         """Check the inputs, then hold WORKDIR's writer lock (rank 0 only, which writes what the ranks share)."""
         self.check_inputs()
         if self.rank != 0:

@@ -170,14 +170,14 @@ def test_ctrl_c_ends_every_rank_under_mpirun(prepared, tmp_path):
 
 def test_two_trainers_on_one_run_dir(prepared, tmp_path):
     out = tmp_path / "R"
-    cmd = ["train", "--prepared", str(prepared), "--out", str(out), "--epochs", "3", *TRAIN]
+    cmd = ["train", "--prepared", str(prepared), "--out", str(out), "--epochs", "5", *TRAIN]
     procs = [start(cmd), start(cmd)]
     outputs = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], (codes, [o[1][-2000:] for o in outputs])
     winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
     assert f"in use by pid {procs[winner].pid} on host {socket.gethostname()}" in outputs[loser][1], outputs[loser][1]
-    assert epochs(out) == [0, 1, 2]
+    assert epochs(out) == [0, 1, 2, 3, 4]
 
 
 def test_a_dead_writers_lock_does_not_block_resume(prepared, tmp_path):
