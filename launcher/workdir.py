@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from data_prep.errors import InputError
-from data_prep.lock import DIR_LOCK
+from data_prep.lock import DIR_LOCK, acquire
 from data_prep.publish import publish, remove_leftovers
 from trainer.checkpoint import RUN_CONFIG
 
@@ -64,8 +64,17 @@ def stage_dir(target: Path, resume: bool) -> Path:
     return target if resume else staged
 
 
+def _not_in_use(run_dir: Path) -> None:
+    """Busy (exit 2) if a live writer holds RUN_DIR, e.g. a stage left running by a launcher killed with -9."""
+    if (run_dir / DIR_LOCK).is_file():
+        acquire(run_dir / DIR_LOCK, f"run directory {run_dir}").release()
+
+
 def begin(out_dir: Path, target: Path, resume: bool) -> None:
-    """Before training into OUT_DIR: clear swap leftovers, and a cut-off replacement when starting over."""
+    """Before training into OUT_DIR: refuse while a live writer holds TARGET or OUT_DIR; clear swap leftovers,
+    and a cut-off replacement when starting over."""
+    _not_in_use(target)
+    _not_in_use(out_dir)
     remove_leftovers(target)  # .<stage>.old-* left when a swap was killed half-way (ours by name)
     if out_dir != target:
         print(f"[run] {target.name}: {target} holds an earlier, unfinished or different run; training the new "

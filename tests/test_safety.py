@@ -168,6 +168,33 @@ def test_ctrl_c_ends_every_rank_under_mpirun(prepared, tmp_path):
     print(f"SIGINT to the launcher (mpi): every rank gone after {seconds:.2f} s")
 
 
+def test_a_rerun_does_not_train_beside_a_stage_left_running(prepared, tmp_path):
+    # kill -9 cannot be caught: the launcher's stage keeps running, and a re-run must not join it
+    work = tmp_path / "W"
+    args = run_args(work, prepared, "train.epochs=300", "launch.np=2")
+    proc = start(args)
+    seen: dict = {}
+    try:
+        wait_for("a checkpoint", lambda: list((work / "tune" / "checkpoints").glob("*.json")), proc)
+        seen = tree(proc.pid)
+        proc.kill()
+        proc.wait()
+        rank0 = (work / "tune" / LOCK).read_text().split()[0].split("=")[1]
+        for extra in ([], ["--resume"]):
+            again = run_cli(args + extra, timeout=120)
+            assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
+            assert f"in use by pid {rank0} on host {socket.gethostname()}" in again.stderr, again.stderr
+        assert not (work / ".tune.next").exists()
+    finally:
+        for pid in seen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    done = epochs(work / "tune")
+    assert done == sorted(set(done)), done  # one writer: each epoch once
+
+
 def test_two_trainers_on_one_run_dir(prepared, tmp_path):
     out = tmp_path / "R"
     cmd = ["train", "--prepared", str(prepared), "--out", str(out), "--epochs", "5", *TRAIN]
