@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from data_prep.errors import PrepareError
@@ -50,11 +51,25 @@ def holder(path: Path) -> str:
     return "another process"
 
 
-def acquire(path: str | Path, what: str, wait: bool = False) -> Lock:
+def _try(fd: int, patience: float) -> bool:
+    """Take the flock on FD, trying for up to PATIENCE seconds; False if another process still holds it."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def acquire(path: str | Path, what: str, wait: bool = False, patience: float = 0.0) -> Lock:
     """Take the exclusive lock PATH (created if missing) for WHAT, e.g. 'run directory /x'.
 
-    Held by another live process: wait for it when WAIT (saying so on stderr), else raise Busy
-    naming WHAT and the holder. PrepareError if the lock file cannot be created.
+    Held by another live process: wait for it when WAIT (saying so on stderr), else give it PATIENCE
+    seconds to end (a writer that is being stopped) and then raise Busy naming WHAT and the holder.
+    PrepareError if the lock file cannot be created.
     """
     path = Path(path)
     try:
@@ -62,14 +77,12 @@ def acquire(path: str | Path, what: str, wait: bool = False) -> Lock:
     except OSError as exc:
         raise PrepareError(f"{path}: cannot create the lock file for {what} ({exc.strerror})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        busy = f"{what} is in use by {holder(path)} (lock {path})"
-        if not wait:
-            os.close(fd)
-            raise Busy(f"{busy}; wait for it to finish, or stop that process first") from None
-        print(f"{busy}; waiting for it ...", file=sys.stderr, flush=True)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not _try(fd, 0 if wait else patience):
+            busy = f"{what} is in use by {holder(path)} (lock {path})"
+            if not wait:
+                raise Busy(f"{busy}; wait for it to finish, or stop that process first")
+            print(f"{busy}; waiting for it ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
         os.close(fd)
         raise

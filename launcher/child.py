@@ -7,9 +7,11 @@ middleman in a new session (horovod.runner.common.util.safe_shell_exec), out of 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,9 +44,23 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_launcher() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by kill -9 (Linux's parent-death signal)."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def call(cmd: list[str], env: dict[str, str]) -> int:
-    """Run CMD in a session of its own and return its exit status; on any interruption end its tree first."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    """Run CMD in a session of its own and return its exit status; on any interruption end its tree first.
+
+    A launcher killed with -9 cannot end the tree: the child then gets SIGTERM from the kernel, and
+    horovodrun or mpirun stops its ranks, as on a signal.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_launcher)
     try:
         return proc.wait()
     except BaseException:

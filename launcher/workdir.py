@@ -64,10 +64,13 @@ def stage_dir(target: Path, resume: bool) -> Path:
     return target if resume else staged
 
 
+STOPPING_SECONDS = 10.0  # how long a writer that is being stopped (its launcher just ended) may take to go
+
+
 def _not_in_use(run_dir: Path) -> None:
-    """Busy (exit 2) if a live writer holds RUN_DIR, e.g. a stage left running by a launcher killed with -9."""
+    """Busy (exit 2) if a live writer holds RUN_DIR, e.g. a stage another launcher left running."""
     if (run_dir / DIR_LOCK).is_file():
-        acquire(run_dir / DIR_LOCK, f"run directory {run_dir}").release()
+        acquire(run_dir / DIR_LOCK, f"run directory {run_dir}", patience=STOPPING_SECONDS).release()
 
 
 def begin(out_dir: Path, target: Path, resume: bool) -> None:

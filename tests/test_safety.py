@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, run_cli, tool_env
 
+from launcher.run import horovodrun_argv
+
 pytestmark = pytest.mark.slow
 
 TINY = ["train.width=4", "train.batch_size=32", "train.threads=1", "train.lr_period=1"]
@@ -96,7 +98,7 @@ def stop_and_check(proc: subprocess.Popen, sig: int, marker: str) -> float:
                 pass
     assert not left, f"still running {elapsed:.1f} s after the signal: {left}"
     assert elapsed < 10, f"the stage's processes took {elapsed:.1f} s to end"
-    assert proc.returncode == 128 + sig, (proc.returncode, proc.stderr.read()[-3000:])
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), (proc.returncode, proc.stderr.read())
     return elapsed
 
 
@@ -168,31 +170,47 @@ def test_ctrl_c_ends_every_rank_under_mpirun(prepared, tmp_path):
     print(f"SIGINT to the launcher (mpi): every rank gone after {seconds:.2f} s")
 
 
-def test_a_rerun_does_not_train_beside_a_stage_left_running(prepared, tmp_path):
-    # kill -9 cannot be caught: the launcher's stage keeps running, and a re-run must not join it
+def test_kill_9_of_the_launcher_ends_its_stage_too(prepared, tmp_path):
+    # SIGKILL cannot be caught: the kernel's parent-death signal stops horovodrun, which stops its ranks
     work = tmp_path / "W"
-    args = run_args(work, prepared, "train.epochs=300", "launch.np=2")
-    proc = start(args)
-    seen: dict = {}
+    proc = start(run_args(work, prepared, "train.epochs=300", "launch.np=2"))
     try:
         wait_for("a checkpoint", lambda: list((work / "tune" / "checkpoints").glob("*.json")), proc)
-        seen = tree(proc.pid)
-        proc.kill()
-        proc.wait()
+        seconds = stop_and_check(proc, signal.SIGKILL, str(work))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"SIGKILL to the launcher: every rank gone after {seconds:.2f} s")
+
+
+def test_a_rerun_does_not_train_beside_a_stage_still_running(prepared, tmp_path):
+    # a stage someone else started (an earlier launcher's, a hand-run horovodrun) still writes W/tune
+    work = tmp_path / "W"
+    orphan = subprocess.Popen(horovodrun_argv(2, [str(BIN / "cifar10-hvd"), "train", "--prepared", str(prepared),
+                                                  "--out", str(work / "tune"), "--epochs", "300", *TRAIN]),
+                              env=tool_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    seen: dict = {}
+    try:
+        wait_for("a checkpoint", lambda: list((work / "tune" / "checkpoints").glob("*.json")), orphan)
+        seen = tree(orphan.pid)
         rank0 = (work / "tune" / LOCK).read_text().split()[0].split("=")[1]
         for extra in ([], ["--resume"]):
-            again = run_cli(args + extra, timeout=120)
+            again = run_cli(run_args(work, prepared, "train.epochs=300", "launch.np=2", *extra), timeout=120)
             assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
             assert f"in use by pid {rank0} on host {socket.gethostname()}" in again.stderr, again.stderr
         assert not (work / ".tune.next").exists()
+        assert orphan.poll() is None  # still the one writer, undisturbed
     finally:
+        os.killpg(orphan.pid, signal.SIGKILL)
         for pid in seen:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        orphan.wait()
     done = epochs(work / "tune")
-    assert done == sorted(set(done)), done  # one writer: each epoch once
+    assert done == sorted(set(done)), done  # each epoch once
 
 
 def test_two_trainers_on_one_run_dir(prepared, tmp_path):
