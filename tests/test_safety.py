@@ -96,7 +96,7 @@ def stop_and_check(proc: subprocess.Popen, sig: int, marker: str) -> float:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert not left, f"still running {elapsed:.1f} s after the signal: {left}"
+    assert not left, f"still running {elapsed:.1f} s after the signal: {[cmd[:160] for cmd in left]}"
     assert elapsed < 10, f"the stage's processes took {elapsed:.1f} s to end"
     assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), (proc.returncode, proc.stderr.read())
     return elapsed
