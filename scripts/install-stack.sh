@@ -31,6 +31,20 @@ if [ "${SKIP_APT:-0}" != 1 ] && ! command -v mpirun >/dev/null 2>&1; then
   fi
 fi
 
+# 1b. libarchive (libarchive-c streams the competition's 7z archives through it; Debian/Ubuntu: libarchive13).
+if [ "${SKIP_APT:-0}" != 1 ] && ! ldconfig -p 2>/dev/null | grep -q 'libarchive\.so\.13'; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "install-stack: installing libarchive13 (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libarchive13 >/dev/null
+  else
+    echo "install-stack: the libarchive shared library is missing. Install it with:" >&2
+    echo "    sudo apt-get install -y libarchive13" >&2
+    echo "then run 'make setup' again." >&2
+    exit 1
+  fi
+fi
+
 # 2. The virtual environment and build tools Horovod's setup.py needs.
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"

@@ -178,7 +178,7 @@ def test_source_that_is_neither_folder_nor_zip(good, tmp_path, capsys):
 
 
 def test_failure_mid_write_leaves_no_prep(good, capsys, monkeypatch):
-    """A crash after some rows are written (disk full, killed worker): OUT as it was, no temporary left."""
+    """A crash after some rows are written (an I/O error, a killed worker): OUT as it was, no temporary left."""
     src, out = good
     write_source(src.parent / "big", {"a": 700, "b": 600}, n_test=3)  # several decode chunks
     real = pipeline.decode_chunk
@@ -187,14 +187,14 @@ def test_failure_mid_write_leaves_no_prep(good, capsys, monkeypatch):
     def fail_second_chunk(task):
         calls.append(task[2])
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         return real(task)
 
     monkeypatch.setattr(pipeline, "decode_chunk", fail_second_chunk)
     before = snapshot(out)
     for target, force in ((out, True), (out.parent / "fresh", False)):
         calls.clear()
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(OSError, match="Input/output error"):
             data_prep.prepare(src.parent / "big", target, workers=1, force=force)
         assert calls == [0, 512]  # the real writer wrote the first chunk's rows before the failure
     assert snapshot(out) == before
@@ -238,24 +238,35 @@ def test_reading_an_unprepared_directory_names_the_fix(tmp_path):
 
 
 
-def test_out_that_is_not_a_prepared_directory_needs_force(good, tmp_path, capsys):
+def test_out_that_is_not_a_prepared_directory_is_never_replaced(good, tmp_path, capsys):
+    """--force replaces only a directory holding this project's manifest (issue 14, item 2)."""
     src, _ = good
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     before = snapshot(other)
-    assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "notes: exists and is not a prepared directory" in err and "--force" in err
+    for flags in ([], ["--force"]):
+        assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "notes: exists and is not a prepared directory" in err and "--force" in err
     assert snapshot(other) == before
-    assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1", "--force"]) == 0
-    assert not (other / "keep.txt").exists() and data_prep.read_manifest(other)["classes"] == ["cat", "dog"]
+    stale = tmp_path / "stale"  # ours, from a format this version cannot read: --force may replace it
+    stale.mkdir()
+    (stale / "manifest.json").write_text('{"format_version": 999}')
+    assert cli.main(["--data", str(src), "--out", str(stale), "--workers", "1"]) == 2
+    assert "pass --force to replace it" in capsys.readouterr().err
+    assert cli.main(["--data", str(src), "--out", str(stale), "--workers", "1", "--force"]) == 0
+    assert data_prep.read_manifest(stale)["classes"] == ["cat", "dog"]
 
 
-def test_out_must_not_replace_the_source(good, capsys):
+def test_out_must_not_be_hold_or_lie_inside_the_source(good, capsys):
+    """OUT == SRC, OUT above SRC, OUT inside SRC (SRC/train): refused with or without --force (issue 14, item 2)."""
     src, _ = good
     before = snapshot(src)
-    for target in (src, src.parent):
-        assert cli.main(["--data", str(src), "--out", str(target), "--force"]) == 2
-        assert "would replace the source" in capsys.readouterr().err
+    for target, why in ((src, "would replace the source"), (src.parent, "would replace the source"),
+                        (src / "train", "is inside the source"), (src / "prep", "is inside the source"),
+                        (src / "test" / "deeper" / "prep", "is inside the source")):
+        for flags in ([], ["--force"]):
+            assert cli.main(["--data", str(src), "--out", str(target), "--workers", "1", *flags]) == 2
+            assert why in capsys.readouterr().err
     assert snapshot(src) == before
