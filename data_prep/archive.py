@@ -11,7 +11,7 @@ import ctypes
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from data_prep.errors import PrepareError, offenders
@@ -39,7 +39,7 @@ def unsafe_reason(name: str) -> str | None:
     posix = name.replace("\\", "/")
     if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
         return "absolute path"
-    if ".." in PurePosixPath(posix).parts:
+    if ".." in posix and ".." in posix.split("/"):  # split, not PurePosixPath: this runs for 350,000 names
         return "path escapes the target with '..'"
     if "\x00" in posix:
         return "NUL in the name"
@@ -57,15 +57,16 @@ def open_zip(path: Path) -> tuple[zipfile.ZipFile, list[Member]]:
 
 
 def list_7z(file: Path | BinaryIO, shown: Path) -> list[Member]:
-    """The members a .7z declares in its header (read without decompressing any member)."""
-    import py7zr  # imported here: it is slow to import and only archives need it
+    """The members a .7z declares in its header. libarchive skips without decompressing when no data is read,
+    so listing 300,000 members takes about a second and little memory (py7zr: several seconds, 300 MB)."""
+    import libarchive  # imported here: only archives need it
+    from libarchive.exception import ArchiveError
 
     try:
-        with py7zr.SevenZipFile(file, "r") as sz:
-            return [Member(f.filename, f.uncompressed or 0, f.compressed, f.is_symlink, f.is_directory)
-                    for f in sz.list()]
-    except Exception as exc:  # py7zr.Bad7zFile, lzma errors, truncated files ...
-        raise PrepareError(f"{shown}: not a readable archive ({type(exc).__name__}: {exc})") from None
+        with _reader(libarchive, file) as reader:
+            return [Member(e.pathname, e.size or 0, None, bool(e.issym or e.islnk), e.isdir) for e in reader]
+    except ArchiveError as exc:  # not a 7z, truncated, damaged header ...
+        raise PrepareError(f"{shown}: not a readable archive (ArchiveError: {exc})") from None
 
 
 def check_members(archive: Path, members: list[Member], packed_total: int) -> None:
@@ -122,11 +123,11 @@ def stream_7z(file: Path | BinaryIO, shown: Path, names: dict[str, str], limit: 
         with _reader(libarchive, file) as reader:
             for entry in reader:
                 name = entry.pathname
-                short = names.get(name)
+                short = names.get(name)  # NAMES come from the checked listing: only a link can differ
                 if short is None:
                     continue
-                if reason := unsafe_reason(name) or ("symbolic link" if entry.issym or entry.islnk else None):
-                    raise PrepareError(f"{shown}: member {name!r}: {reason}")
+                if entry.issym or entry.islnk:
+                    raise PrepareError(f"{shown}: member {name!r}: symbolic link")
                 yield short, (None if entry.size > limit else _read_entry(reader._pointer, buffer, entry.size))
     except ArchiveError as exc:
         raise PrepareError(f"{shown}: unpacking failed (ArchiveError: {exc})") from None
@@ -141,16 +142,16 @@ def _reader(libarchive, file: Path | BinaryIO):
 
 def _read_entry(archive_p, buffer: ctypes.Array, declared: int) -> bytes:
     """The current entry's data, at most len(BUFFER) bytes; ArchiveError on a bad CRC or a short member."""
-    from libarchive import ffi
     from libarchive.exception import ArchiveError
+    from libarchive.ffi import error_string, read_data
 
     base, room, total = ctypes.addressof(buffer), len(buffer), 0
     while total < room:
-        got = ffi.read_data(archive_p, base + total, room - total)
+        got = read_data(archive_p, base + total, room - total)
         if got == 0:
             break
         if got < 0:  # ARCHIVE_WARN: libarchive's 7z reader reports a CRC mismatch this way
-            raise ArchiveError(ffi.error_string(archive_p).decode("utf-8", "replace"))
+            raise ArchiveError(error_string(archive_p).decode("utf-8", "replace"))
         total += got
     if total < declared and total < room:
         raise ArchiveError(f"member ends after {total} of its {declared} bytes")
