@@ -200,7 +200,7 @@ def test_disk_full_during_decode(tmp_path, tiny_disk, capsys, monkeypatch, worke
         status = cli.main(["--data", str(big), "--out", str(target), "--workers", workers, *flags])
         err = capsys.readouterr().err
         assert status == 2, err
-        assert err.startswith(f"error: {target}: No space left on device (writing trainval_images.npy)"), err
+        assert err.startswith(f"cifar10-hvd prepare: {target}: No space left on device (writing trainval_images.npy)"), err
     assert snapshot(out) == before
     assert not (tiny_disk / "fresh").exists()
     assert leftovers(out) == [] and leftovers(tiny_disk / "fresh") == []
