@@ -212,12 +212,14 @@ def _write_rows(npy_path: str, data_offset: int, decoded: list[tuple[int, bytes]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(parent: int) -> None:
-    """Worker initializer: have the kernel SIGKILL this worker when PARENT dies, even by SIGKILL.
+def die_with_parent(parent: int, niceness: int = 0) -> None:
+    """Worker initializer: have the kernel SIGKILL this worker when PARENT dies, even by SIGKILL; be NICENESS nicer.
 
     Without it a killed prepare left its workers (and, through them, multiprocessing's resource
     tracker) alive. A parent that died before the prctl is caught by the getppid check.
     """
+    if niceness:
+        os.nice(niceness)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

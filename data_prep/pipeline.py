@@ -31,6 +31,7 @@ from data_prep.schema import from_mapping
 from data_prep.source import Part, Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
 
+STREAM_WORKER_NICENESS = 5  # decode workers yield to the LZMA core when a machine is contended
 CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
 PARAMS = ("valid_ratio", "seed", "layout")
 
@@ -289,7 +290,8 @@ def _decode_all(jobs: list[Job], workers: int, written: Callable[[Path], None]) 
     """
     errors: list[tuple[int, int, str]] = []
     converted: list[str] = []
-    with _runner(workers) as run:
+    streamed = any(job.part.stream is not None for job in jobs)
+    with _runner(workers, STREAM_WORKER_NICENESS if streamed else 0) as run:
         for index, job in enumerate(jobs):
             progress = Progress(str(job.part.shown), len(job.rows), job.part.packed_bytes)
             try:
@@ -307,19 +309,20 @@ def _decode_all(jobs: list[Job], workers: int, written: Callable[[Path], None]) 
 
 
 @contextmanager
-def _runner(workers: int) -> Iterator[Callable[[Iterator], Iterator[ChunkResult]]]:
+def _runner(workers: int, niceness: int = 0) -> Iterator[Callable[[Iterator], Iterator[ChunkResult]]]:
     """A function mapping decode_chunk over tasks in order: in this process for one worker, else in a pool.
 
     At most 2 x WORKERS tasks are in flight, so memory stays a few chunks of PNGs whatever the archive size.
     spawn, not fork: the caller may hold threads (MXNet, Horovod) that a fork would copy half-way.
     An executor, not a Pool: a worker that dies (OOM) fails the run instead of hanging it.
-    Workers die with this process (die_with_parent), even when it is SIGKILLed.
+    Workers die with this process (die_with_parent), even when it is SIGKILLed. NICENESS lowers the workers'
+    priority: when an archive streams, this process's LZMA is the critical path and the workers have slack.
     """
     if workers <= 1:
         yield lambda tasks: map(decode_chunk, tasks)
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+                             initializer=die_with_parent, initargs=(os.getpid(), niceness)) as pool:
         def run(tasks: Iterator) -> Iterator[ChunkResult]:
             pending: deque = deque()
             for task in tasks:
