@@ -7,7 +7,7 @@
 #   VENV    the virtual environment to create or update (created with python3.11)
 #   EXTRAS  pip extras of this package to install, e.g. "dev" (default: none)
 # env: HOROVOD_GPU_OPERATIONS=NCCL etc. pass through to the Horovod build (and step 5 then wants NCCL);
-#      SKIP_APT=1 skips the Open MPI check (the image installs it in its own layer);
+#      SKIP_APT=1 skips the apt steps (Open MPI, libarchive13; the image installs them in its own layers);
 #      EDITABLE=0 installs the package non-editable; MXNET_PACKAGE: see step 3.
 set -euo pipefail
 
@@ -32,7 +32,8 @@ if [ "${SKIP_APT:-0}" != 1 ] && ! command -v mpirun >/dev/null 2>&1; then
 fi
 
 # 1b. libarchive (libarchive-c streams the competition's 7z archives through it; Debian/Ubuntu: libarchive13).
-if [ "${SKIP_APT:-0}" != 1 ] && ! ldconfig -p 2>/dev/null | grep -q 'libarchive\.so\.13'; then
+# Found the way libarchive-c finds it (ctypes.util.find_library), which works without /sbin on PATH.
+if [ "${SKIP_APT:-0}" != 1 ] && ! "$python" -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('archive'))"; then
   if [ "$(id -u)" = 0 ]; then
     echo "install-stack: installing libarchive13 (apt-get)"
     apt-get update -qq
