@@ -67,7 +67,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3.11 libgomp1 openmpi-bin openssh-client openssh-server ibverbs-providers \
+      python3.11 libgomp1 libarchive13 openmpi-bin openssh-client openssh-server ibverbs-providers \
  && rm -rf /var/lib/apt/lists/*
 # sshd for the MPI Operator, run by the non-root user: port 2222 (no capability needed), the operator's
 # per-job key (mounted at the MPIJob's sshAuthMountPath, /home/cifar/.ssh) as host and user key, and

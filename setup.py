@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7,<3.10",
         "py7zr>=0.20",
+        "libarchive-c>=5.1",  # streams 7z members; needs the libarchive13 shared library (install-stack.sh)
         "pyspng>=0.1.4,<0.2",
     ],
     extras_require={

@@ -1,15 +1,19 @@
 """The prepare pipeline: check the Kaggle download, decode it once, publish packed arrays (and optional folders)."""
 from __future__ import annotations
 
+import errno
+import json
 import math
 import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +21,17 @@ import numpy as np
 from data_prep import store
 from data_prep.archive import DISK_MARGIN_BYTES
 from data_prep.config import PrepareConfig
-from data_prep.decode import ROW_BYTES, SIDE, ChunkResult, decode_chunk
+from data_prep.decode import MAX_PNG_BYTES, ROW_BYTES, SIDE, ChunkResult, decode_chunk, die_with_parent
 from data_prep.errors import PrepareError, offenders
 from data_prep.labels import read_labels
 from data_prep.layout import write_folders
+from data_prep.progress import Progress
 from data_prep.publish import locked, publish, remove_leftovers, staging_dir
 from data_prep.schema import from_mapping
-from data_prep.source import Source, SourceTree, check_names, list_pngs, locate
+from data_prep.source import Part, Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
 
+STREAM_WORKER_NICENESS = 5  # decode workers yield to the LZMA core when a machine is contended
 CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
 PARAMS = ("valid_ratio", "seed", "layout")
 
@@ -47,7 +53,8 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     """Validate SRC, decode it once into OUT (published by one rename) and return OUT's manifest.
 
     Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
-    refused. FORCE rebuilds and replaces OUT whatever it holds. Any error leaves OUT exactly as it was.
+    refused. FORCE rebuilds and replaces OUT, but only a directory holding this project's manifest;
+    OUT may never be, hold or lie inside SRC. Any error (disk full included) leaves OUT exactly as it was.
     """
     # the validators of the `prepare:` section and of the CLI's flags (workers 0/None: all cores)
     from_mapping(PrepareConfig, {"valid_ratio": valid_ratio, "seed": seed, "workers": workers or 0,
@@ -57,8 +64,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     out = Path(os.path.abspath(out))
     params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout}
     source_path = Path(src).resolve()
-    if out.resolve() == source_path or out.resolve() in source_path.parents:
-        raise PrepareError(f"--out {out} would replace the source {source_path}; choose another PREP")
+    _check_out_apart(out, source_path)
     source = locate(source_path)
     with locked(out):
         remove_leftovers(out)
@@ -69,15 +75,18 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
                 print(f"{out} is up to date (same source and parameters); nothing to do", file=sys.stderr)
                 return existing
             raise PrepareError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
-        if existing is None and os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
-            raise PrepareError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
-                               "pass --force to replace it")
+        if existing is None and os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):
+            _check_replaceable(out, force)
         staged = staging_dir(out)
         try:
             manifest = _build(source, staged, params, workers or default_workers())
             publish(staged, out)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staged, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = f" (writing {Path(exc.filename).name})" if exc.filename else ""
+                raise PrepareError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "
+                                   f"remains: free space on {out.parent} and run again") from None
             raise
     elapsed = time.perf_counter() - started
     splits = manifest["splits"]
@@ -87,6 +96,29 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
           f"{len(manifest['classes'])} classes; {decoded} images in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):,.0f} images/s)", file=sys.stderr)
     return store.Manifest(manifest)
+
+
+def _check_out_apart(out: Path, source: Path) -> None:
+    """OUT may not be the source, hold it, or lie inside it (with or without --force)."""
+    resolved = out.resolve()
+    if resolved == source or resolved in source.parents:
+        raise PrepareError(f"--out {out} would replace the source {source}; choose another PREP")
+    if source in resolved.parents:
+        raise PrepareError(f"--out {out} is inside the source {source}; choose a PREP outside it")
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """OUT exists and is not a valid prepared directory: --force may replace it only if it holds our manifest."""
+    try:
+        ours = "format_version" in json.loads((out / store.MANIFEST).read_bytes())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise PrepareError(f"{out}: exists and is not a prepared directory (no {store.MANIFEST} of this project); "
+                           "prepare replaces only what it wrote, even with --force: choose another PREP")
+    if not force:
+        raise PrepareError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
+                           "pass --force to replace it")
 
 
 def _existing(out: Path) -> dict | None:
@@ -108,26 +140,43 @@ def _changes(existing: dict, params: dict, source: Source) -> list[str]:
     return changes
 
 
+@dataclass
+class Job:
+    """One part decoded into one .npy: each PNG name's row, and its layout copies (archives, --layout folders)."""
+
+    part: Part
+    npy: Path
+    rows: dict[str, int]  # in row order
+    copies: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
 def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
     """Everything short of publishing: check, split, decode, lay out, hash, write the manifest."""
     scratch = staged / ".scratch"
-    tree = source.materialize(scratch)
-    labels, train_files, test_files = _checked_files(source, tree)
-    assignment = assign(labels, params["valid_ratio"], params["seed"])
-    trainval_rows = assignment.valid + assignment.train
-    # Plain strings, not Paths: 350,000 Path joins cost seconds.
-    train_prefix = f"{tree.train_dir}{os.sep}"
-    trainval_paths = [train_prefix + train_files[i] for i, _ in trainval_rows]
-    test_ids = sorted(test_files)
-    test_prefix = f"{tree.test_dir}{os.sep}"
-    test_paths = [test_prefix + test_files[i] for i in test_ids]
-    _check_disk(staged, len(trainval_paths) + len(test_paths), params["layout"], tree)
+    with ExitStack() as stack:
+        tree = source.materialize(scratch, stack)
+        labels, train_files, test_files = _checked_files(tree)
+        assignment = assign(labels, params["valid_ratio"], params["seed"])
+        trainval_rows = assignment.valid + assignment.train
+        test_ids = sorted(test_files)
+        _check_disk(staged, len(trainval_rows) + len(test_ids), params["layout"], tree)
+        np.save(staged / store.TRAINVAL_LABELS, np.asarray([c for _, c in trainval_rows], dtype=np.int64))
+        np.save(staged / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
+        np.save(staged / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
+        jobs = [Job(tree.train, staged / store.TRAINVAL_IMAGES, {train_files[i]: row for row, (i, _) in enumerate(trainval_rows)})]
+        if tree.test is not None:
+            jobs.append(Job(tree.test, staged / store.TEST_IMAGES, {test_files[i]: row for row, i in enumerate(test_ids)}))
+        if params["layout"] == "folders" and tree.train.folder is None:
+            _plan_copies(staged / store.FOLDERS, jobs, assignment, trainval_rows)
+        hashes, converted = _decode_and_hash(staged, jobs, workers)
+        if params["layout"] == "folders" and tree.train.folder is not None:
+            _write_folders(staged, assignment, trainval_rows, jobs)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return _finish_manifest(staged, source, params, assignment, len(test_ids), len(converted), hashes)
 
-    np.save(staged / store.TRAINVAL_LABELS, np.asarray([c for _, c in trainval_rows], dtype=np.int64))
-    np.save(staged / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
-    np.save(staged / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
-    tasks = _tasks(staged / store.TRAINVAL_IMAGES, trainval_paths) + _tasks(staged / store.TEST_IMAGES, test_paths)
-    # Each file is hashed in a thread as soon as its last row is written, overlapping the decoding.
+
+def _decode_and_hash(staged: Path, jobs: list[Job], workers: int) -> tuple[dict[str, str], list[str]]:
+    """Decode every job; each file is hashed in a thread as soon as its last row is written."""
     hasher = ThreadPoolExecutor(2, thread_name_prefix="sha256")
     try:
         digests = {name: hasher.submit(store.sha256_file, staged / name)
@@ -136,44 +185,42 @@ def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
         def written(npy: Path) -> None:
             digests[npy.name] = hasher.submit(store.sha256_file, npy)
 
-        converted = _decode_all(tasks, workers, len(trainval_paths) + len(test_paths), written)
+        converted = _decode_all(jobs, workers, written)
         for npy in (store.TRAINVAL_IMAGES, store.TEST_IMAGES):
-            if npy not in digests:  # no rows, no tasks
+            if npy not in digests:  # no test part: an empty array
+                _preallocate(staged / npy, 0)
                 written(staged / npy)
         if converted:
             print(f"warning: {len(converted)} images were grayscale, RGBA or palette PNGs and were converted to RGB "
                   f"(first: {converted[0]})", file=sys.stderr)
-        if params["layout"] == "folders":
-            _write_folders(staged, assignment, trainval_rows, trainval_paths, test_paths)
-        shutil.rmtree(scratch, ignore_errors=True)
-        hashes = {name: digest.result() for name, digest in digests.items()}
+        return {name: digest.result() for name, digest in digests.items()}, converted
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
-    return _finish_manifest(staged, source, params, assignment, len(test_ids), len(converted), hashes)
 
 
-def _checked_files(source: Source, tree: SourceTree) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+def _checked_files(tree: SourceTree) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
     """Labels cross-checked against train/, and the PNG names of train/ and test/ (id -> name).
 
     PrepareError on any mismatch or misnamed file.
     """
     rows = read_labels(tree.labels_csv)
-    train_files, bad = list_pngs(tree.train_dir, source.listings.get(tree.train_dir))
+    train_dir = tree.train.shown
+    train_files, bad = list_pngs(train_dir, tree.train.names)
     test_files: dict[int, str] = {}
-    if tree.test_dir is not None:
-        test_files, bad_test = list_pngs(tree.test_dir, source.listings.get(tree.test_dir))
+    if tree.test is not None:
+        test_files, bad_test = list_pngs(tree.test.shown, tree.test.names)
         bad += bad_test
     else:
-        print(f"warning: {tree.train_dir.parent} has no test/ (or test.7z); the test split will be empty",
+        print(f"warning: {train_dir.parent} has no test/ (or test.7z); the test split will be empty",
               file=sys.stderr)
-    check_names(tree.train_dir.parent, bad)
+    check_names(train_dir.parent, bad)
     problems = []
     no_png = [f"line {line}: id {i} ({label})" for i, (label, line) in rows.items() if i not in train_files]
     if no_png:
-        problems.append(offenders(f"{tree.labels_csv}: labelled ids with no PNG in {tree.train_dir}", no_png))
-    no_label = [f"{tree.train_dir / train_files[i]}" for i in sorted(train_files.keys() - rows.keys())]
+        problems.append(offenders(f"{tree.labels_csv}: labelled ids with no PNG in {train_dir}", no_png))
+    no_label = [f"{train_dir / train_files[i]}" for i in sorted(train_files.keys() - rows.keys())]
     if no_label:
-        problems.append(offenders(f"{tree.train_dir}: PNGs with no label in {tree.labels_csv}", no_label))
+        problems.append(offenders(f"{train_dir}: PNGs with no label in {tree.labels_csv}", no_label))
     if problems:
         raise PrepareError("\n".join(problems))
     labels = {i: label for i, (label, _) in rows.items()}
@@ -186,69 +233,138 @@ def _checked_files(source: Source, tree: SourceTree) -> tuple[dict[int, str], di
 def _check_disk(staged: Path, images: int, layout: str | None, tree: SourceTree) -> None:
     """Refuse before writing if the packed arrays (and copies the folder layout may need) cannot fit."""
     need = images * (ROW_BYTES + 16) + DISK_MARGIN_BYTES
-    if layout == "folders" and tree.train_dir.stat().st_dev != staged.stat().st_dev:
-        need += images * 8192  # hard links cannot cross devices: budget a copy of each (small) PNG
+    folder = tree.train.folder
+    if layout == "folders" and (folder is None or folder.stat().st_dev != staged.stat().st_dev):
+        need += images * 8192  # no hard links from an archive or across devices: budget a copy of each (small) PNG
     free = shutil.disk_usage(staged).free
     if need > free:
         raise PrepareError(f"{staged.parent}: not enough disk space for the prepared data: "
                            f"need {need:,} bytes, {free:,} free")
 
 
-def _tasks(npy: Path, paths: list[str]) -> list[tuple[str, int, int, list[str]]]:
-    """Preallocate NPY for len(PATHS) images and cut the work into chunks of rows."""
-    array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(paths), SIDE, SIDE, 3))
+def _preallocate(npy: Path, rows: int) -> int:
+    """Create NPY for ROWS images (sparse until written); return the offset of its data."""
+    array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(rows, SIDE, SIDE, 3))
     offset = array.offset
     del array
-    return [(str(npy), offset, start, paths[start:start + CHUNK_ROWS]) for start in range(0, len(paths), CHUNK_ROWS)]
+    return offset
 
 
-def _decode_all(tasks: list, workers: int, total: int, written: Callable[[Path], None]) -> list[str]:
-    """Run every decode task (in WORKERS processes), show progress; return the converted files.
+def _tasks(job: Job) -> Iterator[tuple[str, int, int, list]]:
+    """Preallocate JOB's .npy, then cut its items (in row order for a folder, archive order for an archive) into chunks."""
+    offset = _preallocate(job.npy, len(job.rows))
+    chunk: list = []
+    for item in _items(job):
+        chunk.append(item)
+        if len(chunk) == CHUNK_ROWS:
+            yield str(job.npy), offset, chunk[0][0], chunk
+            chunk = []
+    if chunk:
+        yield str(job.npy), offset, chunk[0][0], chunk
+
+
+def _items(job: Job) -> Iterator[tuple[int, str, str | bytes | None, tuple[str, ...]]]:
+    """(row, name shown in messages, path or bytes, layout copies) for each of JOB's PNGs."""
+    part, prefix = job.part, f"{job.part.shown}{os.sep}"
+    if part.stream is None:
+        for name, row in job.rows.items():
+            yield row, prefix + name, prefix + name, ()
+        return
+    seen: set[str] = set()
+    for name, data in part.stream(set(job.rows), MAX_PNG_BYTES):
+        if name in seen:
+            raise PrepareError(f"{part.shown}: unpacking failed (member {name!r} appears twice)")
+        seen.add(name)
+        yield job.rows[name], prefix + name, data, job.copies.get(name, ())
+    if len(seen) != len(job.rows):
+        missing = sorted(job.rows.keys() - seen)
+        raise PrepareError(f"{part.shown}: unpacking failed (the archive ended without {len(missing)} of its "
+                           f"listed PNGs, first {missing[0]!r})")
+
+
+def _decode_all(jobs: list[Job], workers: int, written: Callable[[Path], None]) -> list[str]:
+    """Run every job's decode tasks (in WORKERS processes) with a progress per part; return the converted files.
 
     Calls WRITTEN(npy) once all of an .npy's rows are written. Raises PrepareError naming the
     unreadable files, in row order.
     """
-    from tqdm import tqdm
-
-    errors: list[str] = []
+    errors: list[tuple[int, int, str]] = []
     converted: list[str] = []
-    chunks_left = Counter(task[0] for task in tasks)
-    with tqdm(total=total, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), desc="decode") as bar:
-        for task, result in zip(tasks, _results(tasks, min(workers, max(len(tasks), 1))), strict=True):
-            errors += result.errors
-            converted += result.converted
-            bar.update(result.rows)
-            chunks_left[task[0]] -= 1
-            if chunks_left[task[0]] == 0 and not errors:
-                written(Path(task[0]))
+    streamed = any(job.part.stream is not None for job in jobs)
+    with _runner(workers, STREAM_WORKER_NICENESS if streamed else 0) as run:
+        for index, job in enumerate(jobs):
+            progress = Progress(str(job.part.shown), len(job.rows), job.part.packed_bytes)
+            try:
+                for result in run(_tasks(job)):
+                    errors += [(index, row, message) for row, message in result.errors]
+                    converted += result.converted
+                    progress.update(result.rows)
+            finally:
+                progress.close()
+            if not errors:
+                written(job.npy)
     if errors:
-        raise PrepareError(offenders("images that are not readable 32x32 PNGs", errors))
+        raise PrepareError(offenders("images that are not readable 32x32 PNGs", [m for *_, m in sorted(errors)]))
     return converted
 
 
-def _results(tasks: list, workers: int) -> Iterator[ChunkResult]:
-    """decode_chunk over TASKS in order: in this process for one worker, else a pool of fresh processes."""
+@contextmanager
+def _runner(workers: int, niceness: int = 0) -> Iterator[Callable[[Iterator], Iterator[ChunkResult]]]:
+    """A function mapping decode_chunk over tasks in order: in this process for one worker, else in a pool.
+
+    At most 2 x WORKERS tasks are in flight, so memory stays a few chunks of PNGs whatever the archive size.
+    spawn, not fork: the caller may hold threads (MXNet, Horovod) that a fork would copy half-way.
+    An executor, not a Pool: a worker that dies (OOM) fails the run instead of hanging it.
+    Workers die with this process (die_with_parent), even when it is SIGKILLed. NICENESS lowers the workers'
+    priority: when an archive streams, this process's LZMA is the critical path and the workers have slack.
+    """
     if workers <= 1:
-        yield from map(decode_chunk, tasks)
+        yield lambda tasks: map(decode_chunk, tasks)
         return
-    # spawn, not fork: the caller may hold threads (MXNet, Horovod) that a fork would copy half-way.
-    # An executor, not a Pool: a worker that dies (OOM) fails the run instead of hanging it.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(decode_chunk, tasks)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent, initargs=(os.getpid(), niceness)) as pool:
+        def run(tasks: Iterator) -> Iterator[ChunkResult]:
+            pending: deque = deque()
+            for task in tasks:
+                pending.append(pool.submit(decode_chunk, task))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+        yield run
 
 
-def _write_folders(staged: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]],
-                   trainval_paths: list[str], test_paths: list[str]) -> None:
+def _plan_copies(root: Path, jobs: list[Job], assignment: Assignment, trainval_rows: list[tuple[int, int]]) -> None:
+    """For archives with --layout folders: where each PNG's bytes go in the seed's tree (folders made now)."""
+    classes, n_valid = assignment.classes, len(assignment.valid)
+    for split in ("train_valid", "train", "valid"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+    train = jobs[0]
+    for name, row in train.rows.items():
+        label = classes[trainval_rows[row][1]]
+        train.copies[name] = (f"{root}/train_valid/{label}/{name}",
+                              f"{root}/{'valid' if row < n_valid else 'train'}/{label}/{name}")
+    if len(jobs) > 1:
+        (root / "test" / "unknown").mkdir(parents=True, exist_ok=True)
+        jobs[1].copies.update({name: (f"{root}/test/unknown/{name}",) for name in jobs[1].rows})
+
+
+def _write_folders(staged: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]], jobs: list[Job]) -> None:
     """The seed's train_valid_test/ tree inside STAGED, hard-linked to the source PNGs (rows: valid, then train)."""
     n_valid = len(assignment.valid)
     classes = assignment.classes
+    train_prefix = f"{jobs[0].part.shown}{os.sep}"
 
     def entries() -> Iterator[tuple[str, str, str]]:
-        for row, ((_, label), path) in enumerate(zip(trainval_rows, trainval_paths, strict=True)):
-            yield "train_valid", classes[label], path
-            yield ("valid" if row < n_valid else "train"), classes[label], path
-        for path in test_paths:
-            yield "test", "unknown", path
+        for (name, row), (_, label) in zip(jobs[0].rows.items(), trainval_rows, strict=True):
+            yield "train_valid", classes[label], train_prefix + name
+            yield ("valid" if row < n_valid else "train"), classes[label], train_prefix + name
+        for job in jobs[1:]:
+            test_prefix = f"{job.part.shown}{os.sep}"
+            for name in job.rows:
+                yield "test", "unknown", test_prefix + name
 
     linked, copied = write_folders(staged / store.FOLDERS, entries())
     if copied:

@@ -8,24 +8,46 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from data_prep import archive
 from data_prep.errors import PrepareError, offenders
 
 LABELS_CSV = "trainLabels.csv"
+MAX_CSV_BYTES = 256 << 20  # the real trainLabels.csv is 600 KB
+
+
+@dataclass(frozen=True)
+class Part:
+    """One split's PNGs: a folder, or members of an archive streamed in archive order.
+
+    SHOWN names the place in messages: the folder, or ARCHIVE/FOLDER for members. STREAM (archives
+    only) yields (name, bytes, or None for a member declared over the limit) for the names it is given.
+    """
+
+    shown: Path
+    names: list[str]
+    stream: Callable[[set[str], int], Iterator[tuple[str, bytes | None]]] | None = None
+    packed_bytes: int = 0
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder on disk holding the PNGs, None when they stream from an archive."""
+        return None if self.stream else self.shown
 
 
 @dataclass(frozen=True)
 class SourceTree:
-    """The competition files as plain folders, ready to read."""
+    """The competition files, ready to read: the labels CSV and each split's PNGs."""
 
     labels_csv: Path
-    train_dir: Path
-    test_dir: Path | None
+    train: Part
+    test: Part | None
 
 
 @dataclass
@@ -46,14 +68,22 @@ class Source:
         """sha256 over names, sizes and mtimes (folders) or size and mtime (archives)."""
         return self.pending_fingerprint.result()
 
-    def materialize(self, scratch: Path) -> SourceTree:
-        """Folders as they are; archives unpacked (checked first) under SCRATCH."""
-        root = self.path
+    def materialize(self, scratch: Path, stack: ExitStack) -> SourceTree:
+        """Folders as they are; archives listed and checked, their members left to stream (nothing unpacked).
+
+        Only the zip's trainLabels.csv is copied (bounded) into SCRATCH; STACK closes the zip at the end.
+        """
         if self.kind == "zip":
-            archive.extract(self.path, scratch / "zip")
-            root = _zip_root(self.path, scratch / "zip")
-        dirs = {split: _unpacked(part, scratch) for split, part in _splits(root).items()}
-        return SourceTree(root / LABELS_CSV, dirs["train"], dirs.get("test"))
+            return _zip_tree(self.path, scratch, stack)
+        parts = {split: self._part(path) for split, path in _splits(self.path).items()}
+        return SourceTree(self.path / LABELS_CSV, parts["train"], parts.get("test"))
+
+    def _part(self, path: Path) -> Part:
+        if path.suffix != ".7z":
+            return Part(path, self.listings[path])
+        members = archive.list_7z(path, path)
+        archive.check_members(path, members, path.stat().st_size)
+        return _7z_part(path, members, path, path.stat().st_size)
 
 
 def locate(src: Path) -> Source:
@@ -125,23 +155,66 @@ def check_names(folder: Path, bad: list[str]) -> None:
         raise PrepareError(offenders(f"{folder}: files not named <id>.png", bad))
 
 
-def _unpacked(part: Path, scratch: Path) -> Path:
-    """PART itself if it is a folder, else the .7z unpacked under SCRATCH (its SPLIT/ folder, if it has one)."""
-    if part.suffix != ".7z":
-        return part
-    split = part.stem
-    dest = scratch / f"{split}7z"
-    archive.extract(part, dest)
-    return dest / split if (dest / split).is_dir() else dest
+def _7z_part(file: Path | Callable[[], BinaryIO], members: list[archive.Member], shown: Path, packed: int) -> Part:
+    """The PNGs of a .7z (a path, or an opener of a zip member): those under its SPLIT/ folder, if it has one."""
+    split = shown.stem
+    prefix = f"{split}/" if any(m.name == split or m.name.startswith(f"{split}/") for m in members) else ""
+    names = [m.name[len(prefix):] for m in members if not m.is_dir and m.name.startswith(prefix)]
+
+    def stream(wanted: set[str], limit: int) -> Iterator[tuple[str, bytes | None]]:
+        with ExitStack() as stack:
+            opened = file if isinstance(file, Path) else stack.enter_context(file())
+            yield from archive.stream_7z(opened, shown, {prefix + name: name for name in wanted}, limit)
+
+    return Part(shown / split if prefix else shown, names, stream, packed)
 
 
-def _zip_root(zip_path: Path, unpacked: Path) -> Path:
-    """The folder inside the unpacked zip that holds trainLabels.csv (top level or one folder down)."""
-    if (unpacked / LABELS_CSV).is_file():
-        return unpacked
-    subdirs = [p for p in unpacked.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / LABELS_CSV).is_file():
-        return subdirs[0]
+def _zip_tree(zip_path: Path, scratch: Path, stack: ExitStack) -> SourceTree:
+    """The zip's CSV (copied to SCRATCH) and its train/test parts: folders of PNGs or nested .7z members."""
+    zf, members = archive.open_zip(zip_path)
+    stack.enter_context(zf)
+    archive.check_members(zip_path, members, zip_path.stat().st_size)
+    files = {m.name: m for m in members if not m.is_dir}
+    root = _zip_root(zip_path, files)
+    csv = scratch / LABELS_CSV
+    data = archive.read_zip_member(zf, root + LABELS_CSV, MAX_CSV_BYTES)
+    if data is None or len(data) > MAX_CSV_BYTES:
+        raise PrepareError(f"{zip_path}: {root}{LABELS_CSV} is over {MAX_CSV_BYTES:,} bytes; not the competition's")
+    scratch.mkdir(parents=True, exist_ok=True)
+    csv.write_bytes(data)
+    parts: dict[str, Part] = {}
+    for split in ("train", "test"):
+        folder, packed = f"{root}{split}/", f"{root}{split}.7z"
+        if any(name.startswith(folder) for name in files):
+            names = {name[len(folder):]: name for name in files if name.startswith(folder)}
+            parts[split] = Part(zip_path / folder.rstrip("/"), sorted(names), _zip_stream(zf, zip_path / folder, folder),
+                                sum(files[n].packed or 0 for n in names.values()))
+        elif packed in files:
+            def opener(name: str = packed) -> BinaryIO:
+                return zf.open(name)
+            shown = zip_path / packed
+            with opener() as f:
+                inner = archive.list_7z(f, shown)
+            archive.check_members(shown, inner, files[packed].size)
+            parts[split] = _7z_part(opener, inner, shown, files[packed].packed or 0)
+        elif split == "train":
+            raise PrepareError(f"{zip_path / root}: missing train/ (or train.7z)")
+    return SourceTree(csv, parts["train"], parts.get("test"))
+
+
+def _zip_stream(zf: zipfile.ZipFile, shown: Path, folder: str) -> Callable[[set[str], int], Iterator]:
+    def stream(wanted: set[str], limit: int) -> Iterator[tuple[str, bytes | None]]:
+        return archive.stream_zip(zf, shown, {folder + name: name for name in wanted}, limit)
+    return stream
+
+
+def _zip_root(zip_path: Path, files: dict[str, archive.Member]) -> str:
+    """The folder inside the zip that holds trainLabels.csv ('' for the top, or 'one-folder/')."""
+    if LABELS_CSV in files:
+        return ""
+    tops = {name.split("/", 1)[0] for name in files if "/" in name}
+    if len(tops) == 1 and f"{next(iter(tops))}/{LABELS_CSV}" in files:
+        return f"{next(iter(tops))}/"
     raise PrepareError(f"{zip_path}: holds no {LABELS_CSV} (at the top or in a single top folder)")
 
 

@@ -7,7 +7,7 @@
 #   VENV    the virtual environment to create or update (created with python3.11)
 #   EXTRAS  pip extras of this package to install, e.g. "dev" (default: none)
 # env: HOROVOD_GPU_OPERATIONS=NCCL etc. pass through to the Horovod build (and step 5 then wants NCCL);
-#      SKIP_APT=1 skips the Open MPI check (the image installs it in its own layer);
+#      SKIP_APT=1 skips the apt steps (Open MPI, libarchive13; the image installs them in its own layers);
 #      EDITABLE=0 installs the package non-editable; MXNET_PACKAGE: see step 3.
 set -euo pipefail
 
@@ -26,6 +26,21 @@ if [ "${SKIP_APT:-0}" != 1 ] && ! command -v mpirun >/dev/null 2>&1; then
   else
     echo "install-stack: Open MPI is missing. Install it with:" >&2
     echo "    sudo apt-get install -y openmpi-bin libopenmpi-dev" >&2
+    echo "then run 'make setup' again." >&2
+    exit 1
+  fi
+fi
+
+# 1b. libarchive (libarchive-c streams the competition's 7z archives through it; Debian/Ubuntu: libarchive13).
+# Found the way libarchive-c finds it (ctypes.util.find_library), which works without /sbin on PATH.
+if [ "${SKIP_APT:-0}" != 1 ] && ! "$python" -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('archive'))"; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "install-stack: installing libarchive13 (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libarchive13 >/dev/null
+  else
+    echo "install-stack: the libarchive shared library is missing. Install it with:" >&2
+    echo "    sudo apt-get install -y libarchive13" >&2
     echo "then run 'make setup' again." >&2
     exit 1
   fi

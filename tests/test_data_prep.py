@@ -181,6 +181,34 @@ def test_archives_give_the_same_arrays(uneven, tmp_path, capsys):
     assert status == 0 and "up to date" in err
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """Each file under ROOT (relative path) -> sha256 of its bytes."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_three_input_forms_publish_byte_identical_dirs(uneven, tmp_path, capsys):
+    """Issue 15: folders, train.7z/test.7z and the zip (streamed, 2 workers) give the same arrays and the same layout."""
+    src, _ = uneven
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    seven_zip_folder(packed / "train.7z", src / "train", "train")
+    seven_zip_folder(packed / "test.7z", src / "test", "test")
+    (packed / "trainLabels.csv").write_bytes((src / "trainLabels.csv").read_bytes())
+    zip_tree(tmp_path / "cifar-10.zip", packed)
+    files, trees = [], []
+    for name, data in (("from_dir", src), ("from_7z", packed), ("from_zip", tmp_path / "cifar-10.zip")):
+        status, err = prepare_cli(capsys, "--data", str(data), "--out", str(tmp_path / name), "--workers", "2",
+                                  "--layout", "folders", "--valid-ratio", "0.3")
+        assert status == 0, err
+        files.append({f: (e["sha256"], e["bytes"]) for f, e in data_prep.read_manifest(tmp_path / name)["files"].items()})
+        trees.append(tree_digest(tmp_path / name / "train_valid_test"))
+        assert not (tmp_path / name / ".scratch").exists() and leftovers(tmp_path / name) == []
+    assert files[0] == files[1] == files[2]
+    assert trees[0] == trees[1] == trees[2] and len(trees[0]) == 2 * sum(UNEVEN.values()) + 9
+
+
 def test_folders_layout_matches_the_seed_tree(uneven, tmp_path, capsys):
     src, labels = uneven
     out = tmp_path / "prep"

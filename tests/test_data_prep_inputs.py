@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def test_source_that_is_neither_folder_nor_zip(good, tmp_path, capsys):
 
 
 def test_failure_mid_write_leaves_no_prep(good, capsys, monkeypatch):
-    """A crash after some rows are written (disk full, killed worker): OUT as it was, no temporary left."""
+    """A crash after some rows are written (an I/O error, a killed worker): OUT as it was, no temporary left."""
     src, out = good
     write_source(src.parent / "big", {"a": 700, "b": 600}, n_test=3)  # several decode chunks
     real = pipeline.decode_chunk
@@ -187,14 +188,14 @@ def test_failure_mid_write_leaves_no_prep(good, capsys, monkeypatch):
     def fail_second_chunk(task):
         calls.append(task[2])
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         return real(task)
 
     monkeypatch.setattr(pipeline, "decode_chunk", fail_second_chunk)
     before = snapshot(out)
     for target, force in ((out, True), (out.parent / "fresh", False)):
         calls.clear()
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(OSError, match="Input/output error"):
             data_prep.prepare(src.parent / "big", target, workers=1, force=force)
         assert calls == [0, 512]  # the real writer wrote the first chunk's rows before the failure
     assert snapshot(out) == before
@@ -238,24 +239,102 @@ def test_reading_an_unprepared_directory_names_the_fix(tmp_path):
 
 
 
-def test_out_that_is_not_a_prepared_directory_needs_force(good, tmp_path, capsys):
+def test_out_that_is_not_a_prepared_directory_is_never_replaced(good, tmp_path, capsys):
+    """--force replaces only a directory holding this project's manifest (issue 14, item 2)."""
     src, _ = good
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     before = snapshot(other)
-    assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "notes: exists and is not a prepared directory" in err and "--force" in err
+    for flags in ([], ["--force"]):
+        assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "notes: exists and is not a prepared directory" in err and "--force" in err
     assert snapshot(other) == before
-    assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1", "--force"]) == 0
-    assert not (other / "keep.txt").exists() and data_prep.read_manifest(other)["classes"] == ["cat", "dog"]
+    stale = tmp_path / "stale"  # ours, from a format this version cannot read: --force may replace it
+    stale.mkdir()
+    (stale / "manifest.json").write_text('{"format_version": 999}')
+    assert cli.main(["--data", str(src), "--out", str(stale), "--workers", "1"]) == 2
+    assert "pass --force to replace it" in capsys.readouterr().err
+    assert cli.main(["--data", str(src), "--out", str(stale), "--workers", "1", "--force"]) == 0
+    assert data_prep.read_manifest(stale)["classes"] == ["cat", "dog"]
 
 
-def test_out_must_not_replace_the_source(good, capsys):
+def test_out_must_not_be_hold_or_lie_inside_the_source(good, capsys):
+    """OUT == SRC, OUT above SRC, OUT inside SRC (SRC/train): refused with or without --force (issue 14, item 2)."""
     src, _ = good
     before = snapshot(src)
-    for target in (src, src.parent):
-        assert cli.main(["--data", str(src), "--out", str(target), "--force"]) == 2
-        assert "would replace the source" in capsys.readouterr().err
+    for target, why in ((src, "would replace the source"), (src.parent, "would replace the source"),
+                        (src / "train", "is inside the source"), (src / "prep", "is inside the source"),
+                        (src / "test" / "deeper" / "prep", "is inside the source")):
+        for flags in ([], ["--force"]):
+            assert cli.main(["--data", str(src), "--out", str(target), "--workers", "1", *flags]) == 2
+            assert why in capsys.readouterr().err
     assert snapshot(src) == before
+
+
+def pack_7z_copy(archive: Path, folder: Path, arcname: str) -> None:
+    """FOLDER stored (no compression) in a .7z, so a test can find and damage a member's bytes."""
+    with py7zr.SevenZipFile(archive, "w", filters=[{"id": py7zr.FILTER_COPY}]) as sz:
+        sz.writeall(folder, arcname)
+
+
+@pytest.fixture
+def packed(good, tmp_path) -> Path:
+    """The good source as train.7z + test.7z (stored) + trainLabels.csv."""
+    src, _ = good
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    shutil.copy(src / "trainLabels.csv", packed)
+    pack_7z_copy(packed / "test.7z", src / "test", "test")
+    return packed
+
+
+def test_streamed_7z_member_with_a_bad_crc(good, packed, capsys):
+    """The 7z's own CRC is checked while streaming (libarchive reports it only as a warning)."""
+    src, out = good
+    pack_7z_copy(packed / "train.7z", src / "train", "train")
+    data = bytearray((packed / "train.7z").read_bytes())
+    png = (src / "train" / "4.png").read_bytes()
+    at = data.find(png[40:80])
+    assert at > 0
+    data[at] ^= 0xFF
+    (packed / "train.7z").write_bytes(bytes(data))
+    assert_refused(capsys, packed, out, ["train.7z: unpacking failed", "bad CRC"])
+
+
+def test_streamed_member_declared_too_large_is_not_read(good, packed, capsys):
+    """A member over the PNG limit is refused by its declared size, in archive and zip alike."""
+    src, out = good
+    (src / "train" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(3 << 20))
+    pack_7z_copy(packed / "train.7z", src / "train", "train")
+    assert_refused(capsys, packed, out, ["train.7z/train/9.png: larger than 1048576 bytes, not a 32x32 PNG"])
+    zipped = packed.parent / "cifar-10.zip"
+    zip_tree(zipped, src)
+    assert_refused(capsys, zipped, out, ["cifar-10.zip/train/9.png: larger than 1048576 bytes"])
+
+
+def test_truncated_archives(good, packed, capsys):
+    src, out = good
+    seven_zip_folder(packed / "train.7z", src / "train", "train")
+    whole = (packed / "train.7z").read_bytes()
+    (packed / "train.7z").write_bytes(whole[:len(whole) // 2])
+    assert_refused(capsys, packed, out, ["train.7z: not a readable archive"])
+    zipped = packed.parent / "cifar-10.zip"
+    zip_tree(zipped, src)
+    zipped.write_bytes(zipped.read_bytes()[:-200])
+    assert_refused(capsys, zipped, out, ["cifar-10.zip: not a directory or a zip file"])  # no end record
+
+
+def test_zip_member_with_a_bad_crc(good, tmp_path, capsys):
+    src, out = good
+    zipped = tmp_path / "cifar-10.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED) as zf:
+        zf.write(src / "trainLabels.csv", "trainLabels.csv")
+        for png in sorted((src / "train").iterdir()) + sorted((src / "test").iterdir()):
+            zf.write(png, f"{png.parent.name}/{png.name}")
+    data = bytearray(zipped.read_bytes())
+    png = (src / "train" / "5.png").read_bytes()
+    data[data.find(png[40:80])] ^= 0xFF
+    zipped.write_bytes(bytes(data))
+    assert_refused(capsys, zipped, out, ["cifar-10.zip/train: unpacking failed (BadZipFile: Bad CRC-32"])
