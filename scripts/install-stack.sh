@@ -7,7 +7,7 @@
 #   VENV    the virtual environment to create or update (created with python3.11)
 #   EXTRAS  pip extras of this package to install, e.g. "dev" (default: none)
 # env: HOROVOD_GPU_OPERATIONS=NCCL etc. pass through to the Horovod build (and step 5 then wants NCCL);
-#      SKIP_APT=1 skips the apt steps (Open MPI, libarchive13; the image installs them in its own layers);
+#      SKIP_APT=1 skips the apt steps (Open MPI, sshd, libarchive13; the image installs them in its own layers);
 #      EDITABLE=0 installs the package non-editable; MXNET_PACKAGE: see step 3.
 set -euo pipefail
 
@@ -17,15 +17,20 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null 2>&1 || python=python3
 
-# 1. Open MPI (Horovod's MPI controller and mpi4py build against it).
-if [ "${SKIP_APT:-0}" != 1 ] && ! command -v mpirun >/dev/null 2>&1; then
+# 1. Open MPI (Horovod's MPI controller and mpi4py build against it) and OpenSSH's sshd (the test suite's
+#    local cluster, scripts/local-cluster.sh, runs one per host, as the image's workers do).
+missing=()
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin libopenmpi-dev)
+# sshd only where the cluster tests can run (root: they make namespaces); elsewhere they skip
+[ -x /usr/sbin/sshd ] || [ "$(id -u)" != 0 ] || missing+=(openssh-server)
+if [ "${SKIP_APT:-0}" != 1 ] && [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "install-stack: installing Open MPI (apt-get)"
+    echo "install-stack: installing ${missing[*]} (apt-get)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "install-stack: Open MPI is missing. Install it with:" >&2
-    echo "    sudo apt-get install -y openmpi-bin libopenmpi-dev" >&2
+    echo "install-stack: ${missing[*]} missing. Install with:" >&2
+    echo "    sudo apt-get install -y ${missing[*]}" >&2
     echo "then run 'make setup' again." >&2
     exit 1
   fi
