@@ -15,9 +15,12 @@ import hashlib
 import json
 import os
 import shlex
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -56,15 +59,64 @@ def horovodrun_argv(np_: int, cmd: list[str], controller: str = "gloo", hosts: s
     return argv + list(cmd)
 
 
+# A node lost without a word (cable cut, kernel panic) ends an MPI job only when Open MPI's daemons notice,
+# through TCP keepalive: 300 s + 9 probes x 20 s by default, while its orted and ranks hang on. These make it
+# about 20 s (a partitioned host's orted then ends its ranks too). Gloo's peers time out on their own
+# (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s).
+MPI_KEEPALIVE = {"OMPI_MCA_oob_tcp_keepalive_time": "10", "OMPI_MCA_oob_tcp_keepalive_intvl": "3",
+                 "OMPI_MCA_oob_tcp_keepalive_probes": "3"}
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This environment for a child process: the venv first on PATH, Open MPI allowed to run as root
-    (containers and CI run as root; Open MPI refuses unless told), then extra."""
+    (containers and CI run as root; Open MPI refuses unless told) and told to notice lost nodes
+    (MPI_KEEPALIVE; a value set by the user wins), then extra."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    for key, value in MPI_KEEPALIVE.items():
+        env.setdefault(key, value)
     env.update(extra)
     return env
+
+
+class HostUnreachable(RuntimeError):
+    """A host of -H / --hostfile does not answer ssh: the job cannot start there."""
+
+
+def remote_hosts(launch: LaunchConfig) -> list[str]:
+    """The hosts horovodrun reaches over ssh: -H's names, else the hostfile's first words; not this one."""
+    if launch.hosts:
+        names = [h.rsplit(":", 1)[0] for h in launch.hosts.split(",") if h.strip()]
+    elif launch.hostfile:
+        try:
+            lines = Path(launch.hostfile).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"hostfile {launch.hostfile}: {e.strerror}") from e
+        names = [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    else:
+        return []
+    local = {"localhost", "127.0.0.1", socket.gethostname()}
+    return [h for h in dict.fromkeys(n.strip() for n in names) if h not in local]
+
+
+def check_hosts(hosts: list[str], timeout: float = 20) -> None:
+    """Raise HostUnreachable naming each host that `ssh HOST true` cannot reach (all tried at once),
+    so a down host fails the run in seconds, before anything is written, not at the first horovodrun."""
+    def probe(host: str) -> str | None:
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=no", host, "true"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"{host} (no answer in {timeout:.0f} s)"
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        return None if proc.returncode == 0 else f"{host} ({last})"
+
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts) or 1)) as pool:
+        failed = [f for f in pool.map(probe, hosts) if f]
+    if failed:
+        raise HostUnreachable("cannot reach " + "; ".join(failed) + " over ssh; nothing was started or written")
 
 
 class StageFailed(RuntimeError):
@@ -327,8 +379,11 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    pipe = Pipeline(resolve_run_config(args), Path(args.config), args.resume)
+    cfg = resolve_run_config(args)
+    pipe = Pipeline(cfg, Path(args.config), args.resume)
     try:
+        if not mpi_world() and set(cfg.phases) - {"prepare"}:
+            check_hosts(remote_hosts(cfg.launch))  # before anything is written (the lock included)
         # outside an MPI world a signal ends the running stage's whole process tree, then the launcher
         with nullcontext() if pipe.world else child.stop_on_signals(), pipe.writing():
             summary = pipe.run()
@@ -339,6 +394,9 @@ def _main(argv: list[str] | None) -> int:
     except StageFailed as e:
         print(f"cifar10-hvd run: {e}; the pipeline stopped there (see the stage's messages above)", file=sys.stderr)
         return e.code if 0 < e.code < 256 else 1
+    except HostUnreachable as e:
+        print(f"cifar10-hvd run: {e}", file=sys.stderr)
+        return 1
     if pipe.rank == 0:
         print(f"[run] done in {summary['wall_seconds']:.0f} s")
         if summary.get("tune_valid_acc") is not None:
