@@ -141,6 +141,8 @@ class Pipeline:
         self.markers = self.workdir / ".stages"
         self.python = sys.executable
         self.config_path = config_path
+        self.hvd = None  # Horovod, once a decision has been shared inside an MPI world
+        self.shared = 0  # decisions shared so far (each broadcast gets its own name)
 
     # -- config identity -------------------------------------------------------------------------
     def data_identity(self) -> dict:
@@ -186,8 +188,17 @@ class Pipeline:
         if distributed:
             launch = self.cfg.launch
             cmd = horovodrun_argv(launch.np, cmd, launch.controller, launch.hosts, launch.hostfile)
-        self.spawn(stage, cmd)
+        self.launch_child(stage, cmd)
         return None
+
+    def launch_child(self, stage: str, cmd: list[str]) -> None:
+        """A child stage: inside an MPI world on rank 0 while the other ranks wait, else spawned here."""
+        if self.world:
+            code = self.on_rank0(stage, cmd)
+            if code:
+                raise StageFailed(stage, code)
+        else:
+            self.spawn(stage, cmd)
 
     def spawn(self, stage: str, cmd: list[str]) -> None:
         """Run CMD as the stage's child (printed, so it can be copied); StageFailed unless it exits 0."""
@@ -217,6 +228,35 @@ class Pipeline:
         if code:
             raise StageFailed(stage, code)
         return results[0]
+
+    # -- collective decisions (inside an MPI world) -------------------------------------------------
+    def share(self, obj: Any, name: str) -> Any:
+        """Rank 0's obj on every rank (Horovod's broadcast; under mpirun and under horovodrun --gloo alike):
+        ranks that decided from their own view of the files could disagree and hang in the collectives."""
+        if not self.world or self.world[1] == 1:
+            return obj
+        if self.hvd is None:
+            from trainer.device import init_horovod, set_cpu_threads
+
+            # before mxnet is imported, as the first in-process stage would (predict: cores / local ranks)
+            set_cpu_threads(self.cfg.train.threads if set(self.cfg.phases) & set(TRAIN_STAGES) else 0)
+            self.hvd = init_horovod()
+        self.shared += 1
+        return self.hvd.broadcast_object(obj, root_rank=0, name=f"run.{name}.{self.shared}")
+
+    def on_rank0(self, stage: str, cmd: list[str]) -> int:
+        """Run cmd on rank 0 while the other ranks wait; every rank returns its exit status. Rank 0 shares
+        'still running' every 2 s, so no rank blocks long in one collective (Horovod's stall warnings)."""
+        proc = None
+        if self.rank == 0:
+            print(f"[run] {stage}: {shlex.join(cmd)} (rank 0; the other ranks wait)", flush=True)
+            proc = subprocess.Popen(cmd, env=child_env())
+        while True:
+            code = self.share(proc.poll() if proc else None, f"{stage}.exit")
+            if code is not None:
+                return code
+            if proc:
+                time.sleep(2)
 
     # -- stages --------------------------------------------------------------------------------------
     def argv(self, stage: str, out_dir: Path, resume: bool = False) -> list[str]:
@@ -248,25 +288,34 @@ class Pipeline:
                 raise
             print(f"[run] prepare: {self.prepared} is not what {self.cfg.data} and the prepare section make "
                   "now; rebuilding it (prepare --force)", flush=True)
-            self.spawn("prepare", [self.python, *self.argv("prepare", self.workdir), "--force"])
+            self.launch_child("prepare", [self.python, *self.argv("prepare", self.workdir), "--force"])
         return before == self.data_identity()
+
+    def plan(self, stage: str, target: Path) -> dict:
+        """Whether the stage runs ('skip' with its recorded figures), in which directory and with --resume;
+        begins a training stage's directory. On rank 0 only inside an MPI world: one decision, shared."""
+        key, marker = self.stage_key(stage), self.marker(stage)
+        if self.complete(stage, marker, key):
+            return {"skip": True, "figures": marker.get("figures", {})}
+        out_dir = workdir.stage_dir(target, self.resume) if stage in TRAIN_STAGES else target
+        if stage in TRAIN_STAGES:
+            workdir.begin(out_dir, target, self.resume)
+        return {"skip": False, "out_dir": str(out_dir), "resume": self.resume and (out_dir / "config.json").exists()}
 
     def run_stage(self, stage: str) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""
         target = self.workdir / stage if stage in TRAIN_STAGES else self.workdir
-        key, marker = self.stage_key(stage), self.marker(stage)
-        if self.complete(stage, marker, key):
+        plan = self.share(self.plan(stage, target) if self.rank == 0 else None, f"{stage}.plan")
+        if plan["skip"]:
             print(f"[run] {stage}: up to date, skipped", flush=True)
-            return {**marker.get("figures", {}), "status": "skipped"}
-        out_dir = workdir.stage_dir(target, self.resume) if stage in TRAIN_STAGES else target
-        if stage in TRAIN_STAGES and self.rank == 0:
-            workdir.begin(out_dir, target, self.resume)
+            return {**plan["figures"], "status": "skipped"}
+        out_dir = Path(plan["out_dir"])
         print(f"[run] == stage {stage} ==", flush=True)
         start = time.time()
         result = None
         if stage != "prepare":
-            result = self.execute(stage, out_dir, self.resume and (out_dir / "config.json").exists())
-        elif self.prepare() and marker and marker.get("key") == key:
+            result = self.execute(stage, out_dir, plan["resume"])
+        elif self.prepare() and (marker := self.marker(stage)) and marker.get("key") == self.stage_key(stage):
             print("[run] prepare: up to date, skipped", flush=True)
             return {**marker.get("figures", {}), "status": "skipped"}
         if stage in TRAIN_STAGES and self.rank == 0:
@@ -278,7 +327,8 @@ class Pipeline:
         if stage in ("prepare", "predict") and figures.get("images"):
             figures["images_per_sec_wall"] = round(figures["images"] / max(figures["wall_seconds"], 1e-9), 1)
         self.markers.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.markers / f"{stage}.json", json.dumps({"key": key, "figures": figures}, indent=2))
+        atomic_write_text(self.markers / f"{stage}.json",
+                          json.dumps({"key": self.stage_key(stage), "figures": figures}, indent=2))
         return figures
 
     def figures(self, stage: str, out_dir: Path) -> dict:
