@@ -72,13 +72,12 @@ write_files() {  # SHARED NAME...: keys, ssh configs, passwd/group, hosts
   ssh-keygen -q -t rsa -b 2048 -N "" -C "$ME" -f "$home/.ssh/id_rsa"
   cp "$home/.ssh/id_rsa.pub" "$home/.ssh/authorized_keys"
   printf '%s\n' 'Host *' "    Port $PORT" '    StrictHostKeyChecking no' '    UserKnownHostsFile /dev/null' \
-    '    LogLevel ERROR' '    BatchMode yes' '    ConnectTimeout 10' '    ServerAliveInterval 5' \
-    '    ServerAliveCountMax 3' > "$home/.ssh/config"
-  # ClientAlive: a session whose client vanished (partition) ends instead of waiting out TCP's 15 minutes.
+    '    LogLevel ERROR' > "$home/.ssh/config"
+  # As the image's configs (Dockerfile): no keepalives, so a lost node is noticed by the job's own timeouts.
   printf '%s\n' "Port $PORT" "HostKey $home/.ssh/id_rsa" "AuthorizedKeysFile $home/.ssh/authorized_keys" \
     'PidFile /tmp/sshd.pid' 'StrictModes no' 'UsePAM no' 'PasswordAuthentication no' \
     'KbdInteractiveAuthentication no' 'PermitRootLogin prohibit-password' 'UseDNS no' 'PrintMotd no' \
-    'ClientAliveInterval 5' 'ClientAliveCountMax 3' "SetEnv PATH=$CHECKOUT/.venv/bin:/usr/local/bin:/usr/bin:/bin" \
+    "SetEnv PATH=$CHECKOUT/.venv/bin:/usr/local/bin:/usr/bin:/bin" \
     > "$STATE/sshd_config"
   # uid 1000 (and root, for the fallback) get the cluster's home; only inside the hosts' mount namespaces
   awk -F: -v OFS=: -v h="$home" '$3 == 1000 || $1 == "cluster" { next } $3 == 0 { $6 = h } { print }' \
