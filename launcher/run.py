@@ -238,8 +238,9 @@ class Pipeline:
         if self.hvd is None:
             from trainer.device import init_horovod, set_cpu_threads
 
-            # before mxnet is imported, as the first in-process stage would (predict: cores / local ranks)
-            set_cpu_threads(self.cfg.train.threads if set(self.cfg.phases) & set(TRAIN_STAGES) else 0)
+            # before mxnet is imported: the threads of the first in-process stage, which would set them
+            first = self.cfg.train if set(self.cfg.phases) & set(TRAIN_STAGES) else self.cfg.predict
+            set_cpu_threads(first.threads)
             self.hvd = init_horovod()
         self.shared += 1
         return self.hvd.broadcast_object(obj, root_rank=0, name=f"run.{name}.{self.shared}")
