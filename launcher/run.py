@@ -242,8 +242,12 @@ class Pipeline:
             first = self.cfg.train if set(self.cfg.phases) & set(TRAIN_STAGES) else self.cfg.predict
             set_cpu_threads(first.threads)
             self.hvd = init_horovod()
+        import mxnet as mx
+
         self.shared += 1
-        return self.hvd.broadcast_object(obj, root_rank=0, name=f"run.{name}.{self.shared}")
+        obj = self.hvd.broadcast_object(obj, root_rank=0, name=f"run.{name}.{self.shared}")
+        mx.nd.waitall()  # rank 0's broadcast is asynchronous: it must not exit before the others received it
+        return obj
 
     def on_rank0(self, stage: str, cmd: list[str]) -> int:
         """Run cmd on rank 0 while the other ranks wait; every rank returns its exit status. Rank 0 shares
