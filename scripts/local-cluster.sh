@@ -94,7 +94,8 @@ write_files() {  # SHARED NAME...: keys, ssh configs, passwd/group, hosts
 make_host() {  # INDEX NAME SHARED: namespaces, veth, mounts; appends to hosts.tsv
   local i=$1 name=$2 shared=$3 ip pid path
   ip=$NET.$((10 + i))
-  mkdir -p "/etc/netns/$name" && echo "/etc/netns/$name" >> "$STATE/made"
+  [ -d /etc/netns ] || { mkdir /etc/netns && echo "rmdir /etc/netns" >> "$STATE/made"; }
+  mkdir "/etc/netns/$name" && echo "/etc/netns/$name" >> "$STATE/made"
   cp "$STATE/hosts" "/etc/netns/$name/hosts"
   ip netns add "$name" && echo "netns $name" >> "$STATE/made"
   ip -n "$BRIDGE_NS" link add "v$i" type veth peer name eth0 netns "$name"
@@ -221,6 +222,7 @@ cmd_down() {
     tac "$STATE/made" | while read -r line; do
       case $line in
         "netns "*) what=${line#netns }; kill_netns "$what"; ip netns del "$what" 2>/dev/null || true;;
+        "rmdir "*) rmdir "${line#rmdir }" 2>/dev/null || true;;  # only if nothing else was put there
         /*) rm -rf "$line";;
       esac
     done
