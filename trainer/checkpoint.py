@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from data_prep.errors import InputError
 from data_prep.files import atomic_write, atomic_write_text
@@ -75,8 +77,10 @@ def checkpoint_stem(run_dir: str | Path, epoch: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"epoch-{epoch:04d}"
 
 
-def save_checkpoint(run_dir: str | Path, epoch: int, net, trainer, record: dict, keep: int) -> Path:
-    """Write epoch's params, optimizer states and marker .json atomically; keep the newest `keep`.
+def save_checkpoint(run_dir: str | Path, epoch: int, net, trainer, record: dict, keep: int,
+                    extra: dict[str, Callable[[str], Any]] | None = None) -> Path:
+    """Write epoch's params, optimizer states, `extra` files ({suffix: writer(path)}, e.g. the weight average)
+    and the marker .json atomically; keep the newest `keep`.
 
     `epoch` is the number of completed epochs; resuming continues at that epoch index.
     """
@@ -84,9 +88,12 @@ def save_checkpoint(run_dir: str | Path, epoch: int, net, trainer, record: dict,
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(stem.with_suffix(".params"), net.save_parameters)
     atomic_write(stem.with_suffix(".states"), trainer.save_states)
+    for suffix, write in (extra or {}).items():
+        atomic_write(stem.with_suffix(suffix), write)
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"epoch": epoch, **record}, indent=1))
     for _epoch, marker in list_checkpoints(run_dir)[:-keep]:
         # marker first: a half-deleted checkpoint must never look complete
-        for suffix in (".json", ".params", ".states"):
-            marker.with_suffix(suffix).unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
+        for path in marker.parent.glob(marker.stem + ".*"):
+            path.unlink(missing_ok=True)
     return stem

@@ -53,6 +53,15 @@ class TrainConfig:
     eval_batch_size: int = field(default=512, metadata={"help": "per-rank batch size for validation", "min": 1})
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept in RUN/checkpoints", "min": 1})
     threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
+    # recipe ingredients for short schedules (issue 16); each default is the seed's behaviour
+    augment: str = field(default="seed", metadata={"help": "training augmentation: the seed's resized crop + flip, or padcrop = translate by up to `pad` pixels (pad, random 32x32 crop) + flip", "choices": ("seed", "padcrop")})
+    pad: int = field(default=4, metadata={"help": "padcrop: pixels of padding per side", "choices": tuple(range(1, 17))})
+    pad_mode: str = field(default="reflect", metadata={"help": "padcrop: padding by reflection, or with black (zero) pixels", "choices": ("reflect", "zero")})
+    cutout: int = field(default=0, metadata={"help": "cutout: zero a random SxS square inside each training image (0 = off)", "choices": tuple(range(0, 33))})
+    ema: float = field(default=0.0, metadata={"help": "exponential moving average of the weights, decay per step (0 = off); validation, checkpoints' .ema and the final model use the average", "min": 0.0, "max_excl": 1.0})
+    zero_init_residual: bool = field(default=False, metadata={"help": "initialise each residual block's last BatchNorm gamma to 0 (the block starts as an identity)"})
+    wd_bn_bias: bool = field(default=True, metadata={"help": "weight decay on BatchNorm gamma/beta and biases too, as the seed (false: on conv and dense weights only)"})
+    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (trainer.recipe.NesterovSGD) instead of the seed's sgd"})
 
 
 @dataclass

@@ -53,8 +53,10 @@ def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
 
 
 def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rng: np.random.Generator,
-                   depth: int = 3) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   depth: int = 3, transform=augment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Augmented batches for the (steps, batch) index array `shard`, prepared in a background thread.
+
+    transform(images, rng, out) is the training transform (presets.augment, the seed's, by default).
 
     The x arrays come from a ring of depth + 3 buffers (see augment._scratch for why): a batch
     stays valid until the consumer has asked for the next one; copy it before then.
@@ -64,7 +66,7 @@ def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rn
     def produce() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for step, rows in enumerate(shard):
             order = np.sort(rows)  # sorted reads are kinder to a memmap; the batch's order is irrelevant
-            yield augment(images[order], rng, out=ring[step % len(ring)]), labels[order].astype(np.float32)
+            yield transform(images[order], rng, out=ring[step % len(ring)]), labels[order].astype(np.float32)
 
     return prefetch(produce(), depth)
 

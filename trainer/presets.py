@@ -2,6 +2,8 @@
 
 - normalize: the seed's ToTensor + Normalize, batched on uint8 NHWC arrays.
 - augment: the seed's training augmentation, batched in numpy: Resize(40), RandomResizedCrop(32), flip, normalize.
+- padcrop, cutout, train_transform: the short-schedule alternatives (issue 16): translation by padding and
+  cropping plus flip, and cutout, chosen by TrainConfig's augment/pad/pad_mode/cutout keys.
 - eval_transform: the evaluation view (normalize only, or a centre crop at the training zoom).
 - seed_transform: the seed's own per-image gluon train transform (the "seed" pipeline).
 
@@ -106,6 +108,59 @@ def apply_params(images: np.ndarray, rows_k: np.ndarray, cols_k: np.ndarray,
     out *= _SCALE_NCHW
     out += _SHIFT_NCHW
     return out
+
+
+def draw_shifts(rng: np.random.Generator, n: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: row and column offsets into the padded image (uniform in 0..2*pad), and a flip (p = 1/2)."""
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    return dy, dx, rng.random(n) < 0.5
+
+
+def apply_shifts(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray, pad: int,
+                 mode: str = "reflect", out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) -> normalized float32 (N, 3, 32, 32): each image padded by `pad` (reflect or zero),
+    its 32x32 window at (dy, dx) taken, mirrored where flip. One gather for the whole batch."""
+    n = len(images)
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect" if mode == "reflect" else "constant")
+    ar = np.arange(SIZE)
+    rows = dy[:, None] + ar
+    cols = np.where(flip[:, None], dx[:, None] + SIZE - 1 - ar, dx[:, None] + ar)
+    crops = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return normalize(crops, out=out)
+
+
+def padcrop(images: np.ndarray, rng: np.random.Generator, pad: int = 4, mode: str = "reflect",
+            out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): random translation by up to pad pixels, flip, normalize."""
+    dy, dx, flip = draw_shifts(rng, len(images), pad)
+    return apply_shifts(images, dy, dx, flip, pad, mode, out)
+
+
+def draw_cutout(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the top-left corner of a size x size square lying wholly inside the 32x32 image."""
+    return rng.integers(0, SIZE - size + 1, n), rng.integers(0, SIZE - size + 1, n)
+
+
+def apply_cutout(x: np.ndarray, y0: np.ndarray, x0: np.ndarray, size: int) -> np.ndarray:
+    """Zero (the mean pixel, after normalization) the square at (y0, x0) of each NCHW image, in place."""
+    ar = np.arange(SIZE)
+    in_rows = (ar >= y0[:, None]) & (ar < y0[:, None] + size)
+    in_cols = (ar >= x0[:, None]) & (ar < x0[:, None] + size)
+    keep = ~(in_rows[:, :, None] & in_cols[:, None, :])
+    x *= keep[:, None].astype(np.float32)
+    return x
+
+
+def train_transform(augment_name: str = "seed", pad: int = 4, pad_mode: str = "reflect", cutout: int = 0):
+    """transform(images, rng, out) for training: the seed's augment (the default), or padcrop; then cutout if on."""
+    def transform(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
+        x = padcrop(images, rng, pad, pad_mode, out) if augment_name == "padcrop" else augment(images, rng, out)
+        if cutout:
+            apply_cutout(x, *draw_cutout(rng, len(x), cutout), cutout)
+        return x
+
+    return transform
 
 
 def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

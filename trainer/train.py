@@ -24,8 +24,10 @@ from data_prep.schema import Parser, add_flags, resolve
 from trainer import checkpoint, metrics, rundir
 from trainer.config import RunRecord, TrainConfig
 from trainer.device import device_problem, set_cpu_threads
+from trainer.ema import averaged, checkpoint_files
 from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
+from trainer.recipe import check_recipe, optimizer_spec, prepare_net
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
 
@@ -130,6 +132,7 @@ class Model:
     lr: float
     start_epoch: int
     scale_loss: bool = False  # float16 AMP: backward through amp.scale_loss
+    ema: object | None = None  # trainer.ema.WeightAverage when cfg.ema is on
 
 
 @dataclass
@@ -217,6 +220,7 @@ def build_net(cfg: TrainConfig, n_classes: int, ctx):
     net.initialize(mx.init.Xavier(), ctx=ctx)
     net.hybridize(static_alloc=True)
     net(mx.nd.zeros((1, 3, 32, 32), ctx=ctx))  # materialise deferred shapes before broadcasting
+    prepare_net(net, cfg)
     return net
 
 
@@ -238,6 +242,21 @@ def load_checkpoint_params(net, stem: Path, width: int, ctx) -> None:
         net.load_parameters(str(stem.with_suffix(".params")), ctx=ctx)
     except (OSError, mx.base.MXNetError, AssertionError) as e:
         raise TrainError(f"{stem}.params: cannot resume from it with width {width}: {e}") from e
+
+
+def start_ema(net, cfg: TrainConfig, stem: Path | None):
+    """The weight average (None when cfg.ema is 0), resumed from stem's .ema; identical on every rank."""
+    from trainer.ema import start_average
+    from trainer.hvd_trainer import broadcast_in_place
+
+    try:
+        ema = start_average(net, cfg.ema, stem)
+    except ValueError as e:
+        raise TrainError(f"{e}; ema was off when this checkpoint was written, or it is damaged "
+                         "(resume with the run's own ema, or start a new --out)") from e
+    if ema is not None:
+        broadcast_in_place({f"ema.{name}": a for name, a in ema.avg.items()}, root_rank=0)
+    return ema
 
 
 def init_amp(mode: str):
@@ -265,15 +284,14 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
     # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
     broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
     lr = base_lr(cfg, world.size)
-    trainer = DenseGradTrainer(params, "sgd", {"learning_rate": lr, "momentum": cfg.momentum, "wd": cfg.wd},
-                               compression=compressor(cfg.compression))
+    trainer = DenseGradTrainer(params, *optimizer_spec(cfg, lr), compression=compressor(cfg.compression))
     if cfg.amp == "float16":
         amp.init_trainer(trainer)
     if start:
         trainer.load_states(str(stem.with_suffix(".states")))
         resume_loss_scale(trainer, checkpoint.latest_checkpoint(out) if world.rank == 0 else None, world.hvd)
     return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, start,
-                 scale_loss=cfg.amp == "float16")
+                 scale_loss=cfg.amp == "float16", ema=start_ema(net, cfg, stem if start else None))
 
 
 def write_run_record(out: Path, cfg: TrainConfig, classes: list[str], phase: str, prepared: Path, size: int,
@@ -324,6 +342,8 @@ def train_step(model: Model, X, Y, batch_size: int):
     else:
         loss.backward()
     model.trainer.step(batch_size)
+    if model.ema is not None:
+        model.ema.update()
     return out, loss
 
 
@@ -332,6 +352,7 @@ def train_step(model: Model, X, Y, batch_size: int):
 def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
     """This rank's stream of (x, y) for the epoch, from the configured pipeline."""
     from trainer.pipeline import batched_stream, seed_stream
+    from trainer.presets import train_transform
 
     shard = train_shard(len(split.images), cfg.batch_size, rank, size, cfg.seed, epoch)
     if cfg.pipeline == "seed":
@@ -344,7 +365,8 @@ def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
         mx.random.seed(cfg.seed * 1000003 + epoch * 101 + rank)
         return seed_stream(split.images, split.labels, shard)
     rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
-    return batched_stream(split.images, split.labels, shard, rng)
+    transform = train_transform(cfg.augment, cfg.pad, cfg.pad_mode, cfg.cutout)
+    return batched_stream(split.images, split.labels, shard, rng, transform=transform)
 
 
 def progress_bar(world: World, steps: int, epoch: int):
@@ -412,8 +434,9 @@ def evaluate_valid(model: Model, data: Data, cfg: TrainConfig, world: World) -> 
         return None
     from trainer.evaluate import evaluate
 
-    return evaluate(model.net, data.valid.images, data.valid.labels, world.ctx, cfg.eval_batch_size, world.hvd,
-                    crop=cfg.eval_crop)
+    with averaged(model.ema):  # the weight average, when on, is the model being validated
+        return evaluate(model.net, data.valid.images, data.valid.labels, world.ctx, cfg.eval_batch_size, world.hvd,
+                        crop=cfg.eval_crop)
 
 
 def run_epoch(model: Model, data: Data, cfg: TrainConfig, phase: str, epoch: int, world: World) -> dict:
@@ -438,7 +461,8 @@ def save_epoch(out: Path, record: dict, history: list[dict], model: Model, cfg: 
     checkpoint.save_checkpoint(out, record["epoch"] + 1, model.net, model.trainer,
                                {"phase": record["phase"], "lr": record["lr"], "world_size": size,
                                 "global_batch": cfg.batch_size * size,
-                                "amp_loss_scale": loss_scale_state(model.trainer)}, cfg.keep_checkpoints)
+                                "amp_loss_scale": loss_scale_state(model.trainer)}, cfg.keep_checkpoints,
+                               extra=checkpoint_files(model.ema))
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -482,6 +506,7 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads) if threads is None else threads
+    check_recipe(cfg)
     world = init_world()
     problem = device_problem(cfg.amp, world.ctx)
     if problem:
@@ -513,6 +538,8 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
         if world.rank == 0:
             save_epoch(out, record, history, model, cfg, world.size)
             world.log(epoch_line(record, cfg.epochs))
+    if model.ema is not None:
+        model.ema.apply()  # the final model is the weight average
     check_same_model(model.net, world)
     if world.rank == 0:
         rundir.write_final_model(out, model.net, data.classes, cfg.eval_crop)

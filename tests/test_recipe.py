@@ -1,0 +1,270 @@
+"""Issue 16's recipe keys, each checked on the code path training uses, and their seed defaults."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+from trainer import presets
+from trainer.config import TrainConfig
+
+RECIPE_KEYS = {"augment": "seed", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
+               "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False}
+
+
+def _images(n: int = 48, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    """Normalized NCHW float32 back to NHWC pixel values."""
+    return ((x - presets._SHIFT_NCHW) / presets._SCALE_NCHW).transpose(0, 2, 3, 1)
+
+
+def test_recipe_keys_default_to_the_seed_and_seed_yaml_keeps_them():
+    from launcher.run_config import load_run_config
+
+    defaults = TrainConfig()
+    assert {k: getattr(defaults, k) for k in RECIPE_KEYS} == RECIPE_KEYS
+    seed = load_run_config(ROOT / "configs" / "seed.yaml").train
+    assert {k: getattr(seed, k) for k in RECIPE_KEYS} == RECIPE_KEYS
+    # the default transform is the seed's augment, draw for draw
+    imgs = _images()
+    got = presets.train_transform()(imgs, np.random.default_rng(5))
+    assert np.array_equal(got, presets.augment(imgs, np.random.default_rng(5)))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zero"])
+@pytest.mark.parametrize("pad", [2, 4])
+def test_padcrop_is_a_translated_view_of_the_padded_image(mode, pad):
+    imgs = _images()
+    dy, dx, flip = presets.draw_shifts(np.random.default_rng(1), len(imgs), pad)
+    out = presets.apply_shifts(imgs, dy, dx, flip, pad, mode)
+    np_mode = {"reflect": "reflect", "zero": "constant"}[mode]
+    for i, img in enumerate(imgs):
+        ref = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode=np_mode)[dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        ref = ref[:, ::-1] if flip[i] else ref
+        np.testing.assert_allclose(_pixels(out[i:i + 1])[0], ref, atol=2e-3)
+    # the random version is the same function of the same draws, and covers every offset and both flips
+    again = presets.padcrop(imgs, np.random.default_rng(1), pad, mode)
+    assert np.array_equal(again, out)
+    dy, dx, flip = presets.draw_shifts(np.random.default_rng(2), 4000, pad)
+    assert set(dy) == set(dx) == set(range(2 * pad + 1))
+    assert 0.45 < flip.mean() < 0.55
+
+
+def test_zero_padding_is_black_and_reflect_padding_is_not():
+    imgs = np.full((1, 32, 32, 3), 200, dtype=np.uint8)
+    corner = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool)
+    zero = _pixels(presets.apply_shifts(imgs, *corner, 4, "zero"))[0]
+    reflect = _pixels(presets.apply_shifts(imgs, *corner, 4, "reflect"))[0]
+    np.testing.assert_allclose(zero[:4], 0, atol=2e-3)  # the top 4 rows are padding
+    np.testing.assert_allclose(zero[:, :4], 0, atol=2e-3)
+    np.testing.assert_allclose(zero[4:, 4:], 200, atol=2e-3)
+    np.testing.assert_allclose(reflect, 200, atol=2e-3)
+
+
+@pytest.mark.parametrize("size", [1, 8, 16])
+def test_cutout_zeros_exactly_a_square_of_the_given_size(size):
+    imgs = np.random.default_rng(3).integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(4)
+    x = presets.train_transform("padcrop", 4, "reflect", size)(imgs, rng)
+    plain = presets.padcrop(imgs, np.random.default_rng(4), 4, "reflect")
+    for i in range(len(x)):
+        zero = x[i] == 0
+        assert zero.sum() == 3 * size * size
+        rows, cols = np.nonzero(zero.all(axis=0))
+        assert rows.max() - rows.min() + 1 == size and cols.max() - cols.min() + 1 == size
+        assert np.array_equal(x[i][~zero], plain[i][~zero])  # everything else is the uncut image
+    # the squares lie inside the image and move around it
+    y0, x0 = presets.draw_cutout(np.random.default_rng(6), 5000, size)
+    assert y0.min() == x0.min() == 0 and y0.max() == x0.max() == 32 - size
+
+
+def _net(width: int = 4):
+    import mxnet as mx
+
+    from trainer.model import resnet18
+
+    net = resnet18(10, width)
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((2, 3, 32, 32)))
+    return net
+
+
+def test_zero_init_residual_leaves_each_block_an_identity():
+    import mxnet as mx
+    from mxnet import autograd
+
+    from trainer.model import Residual
+    from trainer.recipe import blocks, zero_init_residual
+
+    mx.random.seed(0)
+    net = _net()
+    identity = [b for b in blocks(net, Residual) if b.conv3 is None]
+    projection = [b for b in blocks(net, Residual) if b.conv3 is not None]
+    assert len(identity) == 5 and len(projection) == 3
+    x = mx.nd.relu(mx.nd.random.normal(shape=(4, 4, 8, 8)))  # a block's input is a ReLU output
+    assert not np.allclose(identity[0](x).asnumpy(), x.asnumpy())  # not an identity before
+    assert zero_init_residual(net) == 8
+    for blk in identity:
+        c = blk.conv1._channels
+        x = mx.nd.relu(mx.nd.random.normal(shape=(4, c, 8, 8)))
+        np.testing.assert_allclose(blk(x).asnumpy(), x.asnumpy(), atol=1e-6)
+        with autograd.record():  # training mode: batch statistics, still gamma 0
+            np.testing.assert_allclose(blk(x).asnumpy(), x.asnumpy(), atol=1e-6)
+    for blk in projection:
+        x = mx.nd.relu(mx.nd.random.normal(shape=(4, blk.conv1.weight.shape[1], 8, 8)))
+        np.testing.assert_allclose(blk(x).asnumpy(), mx.nd.relu(blk.conv3(x)).asnumpy(), atol=1e-6)
+
+
+def test_wd_bn_bias_false_sets_wd_mult_zero_on_exactly_bn_and_bias_params():
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from trainer.recipe import optimizer_spec, prepare_net
+
+    net = _net()
+    trainable = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
+    expected = {n for n in trainable if n.rsplit("_", 1)[-1] in ("gamma", "beta", "bias")}
+    assert expected
+    prepare_net(net, TrainConfig(wd_bn_bias=False))
+    assert {n for n, p in trainable.items() if p.wd_mult == 0} == expected
+    assert all(p.wd_mult == 1 for n, p in trainable.items() if n not in expected)
+    # through the optimizer: with zero gradients, only weight decay moves a parameter
+    cfg = TrainConfig(momentum=0.0, wd=0.1)
+    trainer = gluon.Trainer(net.collect_params(), *optimizer_spec(cfg, 0.5))
+    before = {n: p.data().copy() for n, p in trainable.items()}
+    with autograd.record():
+        loss = net(mx.nd.ones((2, 3, 32, 32))).sum() * 0  # every gradient fresh, and zero
+    loss.backward()
+    trainer.step(1)
+    for n, p in trainable.items():
+        want = before[n] if n in expected else before[n] * (1 - 0.5 * 0.1)
+        np.testing.assert_allclose(p.data().asnumpy(), want.asnumpy(), rtol=1e-6, atol=1e-7)
+    assert type(trainer._optimizer) is mx.optimizer.SGD
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_nesterov_changes_the_update_as_computed_by_hand(nesterov):
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from trainer.recipe import optimizer_spec
+
+    lr, m, wd = 0.1, 0.9, 0.01
+    p = gluon.Parameter("w", shape=(3,))
+    p.initialize(mx.init.Constant(1.0))
+    trainer = gluon.Trainer([p], *optimizer_spec(TrainConfig(momentum=m, wd=wd, nesterov=nesterov), lr))
+    w, v = np.ones(3), np.zeros(3)
+    for g in (np.array([1.0, -2.0, 0.5]), np.array([0.3, 0.3, -1.0]), np.array([-1.0, 0.0, 2.0])):
+        with autograd.record():
+            loss = (p.data() * mx.nd.array(g)).sum()  # gradient g
+        loss.backward()
+        trainer.step(1)
+        if nesterov:  # the look-ahead: v = m v - lr g'; w += m v - lr g', with g' = g + wd w
+            gw = g + wd * w
+            v = m * v - lr * gw
+            w = w + m * v - lr * gw
+        else:  # the seed's sgd: v = m v - lr (g + wd w); w += v
+            v = m * v - lr * (g + wd * w)
+            w = w + v
+        np.testing.assert_allclose(p.data().asnumpy(), w, rtol=1e-5)
+
+
+def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path):
+    import mxnet as mx
+
+    from trainer.ema import WeightAverage
+
+    net = _net()
+    params = {n: p for n, p in net._collect_params_with_prefix().items() if p.grad_req != "null"}
+    start = {n: p.data().asnumpy() for n, p in params.items()}
+    ema = WeightAverage(net, 0.8)
+    hand = dict(start)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        for p in params.values():
+            p.set_data(mx.nd.array(rng.standard_normal(p.shape)))
+        ema.update()
+        hand = {n: 0.8 * hand[n] + 0.2 * params[n].data().asnumpy() for n in params}
+    for n in params:
+        np.testing.assert_allclose(ema.avg[n].asnumpy(), hand[n], rtol=1e-5, atol=1e-6)
+    live = {n: p.data().asnumpy() for n, p in params.items()}
+    with ema.applied():
+        assert all(np.allclose(params[n].data().asnumpy(), hand[n], atol=1e-6) for n in params)
+    assert all(np.array_equal(params[n].data().asnumpy(), live[n]) for n in params)  # swapped back
+    ema.save(str(tmp_path / "a.ema"))
+    other = WeightAverage(net, 0.8)
+    other.load(tmp_path / "a.ema")
+    assert all(np.array_equal(other.avg[n].asnumpy(), ema.avg[n].asnumpy()) for n in params)
+    with pytest.raises(ValueError, match="does not fit"):
+        WeightAverage(_net(8), 0.8).load(tmp_path / "a.ema")
+
+
+TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
+        "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
+        "--nesterov"]
+
+
+def _train(prepared: Path, out: Path, *extra: str):
+    return run_cli(["train", "--prepared", str(prepared), "--out", str(out), *TINY, *extra], timeout=600)
+
+
+def _final(out: Path) -> dict:
+    import mxnet as mx
+
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(out / "model-final.params")).items()}
+
+
+@pytest.mark.slow
+def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
+    import mxnet as mx
+
+    from trainer import metrics
+    from trainer.evaluate import evaluate
+    from trainer.model import resnet18
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    proc = _train(prepared, whole, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ema = {k: v.asnumpy() for k, v in mx.nd.load(str(whole / "checkpoints" / "epoch-0002.ema")).items()}
+    final = _final(whole)
+    assert ema and all(np.array_equal(final[k], v) for k, v in ema.items())  # the final model is the average
+    live = {k: v.asnumpy() for k, v in mx.nd.load(str(whole / "checkpoints" / "epoch-0002.params")).items()}
+    assert any(not np.array_equal(live[k], v) for k, v in ema.items())
+    # the last epoch's valid accuracy is the average's (the final model's), not the live weights'
+    import data_prep
+
+    valid = data_prep.open_split(prepared, "valid", data_prep.read_manifest(prepared))
+    net = resnet18(10, 4)
+    net.load_parameters(str(whole / "model-final.params"))
+    acc = evaluate(net, valid.images, valid.labels, mx.cpu(), 64)["acc"]
+    assert metrics.read_metrics(whole)[-1]["valid_acc"] == pytest.approx(acc)
+
+    # stopped after epoch 1 and resumed: the same average, hence the same final model
+    assert _train(prepared, part, "--epochs", "1").returncode == 0
+    resumed = _train(prepared, part, "--epochs", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = _final(part)
+    for k, v in final.items():
+        np.testing.assert_allclose(again[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # a checkpoint without its average cannot continue one: exit 2 naming the file
+    (part / "checkpoints" / "epoch-0002.ema").unlink()
+    proc = _train(prepared, part, "--epochs", "3", "--resume")
+    assert proc.returncode == 2 and "epoch-0002.ema" in proc.stderr
+
+
+def test_recipe_flags_parse_and_the_seed_pipeline_refuses_padcrop(prepared, tmp_path):
+    from trainer.train import build_parser, resolve
+
+    args = build_parser().parse_args(["--prepared", "p", "--out", "o", *TINY])
+    cfg = resolve(TrainConfig, args, None, "train")
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
+    assert set(RECIPE_KEYS) - {"pad", "pad_mode"} <= changed
+    proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--pipeline", "seed",
+                    "--augment", "padcrop"])
+    assert proc.returncode == 2 and "pipeline" in proc.stderr and not (tmp_path / "r").exists()

@@ -1,0 +1,125 @@
+"""Training-recipe ingredients for short schedules (issue 16), each behind a TrainConfig key whose default is the seed's.
+
+- zero_init_residual: each residual block's last BatchNorm gamma starts at 0, so the block starts as an
+  identity (Goyal et al. 2017) and early training sees a shallower net.
+- wd_bn_bias false: no weight decay on BatchNorm gamma/beta and biases (they set scales and offsets, not
+  the capacity weight decay is meant to limit). The key is positive because a bool key named no_* would
+  get the flag --no-..., which argparse's BooleanOptionalAction reads as false.
+- optimizer: the seed's SGD with momentum, or Nesterov momentum (NesterovSGD).
+The augmentation keys live in trainer.presets, the weight average in trainer.ema.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from data_prep.errors import InputError
+from trainer.config import TrainConfig
+
+
+def check_recipe(cfg: TrainConfig) -> None:
+    """Refuse key combinations that would silently do nothing (the seed's per-image pipeline has no padcrop/cutout)."""
+    if cfg.pipeline == "seed" and (cfg.augment != "seed" or cfg.cutout):
+        raise InputError("key 'pipeline': seed (the per-image DataLoader) applies only the seed's augmentation; "
+                         "use pipeline: batched with augment/cutout")
+
+
+def blocks(block, kind: type) -> Iterator:
+    """Every descendant of a Gluon block that is an instance of kind, in definition order."""
+    for child in block._children.values():
+        if isinstance(child, kind):
+            yield child
+        yield from blocks(child, kind)
+
+
+def zero_init_residual(net) -> int:
+    """Set the last BatchNorm gamma of every trainer.model.Residual to 0 (after initialisation); returns the count."""
+    from trainer.model import Residual
+
+    count = 0
+    for res in blocks(net, Residual):
+        res.bn2.gamma.data()[:] = 0
+        count += 1
+    return count
+
+
+def no_decay_params(net) -> list:
+    """The parameters weight decay should skip: BatchNorm gamma and beta, and every Conv/Dense bias."""
+    from mxnet.gluon import nn
+
+    found = []
+    for bn in blocks(net, nn.BatchNorm):
+        found += [bn.gamma, bn.beta]
+    for layer in [*blocks(net, nn.Conv2D), *blocks(net, nn.Dense)]:
+        if layer.bias is not None:
+            found.append(layer.bias)
+    return found
+
+
+def apply_no_wd_bn_bias(net) -> int:
+    """wd_mult 0 on no_decay_params(net) (the optimizer reads it per update); returns how many."""
+    params = no_decay_params(net)
+    for p in params:
+        p.wd_mult = 0.0
+    return len(params)
+
+
+def prepare_net(net, cfg: TrainConfig) -> None:
+    """The recipe's changes to an initialised net: zero-init residual gammas, no decay on BN and biases."""
+    if cfg.zero_init_residual:
+        zero_init_residual(net)
+    if not cfg.wd_bn_bias:
+        apply_no_wd_bn_bias(net)
+
+
+def optimizer_spec(cfg: TrainConfig, lr: float) -> tuple[str, dict]:
+    """(optimizer, its arguments): the seed's sgd with momentum, or NesterovSGD when cfg.nesterov."""
+    args = {"learning_rate": lr, "momentum": cfg.momentum, "wd": cfg.wd}
+    return (nesterov_sgd()(**args), {}) if cfg.nesterov else ("sgd", args)
+
+
+def _nesterov_class():
+    """NesterovSGD, defined on first use so that importing this module does not import mxnet."""
+    import mxnet as mx
+
+    class NesterovSGD(mx.optimizer.Optimizer):
+        """SGD with Nesterov momentum, in the seed's lr-scaled momentum form (v = m v - lr g; w += m v - lr g).
+
+        Not MXNet's "nag": its nag_mom_update writes the weight in place and then reads it again for the
+        state's decay term, and two identical runs with it trained differently here (MXNet 1.9.1, MKLDNN).
+        """
+
+        def __init__(self, momentum: float = 0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.momentum = momentum
+
+        def create_state(self, index, weight):
+            return mx.nd.zeros(weight.shape, weight.context, dtype=weight.dtype)
+
+        def update(self, index, weight, grad, state):
+            self._update_count(index)
+            lr, wd = self._get_lr(index), self._get_wd(index)
+            g = grad * self.rescale_grad
+            if self.clip_gradient is not None:
+                g = mx.nd.clip(g, -self.clip_gradient, self.clip_gradient)
+            g = g + wd * weight
+            state *= self.momentum
+            state -= lr * g
+            weight += self.momentum * state - lr * g
+
+    NesterovSGD.__module__ = __name__
+    NesterovSGD.__qualname__ = "NesterovSGD"
+    return NesterovSGD
+
+
+def nesterov_sgd() -> type:
+    """The NesterovSGD optimizer class (made once)."""
+    if "NesterovSGD" not in globals():
+        globals()["NesterovSGD"] = _nesterov_class()
+    return globals()["NesterovSGD"]
+
+
+def __getattr__(name: str):
+    """trainer.recipe.NesterovSGD resolves lazily: checkpoints' pickled optimizer states name it."""
+    if name == "NesterovSGD":
+        return nesterov_sgd()
+    raise AttributeError(name)
