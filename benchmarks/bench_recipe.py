@@ -197,9 +197,10 @@ def report(results: list[Result], out: Path, stem: str, title: str, base: Result
 def ablation(candidate: Recipe, prepared: Path, out: Path, epochs: int | None, budget: float | None) -> None:
     """The candidate, then the candidate minus each ingredient (its seed value), at the same epochs."""
     extra = [f"train.epochs={epochs}"] if epochs else []
-    runs = [Recipe(candidate.name, candidate.config, candidate.overrides)]
-    runs += [Recipe(f"-{name}", candidate.config, candidate.overrides + off) for name, off in INGREDIENTS.items()]
-    results = [train_recipe(r, prepared, out / "runs" / f"ablate{r.name}", extra, budget) for r in runs]
+    runs = {"all": Recipe(candidate.name, candidate.config, candidate.overrides)}
+    runs.update({f"minus-{name}": Recipe(f"- {name}", candidate.config, candidate.overrides + off)
+                 for name, off in INGREDIENTS.items()})
+    results = [train_recipe(r, prepared, out / "runs" / "ablation" / slug, extra, budget) for slug, r in runs.items()]
     report(results, out, "ablation", f"{candidate.name} minus one ingredient"
            + (f", {epochs} epochs" if epochs else ""), base=results[0])
 
