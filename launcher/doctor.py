@@ -35,6 +35,31 @@ def gpu_report(gpus: list[tuple[str, tuple[int, int]]], build: str, archs: tuple
     return lines, problems
 
 
+def horovod_check(n_gpus: int) -> tuple[list[str], list[str]]:
+    """(lines, problems) for Horovod: which frameworks and controllers it was built with."""
+    lines: list[str] = []
+    problems: list[str] = []
+    try:
+        import horovod
+        from horovod.common.util import extension_available, gloo_built, mpi_built, nccl_built
+
+        has_mx = extension_available("mxnet")
+        flags = {"MXNet": has_mx,
+                 "MPI": has_mx and mpi_built(verbose=False),
+                 "Gloo": has_mx and gloo_built(verbose=False),
+                 "NCCL": has_mx and bool(nccl_built(verbose=False))}
+        built = [w for w, ok in flags.items() if ok]
+        lines.append(f"horovod     {horovod.__version__} (built with: {', '.join(built) or 'nothing usable'})")
+        for want in ("MXNet", "MPI", "Gloo"):
+            if want not in built:
+                problems.append(f"horovod is not built with {want} (re-run `make setup`)")
+        if n_gpus and "NCCL" not in built:
+            problems.append("GPUs are visible but horovod has no NCCL operations (build with HOROVOD_GPU_OPERATIONS=NCCL)")
+    except ImportError:
+        problems.append("horovod is not installed (run `make setup`; it builds horovod 0.28.1 against mxnet)")
+    return lines, problems
+
+
 def checks() -> tuple[list[str], list[str]]:
     """(report lines, problems) for the current environment."""
     lines = [f"python      {platform.python_version()} ({sys.executable})"]
@@ -59,24 +84,9 @@ def checks() -> tuple[list[str], list[str]]:
         lines.append(f"gpus        {n_gpus} visible to mxnet")
     except ImportError as e:
         problems.append(f"mxnet cannot be imported: {e} (run `make setup`)")
-    try:
-        import horovod
-        from horovod.common.util import extension_available, gloo_built, mpi_built, nccl_built
-
-        has_mx = extension_available("mxnet")
-        flags = {"MXNet": has_mx,
-                 "MPI": has_mx and mpi_built(verbose=False),
-                 "Gloo": has_mx and gloo_built(verbose=False),
-                 "NCCL": has_mx and bool(nccl_built(verbose=False))}
-        built = [w for w, ok in flags.items() if ok]
-        lines.append(f"horovod     {horovod.__version__} (built with: {', '.join(built) or 'nothing usable'})")
-        for want in ("MXNet", "MPI", "Gloo"):
-            if want not in built:
-                problems.append(f"horovod is not built with {want} (re-run `make setup`)")
-        if n_gpus and "NCCL" not in built:
-            problems.append("GPUs are visible but horovod has no NCCL operations (build with HOROVOD_GPU_OPERATIONS=NCCL)")
-    except ImportError:
-        problems.append("horovod is not installed (run `make setup`; it builds horovod 0.28.1 against mxnet)")
+    hvd_lines, hvd_problems = horovod_check(n_gpus)
+    lines += hvd_lines
+    problems += hvd_problems
     mpi = _run(["mpirun", "--version"])
     if mpi:
         lines.append(f"open mpi    {mpi.splitlines()[0]}")
