@@ -158,29 +158,20 @@ def test_replacement_is_built_beside_and_a_signal_ends_every_rank(prepared, tmp_
     assert not any(p.name.startswith(".tune.") for p in work.iterdir()), list(work.iterdir())
 
 
-def test_ctrl_c_ends_every_rank_under_mpirun(prepared, tmp_path):
+@pytest.mark.parametrize("sig, controller", [(signal.SIGINT, "mpi"), (signal.SIGKILL, "gloo")],
+                         ids=["ctrl_c_under_mpirun", "kill_9_under_gloo"])
+def test_a_signal_to_the_launcher_ends_every_rank(prepared, tmp_path, sig, controller):
+    # SIGINT is handled (the whole stage tree is ended); SIGKILL cannot be caught: the kernel's parent-death
+    # signal stops horovodrun, which stops its ranks
     work = tmp_path / "W"
-    proc = start(run_args(work, prepared, "train.epochs=300", "launch.np=2", "--controller", "mpi"))
+    proc = start(run_args(work, prepared, "train.epochs=300", "launch.np=2", "--controller", controller))
     try:
         wait_for("a checkpoint", lambda: list((work / "tune" / "checkpoints").glob("*.json")), proc)
-        seconds = stop_and_check(proc, signal.SIGINT, str(work))
+        seconds = stop_and_check(proc, sig, str(work))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    print(f"SIGINT to the launcher (mpi): every rank gone after {seconds:.2f} s")
-
-
-def test_kill_9_of_the_launcher_ends_its_stage_too(prepared, tmp_path):
-    # SIGKILL cannot be caught: the kernel's parent-death signal stops horovodrun, which stops its ranks
-    work = tmp_path / "W"
-    proc = start(run_args(work, prepared, "train.epochs=300", "launch.np=2"))
-    try:
-        wait_for("a checkpoint", lambda: list((work / "tune" / "checkpoints").glob("*.json")), proc)
-        seconds = stop_and_check(proc, signal.SIGKILL, str(work))
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    print(f"SIGKILL to the launcher: every rank gone after {seconds:.2f} s")
+    print(f"{sig.name} to the launcher ({controller}): every rank gone after {seconds:.2f} s")
 
 
 def test_a_rerun_does_not_train_beside_a_stage_still_running(prepared, tmp_path):
