@@ -157,17 +157,23 @@ def test_python_dash_m_and_missing_test_folder(tmp_path):
     assert test.images.shape == (0, 32, 32, 3) and test.ids.shape == (0,)
 
 
-def test_archives_give_the_same_arrays(uneven, tmp_path, capsys):
-    """The competition's zip of train.7z/test.7z, and a folder holding those .7z files, match the folders."""
-    src, _ = uneven
-    status, err = prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / "from_dir"), "--workers", "1")
-    assert status == 0, err
+def pack_like_kaggle(src: Path, tmp_path: Path) -> Path:
+    """SRC's folders as Kaggle ships them: TMP/packed/{train,test}.7z + trainLabels.csv, and TMP/cifar-10.zip of those."""
     packed = tmp_path / "packed"
     packed.mkdir()
     seven_zip_folder(packed / "train.7z", src / "train", "train")
     seven_zip_folder(packed / "test.7z", src / "test", "test")
     (packed / "trainLabels.csv").write_bytes((src / "trainLabels.csv").read_bytes())
     zip_tree(tmp_path / "cifar-10.zip", packed)
+    return packed
+
+
+def test_archives_give_the_same_arrays(uneven, tmp_path, capsys):
+    """The competition's zip of train.7z/test.7z, and a folder holding those .7z files, match the folders."""
+    src, _ = uneven
+    status, err = prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / "from_dir"), "--workers", "1")
+    assert status == 0, err
+    packed = pack_like_kaggle(src, tmp_path)
     hashes = []
     for name, data in (("from_dir", src), ("from_7z", packed), ("from_zip", tmp_path / "cifar-10.zip")):
         if name != "from_dir":
@@ -191,12 +197,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 def test_three_input_forms_publish_byte_identical_dirs(uneven, tmp_path, capsys):
     """Issue 15: folders, train.7z/test.7z and the zip (streamed, 2 workers) give the same arrays and the same layout."""
     src, _ = uneven
-    packed = tmp_path / "packed"
-    packed.mkdir()
-    seven_zip_folder(packed / "train.7z", src / "train", "train")
-    seven_zip_folder(packed / "test.7z", src / "test", "test")
-    (packed / "trainLabels.csv").write_bytes((src / "trainLabels.csv").read_bytes())
-    zip_tree(tmp_path / "cifar-10.zip", packed)
+    packed = pack_like_kaggle(src, tmp_path)
     files, trees = [], []
     for name, data in (("from_dir", src), ("from_7z", packed), ("from_zip", tmp_path / "cifar-10.zip")):
         status, err = prepare_cli(capsys, "--data", str(data), "--out", str(tmp_path / name), "--workers", "2",
