@@ -34,7 +34,7 @@ import pytest
 import yaml
 from conftest import tool_env
 
-from launcher.run import build_parser
+from launcher.run import MPI_KEEPALIVE, build_parser
 from launcher.run_config import load_run_config, parse_phases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,6 +379,18 @@ def test_mpijob_settings(rendered, overlay):
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
     assert isinstance(spec["runPolicy"]["backoffLimit"], int) and spec["runPolicy"]["backoffLimit"] >= 1
     assert spec["mpiReplicaSpecs"]["Launcher"]["replicas"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_launcher_mpirun_gets_the_keepalive_run_gives_its_own(rendered, with_components, overlay):
+    """The operator starts the launcher's mpirun, so `cifar10-hvd run`'s Open MPI keepalive defaults
+    (launcher/run.py MPI_KEEPALIVE) reach it only through the container's env: the same keys and values,
+    on every overlay, with and without the components (which patch that env by index)."""
+    for objs in (rendered[overlay], with_components[overlay, "all"]):
+        launcher = pod_templates(objs)["launcher"]["spec"]["containers"][0]
+        assert launcher["command"] == ["mpirun"]
+        env = container_env(launcher)
+        assert {key: env.get(key) for key in MPI_KEEPALIVE} == MPI_KEEPALIVE
 
 
 # -- optional components (k8s/components/) ------------------------------------------------------
