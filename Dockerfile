@@ -72,10 +72,13 @@ RUN apt-get update \
 # sshd for the MPI Operator, run by the non-root user: port 2222 (no capability needed), the operator's
 # per-job key (mounted at the MPIJob's sshAuthMountPath, /home/cifar/.ssh) as host and user key, and
 # StrictModes off because that Secret mount is root-owned. The client side matches: port 2222 and no
-# known_hosts (the key mount is read-only and worker addresses are new for every job).
+# known_hosts (the key mount is read-only and worker addresses are new for every job). ClientAlive*: a
+# session whose client is cut off (network partition) ends after ~30 s instead of staying on the worker
+# until the link returns (scripts/local-cluster.sh's sshd uses the same values).
 RUN printf '%s\n' 'Port 2222' 'HostKey /home/cifar/.ssh/id_rsa' 'AuthorizedKeysFile .ssh/authorized_keys' \
       'PidFile /tmp/sshd.pid' 'StrictModes no' 'UsePAM no' 'PasswordAuthentication no' \
-      'KbdInteractiveAuthentication no' 'PermitRootLogin no' > /etc/ssh/sshd_config_mpi \
+      'KbdInteractiveAuthentication no' 'PermitRootLogin no' 'ClientAliveInterval 10' 'ClientAliveCountMax 3' \
+      > /etc/ssh/sshd_config_mpi \
  && printf '%s\n' 'Host *' '    Port 2222' '    StrictHostKeyChecking no' '    UserKnownHostsFile /dev/null' \
       '    LogLevel ERROR' > /etc/ssh/ssh_config.d/mpi-operator.conf \
  && useradd --uid 1000 --user-group --create-home --shell /bin/bash cifar

@@ -73,10 +73,12 @@ write_files() {  # SHARED NAME...: keys, ssh configs, passwd/group, hosts
   cp "$home/.ssh/id_rsa.pub" "$home/.ssh/authorized_keys"
   printf '%s\n' 'Host *' "    Port $PORT" '    StrictHostKeyChecking no' '    UserKnownHostsFile /dev/null' \
     '    LogLevel ERROR' > "$home/.ssh/config"
-  # As the image's configs (Dockerfile): no keepalives, so a lost node is noticed by the job's own timeouts.
+  # As the image's configs (Dockerfile), ClientAlive* included: a session whose client is cut off ends
+  # after ~30 s instead of staying on the host until the link returns.
   printf '%s\n' "Port $PORT" "HostKey $home/.ssh/id_rsa" "AuthorizedKeysFile $home/.ssh/authorized_keys" \
     'PidFile /tmp/sshd.pid' 'StrictModes no' 'UsePAM no' 'PasswordAuthentication no' \
     'KbdInteractiveAuthentication no' 'PermitRootLogin prohibit-password' 'UseDNS no' 'PrintMotd no' \
+    'ClientAliveInterval 10' 'ClientAliveCountMax 3' \
     "SetEnv PATH=$CHECKOUT/.venv/bin:/usr/local/bin:/usr/bin:/bin" \
     > "$STATE/sshd_config"
   # uid 1000 (and root, for the fallback) get the cluster's home; only inside the hosts' mount namespaces

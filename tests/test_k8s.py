@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -891,6 +892,43 @@ def test_image_matches_what_the_manifests_assume(rendered):
     assert f"'HostKey /home/{user}/.ssh/id_rsa'" in ssh_setup
     wait = init_container(pod_templates(objs)["launcher"], "wait-for-workers")
     assert container_env(wait)["SSH_PORT"] == str(port), "the launcher waits on the workers' sshd port"
+
+
+def printf_lines(text: str, target: str) -> list[str]:
+    """The lines a shell `printf '%s\\n' ARGS... > TARGET` in text writes (continuations joined)."""
+    found = re.search(rf"printf '%s\\n' ((?:(?!printf ).)*?) > {re.escape(target)}", re.sub(r"\\\n", " ", text), re.S)
+    assert found, f"no printf writing {target}"
+    return shlex.split(found.group(1))
+
+
+def test_image_sshd_ends_sessions_of_a_cut_off_client(tmp_path):
+    """After a partition, sshd's session processes leave the cut-off worker within a minute
+    (ClientAliveInterval x ClientAliveCountMax), with the same values as the local cluster's sshd, and
+    OpenSSH's own sshd accepts the image's config and reads those values from it."""
+    image = printf_lines((ROOT / "Dockerfile").read_text(), "/etc/ssh/sshd_config_mpi")
+    local = printf_lines((ROOT / "scripts" / "local-cluster.sh").read_text(), '"$STATE/sshd_config"')
+    alive = {k: v for k, _, v in (line.partition(" ") for line in image) if k.startswith("ClientAlive")}
+    assert set(alive) == {"ClientAliveInterval", "ClientAliveCountMax"}
+    assert 0 < int(alive["ClientAliveInterval"]) * int(alive["ClientAliveCountMax"]) <= 60
+    assert [line for line in local if line.startswith("ClientAlive")] == [f"{k} {v}" for k, v in alive.items()]
+    sshd = Path("/usr/sbin/sshd")
+    if not sshd.exists():
+        pytest.skip("/usr/sbin/sshd is missing (make setup installs openssh-server)")
+    # As the image runs it: not root (root's sshd would want /run/sshd), the key readable by that user.
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        key, config = Path(tmp) / "id_rsa", Path(tmp) / "sshd_config_mpi"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
+        config.write_text("".join(f"HostKey {key}\n" if line.startswith("HostKey ") else f"{line}\n" for line in image))
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            os.chmod(tmp, 0o755)
+            os.chown(key, 1000, 1000)
+            as_user = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
+        proc = subprocess.run([*as_user, str(sshd), "-T", "-f", str(config)], capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    effective = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert {k: effective[k.lower()] for k in alive} == alive
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
