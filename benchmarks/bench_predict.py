@@ -30,8 +30,8 @@ from pathlib import Path
 from data_prep.labels import CIFAR10_CLASSES as CLASSES
 from data_prep.store import MANIFEST
 from launcher import run as launcher_run
-from trainer.checkpoint import CHECKPOINT_DIR, FINAL_PARAMS
 from trainer.presets import MEAN, STD
+from trainer.rundir import CHECKPOINT_DIR, FINAL_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -126,9 +126,9 @@ def worker_init(args) -> None:
     import mxnet as mx
 
     from data_prep.files import atomic_write_text
-    from trainer.checkpoint import RUN_CONFIG
     from trainer.config import RunRecord, TrainConfig
     from trainer.model import resnet18
+    from trainer.rundir import RUN_CONFIG
 
     run = Path(args.model)
     run.mkdir(parents=True, exist_ok=True)
@@ -157,8 +157,8 @@ def worker_seed(args) -> None:
     import mxnet as mx
     from mxnet import gluon
 
-    from trainer.checkpoint import find_model_params
     from trainer.model import resnet18
+    from trainer.rundir import find_model_params
 
     ctx = mx.cpu()
     net = resnet18(10, width=args.width)

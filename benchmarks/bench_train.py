@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from launcher.run import child_env, horovodrun_argv
-from trainer.metrics import read_metrics
+from trainer.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_prep.files import atomic_write
-from trainer.metrics import draw_curves, read_metrics
+from trainer.curves import draw_curves
+from trainer.rundir import read_metrics
 
 
 def write_report(workdir: Path, summary: dict) -> Path | None:

@@ -34,9 +34,8 @@ from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_arg
 from launcher import child, workdir
 from launcher.report import write_report
 from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
-from trainer.checkpoint import FINAL_PARAMS
 from trainer.device import mpi_world
-from trainer.metrics import read_metrics
+from trainer.rundir import FINAL_PARAMS, read_metrics
 from trainer.train import run_figures
 
 TRAIN_STAGES = ("tune", "final")  # each writes a trainer run dir WORKDIR/<stage>

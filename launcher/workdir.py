@@ -16,7 +16,7 @@ from pathlib import Path
 from data_prep.errors import InputError
 from data_prep.lock import DIR_LOCK, acquire
 from data_prep.publish import publish, remove_leftovers
-from trainer.checkpoint import RUN_CONFIG
+from trainer.rundir import RUN_CONFIG
 
 
 class WorkdirError(InputError):

@@ -11,7 +11,7 @@ import pytest
 from conftest import BIN, horovodrun, run_cli
 
 from launcher.doctor import gpu_report
-from trainer import checkpoint
+from trainer import rundir
 from trainer.config import ConfigError, TrainConfig, from_mapping
 from trainer.cuda_arch import KNOWN_BUILDS, NO_KERNEL, kernel_for, support_problem
 from trainer.inference import ACTIVATION_BUDGET, device_budget, forward_rows
@@ -208,9 +208,9 @@ def test_loss_scale_round_trip_through_a_checkpoint(tmp_path):
     net, trainer = _amp_trainer()
     scaler = trainer._amp_loss_scaler
     scaler._loss_scale, scaler._next_loss_scale, scaler._unskipped = 1024.0, 512.0, 17
-    checkpoint.save_checkpoint(tmp_path, 3, net, trainer, {"phase": "tune", "amp_loss_scale": loss_scale_state(trainer)},
+    rundir.save_checkpoint(tmp_path, 3, net, trainer, {"phase": "tune", "amp_loss_scale": loss_scale_state(trainer)},
                                keep=2)
-    record = checkpoint.latest_checkpoint(tmp_path)
+    record = rundir.latest_checkpoint(tmp_path)
     _, fresh = _amp_trainer()
     assert fresh._amp_loss_scaler.loss_scale == 2.0 ** 16
     fresh.load_states(record["states_path"])

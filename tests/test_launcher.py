@@ -160,7 +160,7 @@ def test_inside_an_mpi_world_runs_in_process(prepared, tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["in_mpi_world"] is True and summary["stages"]["tune"]["status"] == "ran"
     # the figures come from train()'s returned summary; they agree with the run dir's metrics
-    from trainer.metrics import read_metrics
+    from trainer.rundir import read_metrics
 
     rows = read_metrics(work / "tune")
     tune = summary["stages"]["tune"]

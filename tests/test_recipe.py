@@ -224,7 +224,7 @@ def _final(out: Path) -> dict:
 def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     import mxnet as mx
 
-    from trainer import metrics
+    from trainer import rundir
     from trainer.evaluate import evaluate
     from trainer.model import resnet18
 
@@ -243,7 +243,7 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     net = resnet18(10, 4)
     net.load_parameters(str(whole / "model-final.params"))
     acc = evaluate(net, valid.images, valid.labels, mx.cpu(), 64)["acc"]
-    assert metrics.read_metrics(whole)[-1]["valid_acc"] == pytest.approx(acc)
+    assert rundir.read_metrics(whole)[-1]["valid_acc"] == pytest.approx(acc)
 
     # stopped after epoch 1 and resumed: the same average, hence the same final model
     assert _train(prepared, part, "--epochs", "1").returncode == 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import checkpoint, metrics
+from trainer import curves, rundir
 from trainer import presets as augment
 from trainer.config import TrainConfig
 from trainer.schedule import base_lr, lr_at
@@ -124,47 +124,47 @@ def _tiny_net_and_trainer():
 
 
 def test_checkpoints_are_complete_pruned_and_found(tmp_path):
-    with pytest.raises(checkpoint.RunDirError, match="no model-final.params"):
-        checkpoint.find_model_params(tmp_path)
+    with pytest.raises(rundir.RunDirError, match="no model-final.params"):
+        rundir.find_model_params(tmp_path)
     net, trainer = _tiny_net_and_trainer()
     for epoch in (1, 2, 3, 4):
-        checkpoint.save_checkpoint(tmp_path, epoch, net, trainer, {"lr": 0.1}, keep=2)
-    assert [e for e, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 4]
+        rundir.save_checkpoint(tmp_path, epoch, net, trainer, {"lr": 0.1}, keep=2)
+    assert [e for e, _ in rundir.list_checkpoints(tmp_path)] == [3, 4]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         f"epoch-{e:04d}.{s}" for e in (3, 4) for s in ("json", "params", "states")]
     # a checkpoint whose marker never got written is not complete
     (tmp_path / "checkpoints" / "epoch-0005.params").write_bytes(b"partial")
-    assert checkpoint.find_model_params(tmp_path).name == "epoch-0004.params"
-    record = checkpoint.latest_checkpoint(tmp_path)
+    assert rundir.find_model_params(tmp_path).name == "epoch-0004.params"
+    record = rundir.latest_checkpoint(tmp_path)
     assert record["epoch"] == 4 and record["lr"] == 0.1
     trainer.load_states(record["states_path"])
     net.load_parameters(record["params_path"])
-    checkpoint.atomic_write(tmp_path / "model-final.params", net.save_parameters)
-    assert checkpoint.find_model_params(tmp_path).name == "model-final.params"
+    rundir.atomic_write(tmp_path / "model-final.params", net.save_parameters)
+    assert rundir.find_model_params(tmp_path).name == "model-final.params"
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 def test_read_run_config_names_the_file(tmp_path):
-    with pytest.raises(checkpoint.RunDirError, match="config.json"):
-        checkpoint.read_run_config(tmp_path)
+    with pytest.raises(rundir.RunDirError, match="config.json"):
+        rundir.read_run_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(checkpoint.RunDirError, match="not valid JSON"):
-        checkpoint.read_run_config(tmp_path)
+    with pytest.raises(rundir.RunDirError, match="not valid JSON"):
+        rundir.read_run_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"classes": ["a"]}))
-    assert checkpoint.read_run_config(tmp_path)["classes"] == ["a"]
+    assert rundir.read_run_config(tmp_path)["classes"] == ["a"]
 
 
 def test_metrics_append_truncate_and_plot(tmp_path):
     records = [{"epoch": e, "train_loss": 2.0 - e / 10, "train_acc": e / 10, "valid_acc": e / 12} for e in range(4)]
     for r in records:
-        metrics.append_metrics(tmp_path, r)
-    with open(tmp_path / metrics.METRICS, "a") as f:
+        rundir.append_metrics(tmp_path, r)
+    with open(tmp_path / rundir.METRICS, "a") as f:
         f.write('{"epoch": 4, "train_lo')  # torn by a kill
-    assert metrics.read_metrics(tmp_path) == records
-    assert metrics.truncate_metrics(tmp_path, 2) == records[:2]
-    assert metrics.read_metrics(tmp_path) == records[:2]
-    metrics.plot_curves(tmp_path, records[:2] + [dict(records[2], valid_acc=None)])
-    with Image.open(tmp_path / metrics.CURVES) as im:
+    assert rundir.read_metrics(tmp_path) == records
+    assert rundir.truncate_metrics(tmp_path, 2) == records[:2]
+    assert rundir.read_metrics(tmp_path) == records[:2]
+    curves.plot_curves(tmp_path, records[:2] + [dict(records[2], valid_acc=None)])
+    with Image.open(tmp_path / rundir.CURVES) as im:
         assert im.format == "PNG" and im.size == (600, 400)
 
 

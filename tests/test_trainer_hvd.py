@@ -16,7 +16,7 @@ from conftest import BIN, ROOT, horovodrun, run_cli, tool_env
 from PIL import Image
 
 from launcher.run import horovodrun_argv
-from trainer import checkpoint, metrics
+from trainer import rundir
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_metrics_schedule_and_shards(two_rank_run, prepared):
     import data_prep
 
     out, _ = two_rank_run
-    recs = metrics.read_metrics(out)
+    recs = rundir.read_metrics(out)
     assert [r["epoch"] for r in recs] == [0, 1]
     assert [r["lr"] for r in recs] == pytest.approx([0.1, 0.05])
     n_train = len(data_prep.open_split(prepared, "train").images)
@@ -63,10 +63,10 @@ def test_metrics_schedule_and_shards(two_rank_run, prepared):
         assert r["epoch_seconds"] > 0 and 0 <= r["valid_acc"] <= 1
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG"
-    cfg = checkpoint.read_run_config(out)
+    cfg = rundir.read_run_config(out)
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 32 and cfg["lr"] == 0.1 and cfg["phase"] == "tune"
     assert cfg["train"]["width"] == 4 and len(cfg["classes"]) == 10 and "mxnet" in cfg["versions"]
-    assert [e for e, _ in checkpoint.list_checkpoints(out)] == [2]  # keep_checkpoints 1
+    assert [e for e, _ in rundir.list_checkpoints(out)] == [2]  # keep_checkpoints 1
     for name in ("model-final.params", "model-symbol.json", "model-0000.params"):
         assert (out / name).stat().st_size > 0
 
@@ -80,10 +80,10 @@ def test_allreduced_valid_accuracy_equals_one_process_evaluation(two_rank_run, p
 
     out, _ = two_rank_run
     net = resnet18(10, 4)
-    net.load_parameters(str(checkpoint.find_model_params(out)), ctx=mx.cpu())
+    net.load_parameters(str(rundir.find_model_params(out)), ctx=mx.cpu())
     valid = data_prep.open_split(prepared, "valid")
     result = evaluate(net, valid.images, valid.labels, mx.cpu(), batch_size=7)
-    last = metrics.read_metrics(out)[-1]
+    last = rundir.read_metrics(out)[-1]
     assert result["total"] == len(valid.images)
     assert result["acc"] == last["valid_acc"]
     assert result["loss"] == pytest.approx(last["valid_loss"], rel=1e-4)
@@ -113,7 +113,7 @@ def test_dead_rank_fails_the_job_and_resume_continues(prepared, tmp_path):
                            start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not checkpoint.list_checkpoints(out):
+        while not rundir.list_checkpoints(out):
             assert job.poll() is None, job.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
@@ -128,12 +128,12 @@ def test_dead_rank_fails_the_job_and_resume_continues(prepared, tmp_path):
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-    done = checkpoint.list_checkpoints(out)[-1][0]
+    done = rundir.list_checkpoints(out)[-1][0]
     assert 1 <= done < 40
 
     resumed = horovodrun(2, train_cmd(prepared, out, "--epochs", str(done + 1), "--resume"))
     assert f"resuming at epoch {done + 1}" in resumed.stdout
-    recs = metrics.read_metrics(out)
+    recs = rundir.read_metrics(out)
     assert [r["epoch"] for r in recs] == list(range(done + 1))
     assert [r["lr"] for r in recs] == pytest.approx([0.1 * 0.5 ** e for e in range(done + 1)])
     assert len(set(crcs(resumed.stdout))) == 1 and (out / "model-final.params").exists()
@@ -141,7 +141,7 @@ def test_dead_rank_fails_the_job_and_resume_continues(prepared, tmp_path):
     # a finished run extends with a larger --epochs, appending to metrics.jsonl
     extended = horovodrun(2, train_cmd(prepared, out, "--epochs", str(done + 2), "--resume"))
     assert f"resuming at epoch {done + 2}" in extended.stdout
-    recs = metrics.read_metrics(out)
+    recs = rundir.read_metrics(out)
     assert [r["epoch"] for r in recs] == list(range(done + 2))
     assert recs[-1]["lr"] == pytest.approx(0.1 * 0.5 ** (done + 1))
 
@@ -152,7 +152,7 @@ def test_eight_ranks_on_two_cores_final_phase(prepared, tmp_path):
                       timeout=400)
     ranks = crcs(proc.stdout)
     assert len(ranks) == 8 and len(set(ranks)) == 1
-    (rec,) = metrics.read_metrics(out)
+    (rec,) = rundir.read_metrics(out)
     assert rec["phase"] == "final" and rec["valid_acc"] is None and len(rec["steps_per_rank"]) == 8
     assert json.loads((out / "config.json").read_text())["world_size"] == 8
 
@@ -189,8 +189,8 @@ def test_seed_pipeline_single_process(prepared, tmp_path):
     """The seed's per-image DataLoader stays runnable as a config, here in a plain single process."""
     out = tmp_path / "run"
     run_cli(["train", *train_cmd(prepared, out, "--epochs", "1", "--pipeline", "seed")[3:]], check=True)
-    (rec,) = metrics.read_metrics(out)
-    assert rec["steps_per_rank"] == [540 // 16] and checkpoint.read_run_config(out)["world_size"] == 1
+    (rec,) = rundir.read_metrics(out)
+    assert rec["steps_per_rank"] == [540 // 16] and rundir.read_run_config(out)["world_size"] == 1
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "10"), ("3", "3")])

@@ -116,6 +116,6 @@ def run_record(data: Any, source: str) -> RunRecord:
 
 def read_run_record(run_dir: str | Path) -> RunRecord:
     """RUN/config.json read back through the schema (RunDirError if missing or not JSON)."""
-    from trainer.checkpoint import RUN_CONFIG, read_run_config
+    from trainer.rundir import RUN_CONFIG, read_run_config
 
     return run_record(read_run_config(run_dir), str(Path(run_dir) / RUN_CONFIG))

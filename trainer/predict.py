@@ -36,9 +36,9 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
     """
     import mxnet as mx
 
-    from trainer.checkpoint import find_model_params
     from trainer.config import read_run_record
     from trainer.model import resnet18
+    from trainer.rundir import find_model_params
 
     model_dir = Path(model_dir)
     try:

@@ -21,7 +21,7 @@ import numpy as np
 from data_prep.errors import InputError, run_command
 from data_prep.lock import DIR_LOCK, Lock, lock_dir
 from data_prep.schema import Parser, add_flags, resolve
-from trainer import checkpoint, metrics, rundir
+from trainer import curves, rundir
 from trainer.config import RunRecord, TrainConfig
 from trainer.device import device_problem, set_cpu_threads
 from trainer.ema import averaged, checkpoint_files
@@ -189,9 +189,7 @@ def check_out_dir(out: Path, resume: bool, world: World) -> Lock:
             lock = lock_dir(out, "run directory")
         except InputError as e:  # another writer holds RUN: "in use by pid N on host H"
             busy, bad = str(e), 2.0
-        has_run = (out / metrics.METRICS).exists() or bool(checkpoint.list_checkpoints(out)) \
-            or (out / checkpoint.FINAL_PARAMS).exists()
-        bad = bad or float(has_run and not resume)
+        bad = bad or float(rundir.holds_run(out) and not resume)
     verdict = broadcast_scalar(world, bad, "out_dir_check")
     if verdict:
         lock.release()
@@ -226,7 +224,7 @@ def build_net(cfg: TrainConfig, n_classes: int, ctx):
 
 def resume_epoch(out: Path, phase: str, resume: bool, world: World) -> int:
     """The epoch to start at: rank 0 picks the newest checkpoint of this phase (0 without --resume)."""
-    ck = checkpoint.latest_checkpoint(out) if (resume and world.rank == 0) else None
+    ck = rundir.latest_checkpoint(out) if (resume and world.rank == 0) else None
     pick = (-1 if ck.get("phase", phase) != phase else ck["epoch"]) if ck else 0  # -1: the other phase's
     start = int(broadcast_scalar(world, pick, "resume_epoch"))
     if start < 0:
@@ -277,7 +275,7 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
     amp = init_amp(cfg.amp)
     net = build_net(cfg, len(classes), world.ctx)
     start = resume_epoch(out, phase, resume, world)
-    stem = checkpoint.checkpoint_stem(out, start)
+    stem = rundir.checkpoint_stem(out, start)
     if start:
         load_checkpoint_params(net, stem, cfg.width, world.ctx)
     params = net.collect_params()
@@ -289,7 +287,7 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
         amp.init_trainer(trainer)
     if start:
         trainer.load_states(str(stem.with_suffix(".states")))
-        resume_loss_scale(trainer, checkpoint.latest_checkpoint(out) if world.rank == 0 else None, world.hvd)
+        resume_loss_scale(trainer, rundir.latest_checkpoint(out) if world.rank == 0 else None, world.hvd)
     return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, start,
                  scale_loss=cfg.amp == "float16", ema=start_ema(net, cfg, stem if start else None))
 
@@ -300,7 +298,7 @@ def write_run_record(out: Path, cfg: TrainConfig, classes: list[str], phase: str
     record = RunRecord(train=cfg, classes=classes, phase=phase, prepared=str(prepared.resolve()),
                        world_size=size, global_batch=cfg.batch_size * size, lr=lr,
                        threads_per_rank=threads, versions=versions())
-    checkpoint.atomic_write_text(out / checkpoint.RUN_CONFIG, record.to_json())
+    rundir.write_run_config(out, record.to_json())
 
 
 # --- one step ----------------------------------------------------------------------------------------
@@ -455,10 +453,10 @@ def run_epoch(model: Model, data: Data, cfg: TrainConfig, phase: str, epoch: int
 
 def save_epoch(out: Path, record: dict, history: list[dict], model: Model, cfg: TrainConfig, size: int) -> None:
     """Rank 0's record of a finished epoch: metrics.jsonl, curves.png and a checkpoint."""
-    metrics.append_metrics(out, record)
+    rundir.append_metrics(out, record)
     history.append(record)
-    metrics.plot_curves(out, history)
-    checkpoint.save_checkpoint(out, record["epoch"] + 1, model.net, model.trainer,
+    curves.plot_curves(out, history)
+    rundir.save_checkpoint(out, record["epoch"] + 1, model.net, model.trainer,
                                {"phase": record["phase"], "lr": record["lr"], "world_size": size,
                                 "global_batch": cfg.batch_size * size,
                                 "amp_loss_scale": loss_scale_state(model.trainer)}, cfg.keep_checkpoints,
@@ -530,9 +528,9 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     if world.rank == 0:
         write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads)
     world.log(start_line(data, cfg, phase, model, world, threads))
-    history = metrics.truncate_metrics(out, model.start_epoch) if world.rank == 0 else []
+    history = rundir.truncate_metrics(out, model.start_epoch) if world.rank == 0 else []
     if model.start_epoch:
-        world.log(f"resuming at epoch {model.start_epoch + 1} from {out / checkpoint.CHECKPOINT_DIR}")
+        world.log(f"resuming at epoch {model.start_epoch + 1} from {out / rundir.CHECKPOINT_DIR}")
     for epoch in range(model.start_epoch, cfg.epochs):
         record = run_epoch(model, data, cfg, phase, epoch, world)
         if world.rank == 0:
@@ -543,6 +541,6 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     check_same_model(model.net, world)
     if world.rank == 0:
         rundir.write_final_model(out, model.net, data.classes, cfg.eval_crop)
-        world.log(f"wrote {out / checkpoint.FINAL_PARAMS} and {out / 'model-symbol.json'}")
-    return RunSummary(str(out), phase, cfg.epochs, model.start_epoch, world.size, str(out / checkpoint.FINAL_PARAMS),
+        world.log(f"wrote {out / rundir.FINAL_PARAMS} and {out / rundir.MODEL_SYMBOL}")
+    return RunSummary(str(out), phase, cfg.epochs, model.start_epoch, world.size, str(out / rundir.FINAL_PARAMS),
                       history)
