@@ -12,7 +12,8 @@ from trainer import presets
 from trainer.config import TrainConfig
 
 RECIPE_KEYS = {"augment": "seed", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
-               "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False}
+               "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
+               "low_res_epochs": 0}
 
 
 def _images(n: int = 48, seed: int = 0) -> np.ndarray:
@@ -207,7 +208,7 @@ def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path)
 
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
         "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
-        "--nesterov"]
+        "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1"]
 
 
 def _train(prepared: Path, out: Path, *extra: str):
@@ -242,10 +243,12 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     valid = data_prep.open_split(prepared, "valid", data_prep.read_manifest(prepared))
     net = resnet18(10, 4)
     net.load_parameters(str(whole / "model-final.params"))
-    acc = evaluate(net, valid.images, valid.labels, mx.cpu(), 64)["acc"]
-    assert rundir.read_metrics(whole)[-1]["valid_acc"] == pytest.approx(acc)
+    # ... in the flip view (train.tta), with the plain view's accuracy beside it
+    row = rundir.read_metrics(whole)[-1]
+    flip, plain = (evaluate(net, valid.images, valid.labels, mx.cpu(), 64, tta=t)["acc"] for t in ("flip", "none"))
+    assert row["valid_acc"] == pytest.approx(flip) and row["valid_acc_plain"] == pytest.approx(plain)
 
-    # stopped after epoch 1 and resumed: the same average, hence the same final model
+    # stopped after epoch 1 (the low-resolution one) and resumed: the same average, hence the same final model
     assert _train(prepared, part, "--epochs", "1").returncode == 0
     resumed = _train(prepared, part, "--epochs", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -268,3 +271,37 @@ def test_recipe_flags_parse_and_the_seed_pipeline_refuses_padcrop(prepared, tmp_
     proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--pipeline", "seed",
                     "--augment", "padcrop"])
     assert proc.returncode == 2 and "pipeline" in proc.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("size", [16, 24, 31])
+def test_downscale_averages_areas_and_keeps_the_mean(size):
+    x = presets.normalize(_images(6))
+    small = presets.downscale(x, size)
+    assert small.shape == (6, 3, size, size) and small.dtype == np.float32
+    np.testing.assert_allclose(small.mean(axis=(2, 3)), x.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
+    assert presets.downscale(x, 32) is x
+    const = np.full((1, 3, 32, 32), 0.7, dtype=np.float32)
+    np.testing.assert_allclose(presets.downscale(const, size), 0.7, rtol=1e-5)
+    if size == 16:  # an integer factor is the mean of each 2x2 block
+        blocks = x.reshape(6, 3, 16, 2, 16, 2).mean(axis=(3, 5))
+        np.testing.assert_allclose(small, blocks, rtol=1e-5, atol=1e-5)
+
+
+def test_progressive_resizing_trains_the_first_epochs_small(prepared):
+    import data_prep
+    from trainer.recipe import check_recipe
+    from trainer.train import epoch_batches
+
+    cfg = TrainConfig(batch_size=8, augment="padcrop", cutout=4, low_res=24, low_res_epochs=2)
+    split = data_prep.open_split(prepared, "train", data_prep.read_manifest(prepared))
+    shapes = [next(iter(epoch_batches(split, cfg, epoch, 0, 1)))[0].shape for epoch in range(3)]
+    assert shapes == [(8, 3, 24, 24), (8, 3, 24, 24), (8, 3, 32, 32)]
+    # the small batch is the full-size batch of the same draws, downscaled
+    full = dataclasses.replace(cfg, low_res=0, low_res_epochs=0)
+    small_x, small_y = next(iter(epoch_batches(split, cfg, 0, 0, 1)))
+    full_x, full_y = next(iter(epoch_batches(split, full, 0, 0, 1)))
+    np.testing.assert_array_equal(small_y, full_y)
+    np.testing.assert_allclose(small_x, presets.downscale(full_x, 24), rtol=1e-6)
+    for bad in (dataclasses.replace(cfg, low_res_epochs=0), dataclasses.replace(cfg, low_res=0)):
+        with pytest.raises(Exception, match="low_res"):
+            check_recipe(bad)

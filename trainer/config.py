@@ -62,6 +62,9 @@ class TrainConfig:
     zero_init_residual: bool = field(default=False, metadata={"help": "initialise each residual block's last BatchNorm gamma to 0 (the block starts as an identity)"})
     wd_bn_bias: bool = field(default=True, metadata={"help": "weight decay on BatchNorm gamma/beta and biases too, as the seed (false: on conv and dense weights only)"})
     nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (trainer.recipe.NesterovSGD) instead of the seed's sgd"})
+    tta: str = field(default="none", metadata={"help": "validation view: flip = the average of the image's and its mirror's logits, as predict --tta flip (the plain view's accuracy is recorded beside it)", "choices": ("none", "flip")})
+    low_res: int = field(default=0, metadata={"help": "progressive resizing: the first low_res_epochs epochs train on batches downscaled to low_res x low_res (area average; 0 = off, the seed's 32)", "choices": (0, *range(8, 32))})
+    low_res_epochs: int = field(default=0, metadata={"help": "progressive resizing: epochs at low_res before training at 32x32", "min": 0})
 
 
 @dataclass

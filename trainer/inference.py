@@ -61,12 +61,11 @@ def forward_rows(batch_size: int, width: int, budget: int = ACTIVATION_BUDGET) -
     return max(1, min(batch_size, budget // (width * 32 * 32 * 4)))
 
 
-def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,
-                  tta: str = "none") -> Iterator[tuple[int, int, object]]:
-    """(start, stop, logits of rows start..stop) for images (uint8 N x 32 x 32 x 3) seen through
-    eval_transform(crop); tta='flip' adds the mirrored view's logits. Batch k+1 is transformed and
-    its device copy queued (trainer.staging) while batch k's forward runs. Pages of a memory-mapped
-    input are released as the stream passes them."""
+def forward_batches(fn, images: np.ndarray, ctx, batch_size: int, crop: int = 0) -> Iterator[tuple[int, int, object]]:
+    """(start, stop, fn(x)) for images (uint8 N x 32 x 32 x 3) seen through eval_transform(crop), x a
+    batch on ctx whose rows beyond stop - start are stale. fn(x) is queued first, then batch k+1 is
+    transformed and its device copy queued (trainer.staging), so both overlap batch k's forward.
+    Pages of a memory-mapped input are released as the stream passes them."""
     from trainer.staging import StagingRing
 
     n = len(images)
@@ -84,12 +83,24 @@ def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,
     x = stage(0)
     for start in range(0, n, bs):
         stop = min(start + bs, n)
-        logits = net(x)
-        if tta == "flip":
-            logits = logits + net(x.flip(axis=3))
+        result = fn(x)
         if stop < n:
             x = stage(stop)
-        yield start, stop, logits[: stop - start]
+        yield start, stop, result
         if stop - released >= RELEASE_ROWS or stop == n:
             release(released, stop)
             released = stop
+
+
+def view_logits(net, x, tta: str = "none"):
+    """net's logits for batch x; tta='flip' adds the mirrored view's."""
+    logits = net(x)
+    return logits + net(x.flip(axis=3)) if tta == "flip" else logits
+
+
+def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,
+                  tta: str = "none") -> Iterator[tuple[int, int, object]]:
+    """(start, stop, logits of rows start..stop) for images seen through eval_transform(crop)
+    (forward_batches); tta='flip' adds the mirrored view's logits."""
+    for start, stop, logits in forward_batches(lambda x: view_logits(net, x, tta), images, ctx, batch_size, crop):
+        yield start, stop, logits[: stop - start]

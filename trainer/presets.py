@@ -152,13 +152,35 @@ def apply_cutout(x: np.ndarray, y0: np.ndarray, x0: np.ndarray, size: int) -> np
     return x
 
 
-def train_transform(augment_name: str = "seed", pad: int = 4, pad_mode: str = "reflect", cutout: int = 0):
-    """transform(images, rng, out) for training: the seed's augment (the default), or padcrop; then cutout if on."""
+def area_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of an area (box) downscale: output pixel i averages the input
+    interval [i, i+1) * in_size/out_size, partial pixels weighted by their overlap."""
+    m = np.zeros((out_size, in_size), dtype=np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        lo, hi = i * scale, (i + 1) * scale
+        for j in range(math.floor(lo), min(math.ceil(hi), in_size)):
+            m[i, j] = min(hi, j + 1) - max(lo, j)
+    return (m / scale).astype(np.float32)
+
+
+def downscale(x: np.ndarray, size: int) -> np.ndarray:
+    """float32 (N, C, H, W) batch -> (N, C, size, size) by area averaging (a new array; x itself if same size)."""
+    if size == x.shape[2] == x.shape[3]:
+        return x
+    rows, cols = area_matrix(size, x.shape[2]), area_matrix(size, x.shape[3])
+    return np.matmul(np.matmul(rows, x), cols.T)
+
+
+def train_transform(augment_name: str = "seed", pad: int = 4, pad_mode: str = "reflect", cutout: int = 0,
+                    size: int = SIZE):
+    """transform(images, rng, out) for training: the seed's augment (the default), or padcrop; then cutout if on;
+    then, for size < 32 (progressive resizing), the batch downscaled to size x size (a new array, not out)."""
     def transform(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         x = padcrop(images, rng, pad, pad_mode, out) if augment_name == "padcrop" else augment(images, rng, out)
         if cutout:
             apply_cutout(x, *draw_cutout(rng, len(x), cutout), cutout)
-        return x
+        return downscale(x, size)
 
     return transform
 

@@ -21,6 +21,16 @@ def check_recipe(cfg: TrainConfig) -> None:
     if cfg.pipeline == "seed" and (cfg.augment != "seed" or cfg.cutout):
         raise InputError("key 'pipeline': seed (the per-image DataLoader) applies only the seed's augmentation; "
                          "use pipeline: batched with augment/cutout")
+    if cfg.pipeline == "seed" and cfg.low_res and cfg.low_res_epochs:
+        raise InputError("key 'low_res': the seed's per-image pipeline does not resize; use pipeline: batched")
+    if bool(cfg.low_res) != bool(cfg.low_res_epochs):
+        raise InputError(f"keys 'low_res' ({cfg.low_res}) and 'low_res_epochs' ({cfg.low_res_epochs}): "
+                         "set both (progressive resizing) or neither")
+
+
+def train_size(cfg: TrainConfig, epoch: int) -> int:
+    """The side of this epoch's training batches: low_res for the first low_res_epochs epochs, else 32."""
+    return cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
 
 
 def blocks(block, kind: type) -> Iterator:

@@ -27,7 +27,7 @@ from trainer.device import device_problem, set_cpu_threads
 from trainer.ema import averaged, checkpoint_files
 from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
-from trainer.recipe import check_recipe, optimizer_spec, prepare_net
+from trainer.recipe import check_recipe, optimizer_spec, prepare_net, train_size
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
 
@@ -363,7 +363,7 @@ def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
         mx.random.seed(cfg.seed * 1000003 + epoch * 101 + rank)
         return seed_stream(split.images, split.labels, shard)
     rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
-    transform = train_transform(cfg.augment, cfg.pad, cfg.pad_mode, cfg.cutout)
+    transform = train_transform(cfg.augment, cfg.pad, cfg.pad_mode, cfg.cutout, train_size(cfg, epoch))
     return batched_stream(split.images, split.labels, shard, rng, transform=transform)
 
 
@@ -434,7 +434,7 @@ def evaluate_valid(model: Model, data: Data, cfg: TrainConfig, world: World) -> 
 
     with averaged(model.ema):  # the weight average, when on, is the model being validated
         return evaluate(model.net, data.valid.images, data.valid.labels, world.ctx, cfg.eval_batch_size, world.hvd,
-                        crop=cfg.eval_crop)
+                        crop=cfg.eval_crop, tta=cfg.tta)
 
 
 def run_epoch(model: Model, data: Data, cfg: TrainConfig, phase: str, epoch: int, world: World) -> dict:
@@ -446,6 +446,7 @@ def run_epoch(model: Model, data: Data, cfg: TrainConfig, phase: str, epoch: int
     valid = evaluate_valid(model, data, cfg, world)
     return {"epoch": epoch, "phase": phase, "lr": lr, **record,
             "valid_acc": valid["acc"] if valid else None, "valid_loss": valid["loss"] if valid else None,
+            **({"valid_acc_plain": valid["plain_acc"]} if valid and cfg.tta != "none" else {}),
             "epoch_seconds": time.perf_counter() - t0}
 
 
