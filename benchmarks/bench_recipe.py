@@ -8,12 +8,15 @@ minus each ingredient one at a time (OUT/ablation.png, OUT/ablation.md).
 
     .venv/bin/python benchmarks/bench_recipe.py --prepared PREP --out OUT [--budget SEC] [--epochs E]
     .venv/bin/python benchmarks/bench_recipe.py --train 50000 --out OUT        # prepares real data first
-    .venv/bin/python benchmarks/bench_recipe.py --prepared PREP --out OUT --only-ablate --ablate-epochs 8
+    .venv/bin/python benchmarks/bench_recipe.py --prepared PREP --out OUT --only-ablate --ablate-epochs 8 \
+        --ablate-set train.low_res_epochs=4
 
 Default recipes: seed-w16 (configs/seed.yaml at width 16, batched pipeline: the seed's augmentation
-drawn identically), cpu-small (configs/cpu-small.yaml as it is) and cpu-fast (configs/cpu-fast.yaml,
-the candidate). --recipe NAME=CONFIG[,key=value...] replaces them. Timings are only comparable
-on an idle machine: the report records the load average before and after each run.
+drawn identically), cpu-small-before (cpu-small as it was before issue 16,
+benchmarks/recipes/cpu-small-2026-11-25.yaml) and cpu-small (configs/cpu-small.yaml, the recipe; the
+ablation takes the last recipe). --recipe NAME=CONFIG[,key=value...] replaces them. Timings are only
+comparable on an idle machine: the report records the load average before and after each run, and
+--merge plots curves measured by separate invocations (each idle) together.
 """
 from __future__ import annotations
 
@@ -32,12 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MAKE_DATA = Path("/work/shared/data/make_kaggle_cifar10.py")
 DEFAULT_RECIPES = ("seed-w16=configs/seed.yaml,train.width=16,train.pipeline=batched",
-                   "cpu-small=configs/cpu-small.yaml",
-                   "cpu-fast=configs/cpu-fast.yaml")
+                   "cpu-small-before=benchmarks/recipes/cpu-small-2026-11-25.yaml",
+                   "cpu-small=configs/cpu-small.yaml")
 # the candidate's ingredients and the value that turns each one off (the seed's)
+# (flip TTA in validation, train.tta, needs no run of its own: each row's "plain" column is the same model
+# without it)
 INGREDIENTS = {"padcrop": ["train.augment=seed"], "cutout": ["train.cutout=0"], "ema": ["train.ema=0"],
                "zero_init_residual": ["train.zero_init_residual=false"], "no_wd_bn_bias": ["train.wd_bn_bias=true"],
-               "nesterov": ["train.nesterov=false"], "label_smoothing": ["train.label_smoothing=0"]}
+               "nesterov": ["train.nesterov=false"], "label_smoothing": ["train.label_smoothing=0"],
+               "low_res": ["train.low_res=0", "train.low_res_epochs=0"]}
 
 
 @dataclass
@@ -60,11 +66,13 @@ class Recipe:
 
 @dataclass
 class Result:
-    """One recipe's curve: (seconds since start, epoch, valid accuracy) per epoch, and how it ended."""
+    """One recipe's curve: (seconds since start, epoch, valid accuracy, plain-view accuracy or None) per
+    epoch, and how it ended. valid accuracy is in the recipe's validation view (train.tta); the plain
+    view's is recorded beside it when that differs."""
 
     name: str
     command: str
-    points: list[tuple[float, int, float]]
+    points: list[tuple]
     wall_seconds: float
     status: str  # done, stopped (budget), failed
     load_before: float
@@ -76,9 +84,15 @@ class Result:
     def best(self) -> float | None:
         return max(p[2] for p in self.points) if self.points else None
 
+    def final_plain(self) -> float | None:
+        """The last epoch's accuracy without test-time augmentation."""
+        if not self.points:
+            return None
+        return self.points[-1][3] if len(self.points[-1]) > 3 and self.points[-1][3] is not None else self.final()
+
     def time_to(self, acc: float) -> float | None:
         """Seconds until valid accuracy first reached acc (None if it never did)."""
-        return next((t for t, _e, a in self.points if a >= acc), None)
+        return next((p[0] for p in self.points if p[2] >= acc), None)
 
 
 def new_rows(path: Path, seen: int) -> list[dict]:
@@ -108,7 +122,8 @@ def train_recipe(recipe: Recipe, prepared: Path, workdir: Path, extra: list[str]
         while True:
             done = job.poll() is not None
             for row in new_rows(metrics_path, len(points)):
-                points.append((round(time.perf_counter() - start, 1), row["epoch"] + 1, row["valid_acc"]))
+                points.append((round(time.perf_counter() - start, 1), row["epoch"] + 1, row["valid_acc"],
+                               row.get("valid_acc_plain")))
             if done:
                 break
             if budget and time.perf_counter() - start > budget:
@@ -149,7 +164,11 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         if r.points:
-            ax.plot([p[0] for p in r.points], [p[2] for p in r.points], marker=".", label=f"{r.name} ({r.status})")
+            line, = ax.plot([p[0] for p in r.points], [p[2] for p in r.points], marker=".",
+                            label=f"{r.name} ({r.status})")
+            plain = [(p[0], p[3]) for p in r.points if len(p) > 3 and p[3] is not None]
+            if plain:
+                ax.plot(*zip(*plain, strict=True), linestyle="--", color=line.get_color(), alpha=0.6, label=f"{r.name}, no TTA")
     ax.set_xlabel("wall-clock seconds since the command started")
     ax.set_ylabel("valid accuracy")
     ax.set_title(title)
@@ -170,17 +189,28 @@ def secs(x: float | None) -> str:
 
 def table(results: list[Result], base: Result | None = None) -> str:
     """Markdown: per recipe its epochs, wall time, final and best valid accuracy, time to 85% and 90%."""
-    head = "| recipe | epochs | wall s | final valid | best valid | s to 85% | s to 90% | load 1-min before/after | status |"
+    head = ("| recipe | epochs | wall s | final valid | final, no TTA | best valid | s to 85% | s to 90% "
+            "| load 1-min before/after | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         delta = ""
         if base is not None and r is not base and r.final() is not None and base.final() is not None:
             delta = f" ({100 * (r.final() - base.final()):+.2f})"
         epochs = r.points[-1][1] if r.points else 0
-        lines.append(f"| {r.name} | {epochs} | {r.wall_seconds:.0f} | {pct(r.final())}{delta} | {pct(r.best())} | "
+        lines.append(f"| {r.name} | {epochs} | {r.wall_seconds:.0f} | {pct(r.final())}{delta} | {pct(r.final_plain())} | "
+                     f"{pct(r.best())} | "
                      f"{secs(r.time_to(0.85))} | {secs(r.time_to(0.90))} | {r.load_before:.1f}/{r.load_after:.1f} | "
                      f"{r.status} |")
     return "\n".join(lines) + "\n"
+
+
+def merged(out: Path, stem: str, results: list[Result]) -> list[Result]:
+    """OUT/STEM.json's earlier curves (from other invocations, each measured on its own) with these
+    results, a rerun recipe replacing its earlier curve."""
+    path = out / f"{stem}.json"
+    earlier = [Result(**r) for r in json.loads(path.read_text())] if path.exists() else []
+    names = {r.name for r in results}
+    return [r for r in earlier if r.name not in names] + results
 
 
 def report(results: list[Result], out: Path, stem: str, title: str, base: Result | None = None) -> None:
@@ -194,15 +224,19 @@ def report(results: list[Result], out: Path, stem: str, title: str, base: Result
     print(table(results, base), flush=True)
 
 
-def ablation(candidate: Recipe, prepared: Path, out: Path, epochs: int | None, budget: float | None) -> None:
-    """The candidate, then the candidate minus each ingredient (its seed value), at the same epochs."""
-    extra = [f"train.epochs={epochs}"] if epochs else []
+def ablation(candidate: Recipe, prepared: Path, out: Path, extra: list[str], budget: float | None,
+             only: list[str] | None = None, merge: bool = False) -> None:
+    """The candidate, then the candidate minus each ingredient (its seed value), with the same overrides."""
     runs = {"all": Recipe(candidate.name, candidate.config, candidate.overrides)}
     runs.update({f"minus-{name}": Recipe(f"- {name}", candidate.config, candidate.overrides + off)
                  for name, off in INGREDIENTS.items()})
+    runs = {slug: r for slug, r in runs.items() if not only or slug in only}
     results = [train_recipe(r, prepared, out / "runs" / "ablation" / slug, extra, budget) for slug, r in runs.items()]
+    if merge:
+        results = merged(out, "ablation", results)
+    base = next((r for r in results if r.name == candidate.name), None)
     report(results, out, "ablation", f"{candidate.name} minus one ingredient"
-           + (f", {epochs} epochs" if epochs else ""), base=results[0])
+           + (f" ({', '.join(extra)})" if extra else ""), base=base)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", action="store_true", help="then the last recipe minus each ingredient")
     p.add_argument("--only-ablate", action="store_true", help="the ablation alone")
     p.add_argument("--ablate-epochs", type=int, help="train.epochs for the ablation runs (shorter runs)")
+    p.add_argument("--ablate-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another override for the ablation runs, e.g. train.low_res_epochs=4 (repeatable)")
+    p.add_argument("--ablate-only", nargs="+", metavar="RUN",
+                   help="only these ablation runs: all, minus-INGREDIENT (" + ", ".join(INGREDIENTS) + ")")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the curves/rows already in OUT's recipe.json/ablation.json from earlier invocations")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"train.epochs={args.epochs}"] if args.epochs else []
         if not args.only_ablate:
             results = [train_recipe(r, prepared, out / "runs" / r.name, extra, args.budget) for r in recipes]
+            if args.merge:
+                results = merged(out, "recipe", results)
             report(results, out, "recipe", "valid accuracy against wall-clock time, tune phase")
         if args.ablate or args.only_ablate:
-            ablation(recipes[-1], prepared, out, args.ablate_epochs or args.epochs, args.budget)
+            epochs = args.ablate_epochs or args.epochs
+            ablate_extra = ([f"train.epochs={epochs}"] if epochs else []) + args.ablate_set
+            ablation(recipes[-1], prepared, out, ablate_extra, args.budget, args.ablate_only, args.merge)
     return 0
 
 
