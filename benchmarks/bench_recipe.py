@@ -227,11 +227,11 @@ def report(results: list[Result], out: Path, stem: str, title: str, base: Result
 def ablation(candidate: Recipe, prepared: Path, out: Path, extra: list[str], budget: float | None,
              only: list[str] | None = None, merge: bool = False) -> None:
     """The candidate, then the candidate minus each ingredient (its seed value), with the same overrides."""
-    runs = {"all": Recipe(candidate.name, candidate.config, candidate.overrides)}
-    runs.update({f"minus-{name}": Recipe(f"- {name}", candidate.config, candidate.overrides + off)
-                 for name, off in INGREDIENTS.items()})
+    base = candidate.overrides + extra  # the ingredient's off values last: they win over extra
+    runs = {"all": Recipe(candidate.name, candidate.config, base)}
+    runs.update({f"minus-{name}": Recipe(f"- {name}", candidate.config, base + off) for name, off in INGREDIENTS.items()})
     runs = {slug: r for slug, r in runs.items() if not only or slug in only}
-    results = [train_recipe(r, prepared, out / "runs" / "ablation" / slug, extra, budget) for slug, r in runs.items()]
+    results = [train_recipe(r, prepared, out / "runs" / "ablation" / slug, [], budget) for slug, r in runs.items()]
     if merge:
         results = merged(out, "ablation", results)
     base = next((r for r in results if r.name == candidate.name), None)
