@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.inference import forward_batches
+from trainer.inference import forward_batches, view_logits
 from trainer.sharding import eval_slice
 
 
@@ -18,13 +18,9 @@ def eval_counts(net, images: np.ndarray, labels: np.ndarray, ctx, batch_size: in
     import mxnet as mx
     from mxnet import gluon
 
-    def views(x):
-        plain = net(x)
-        return plain, (plain + net(x.flip(axis=3)) if tta == "flip" else plain)
-
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     counts = [mx.nd.zeros(1, ctx=ctx, dtype="float64") for _ in range(3)]
-    for start, stop, (plain, logits) in forward_batches(views, images, ctx, batch_size, crop):
+    for start, stop, (plain, logits) in forward_batches(lambda x: view_logits(net, x, tta), images, ctx, batch_size, crop):
         y = mx.nd.array(labels[start:stop], ctx=ctx, dtype="float32")
         out = logits[: stop - start].astype("float32")
         counts[0] += (out.argmax(axis=1) == y).sum().astype("float64")

@@ -92,15 +92,16 @@ def forward_batches(fn, images: np.ndarray, ctx, batch_size: int, crop: int = 0)
             released = stop
 
 
-def view_logits(net, x, tta: str = "none"):
-    """net's logits for batch x; tta='flip' adds the mirrored view's."""
-    logits = net(x)
-    return logits + net(x.flip(axis=3)) if tta == "flip" else logits
+def view_logits(net, x, tta: str = "none") -> tuple:
+    """(plain logits, logits in the tta view) of net for batch x; tta='flip' adds the mirrored view's
+    logits to the plain ones (the same array when tta is 'none')."""
+    plain = net(x)
+    return plain, (plain + net(x.flip(axis=3)) if tta == "flip" else plain)
 
 
 def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,
                   tta: str = "none") -> Iterator[tuple[int, int, object]]:
     """(start, stop, logits of rows start..stop) for images seen through eval_transform(crop)
     (forward_batches); tta='flip' adds the mirrored view's logits."""
-    for start, stop, logits in forward_batches(lambda x: view_logits(net, x, tta), images, ctx, batch_size, crop):
+    for start, stop, (_, logits) in forward_batches(lambda x: view_logits(net, x, tta), images, ctx, batch_size, crop):
         yield start, stop, logits[: stop - start]

@@ -21,6 +21,7 @@ Unlike the seed, the 40x40 intermediate is not rounded to uint8 (a difference of
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -152,9 +153,11 @@ def apply_cutout(x: np.ndarray, y0: np.ndarray, x0: np.ndarray, size: int) -> np
     return x
 
 
+@functools.lru_cache(maxsize=8)
 def area_matrix(out_size: int, in_size: int) -> np.ndarray:
     """(out_size, in_size) float32 weights of an area (box) downscale: output pixel i averages the input
-    interval [i, i+1) * in_size/out_size, partial pixels weighted by their overlap."""
+    interval [i, i+1) * in_size/out_size, partial pixels weighted by their overlap. Cached: every training
+    batch of a low-resolution epoch uses the same matrix (read-only, do not modify it)."""
     m = np.zeros((out_size, in_size), dtype=np.float64)
     scale = in_size / out_size
     for i in range(out_size):
