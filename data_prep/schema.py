@@ -2,7 +2,8 @@
 
 Each stage owns one dataclass for its section of a run config (data_prep.config.PrepareConfig,
 trainer.config.TrainConfig and PredictConfig, launcher.run_config.LaunchConfig). A field's
-metadata holds its help text and its one validator ("min", "min_excl", "max_excl", "choices");
+metadata holds its help text and its one validator ("min", "min_excl", "max_excl", "choices",
+or "pattern": a regular expression a str value must match whole, described by "pattern_help");
 the same check_value runs for a YAML key, a run override and a command-line flag, so a value
 accepted by one entry point is accepted by all, and rejected with the same message naming the
 key and the file. Precedence: defaults < YAML file < flags. It lives here, in the lowest package.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,6 +63,8 @@ def check_value(cls: type, name: str, value: Any, source: str) -> Any:
     value = _check_type(typing.get_type_hints(cls)[name], name, value, source)
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        raise ConfigError(f"{source}: key '{name}' must be {meta['pattern_help']}, got {value!r}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
     if "min_excl" in meta and value <= meta["min_excl"]:

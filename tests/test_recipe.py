@@ -13,7 +13,7 @@ from trainer.config import TrainConfig
 
 RECIPE_KEYS = {"augment": "seed", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
                "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
-               "low_res_epochs": 0}
+               "low_res_epochs": 0, "stage_mult": "1,2,4,8"}
 
 
 def _images(n: int = 48, seed: int = 0) -> np.ndarray:
@@ -208,7 +208,7 @@ def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path)
 
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
         "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
-        "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1"]
+        "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1", "--stage-mult", "1,2,4,16"]
 
 
 def _train(prepared: Path, out: Path, *extra: str):
@@ -227,7 +227,7 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
 
     from trainer import rundir
     from trainer.evaluate import evaluate
-    from trainer.model import resnet18
+    from trainer.predict import load_model
 
     whole, part = tmp_path / "whole", tmp_path / "part"
     proc = _train(prepared, whole, "--epochs", "2")
@@ -241,8 +241,7 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     import data_prep
 
     valid = data_prep.open_split(prepared, "valid", data_prep.read_manifest(prepared))
-    net = resnet18(10, 4)
-    net.load_parameters(str(whole / "model-final.params"))
+    net = load_model(whole, mx.cpu())[0]  # predict's loader rebuilds the recorded stage_mult 1,2,4,16
     # ... in the flip view (train.tta), with the plain view's accuracy beside it
     row = rundir.read_metrics(whole)[-1]
     flip, plain = (evaluate(net, valid.images, valid.labels, mx.cpu(), 64, tta=t)["acc"] for t in ("flip", "none"))
@@ -271,6 +270,23 @@ def test_recipe_flags_parse_and_the_seed_pipeline_refuses_padcrop(prepared, tmp_
     proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--pipeline", "seed",
                     "--augment", "padcrop"])
     assert proc.returncode == 2 and "pipeline" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prepared, tmp_path):
+    from trainer.model import resnet18
+
+    def channels(net) -> list[int]:
+        return [stage[1].conv2.weight.shape[0] for stage in list(net)[3:7]]
+
+    seed, wide = resnet18(10, 4), resnet18(10, 4, "1,2,4,16")
+    for net in (seed, wide):
+        net.initialize()
+        net(__import__("mxnet").nd.zeros((2, 3, 32, 32)))
+    assert channels(seed) == [4, 8, 16, 32] and channels(wide) == [4, 8, 16, 64]
+    assert [p.shape for p in seed[0].collect_params().values()] == [p.shape for p in wide[0].collect_params().values()]
+    for bad in ("2,2,4,8", "1,2,4", "1,2,x,8", "1,2,4,0"):
+        proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--stage-mult", bad])
+        assert proc.returncode == 2 and "stage_mult" in proc.stderr and not (tmp_path / "r").exists(), bad
 
 
 @pytest.mark.parametrize("size", [16, 24, 31])

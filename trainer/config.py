@@ -34,6 +34,10 @@ class TrainConfig:
     """Training hyperparameters. Defaults are the d2l seed's (kaggle_cifar10.md)."""
 
     width: int = field(default=64, metadata={"help": "channels of the first stage (64 = ResNet-18); all stages scale with it", "min": 1})
+    stage_mult: str = field(default="1,2,4,8", metadata={
+        "help": "channels of the four stages as multiples of width: the seed's 1,2,4,8; e.g. 1,2,4,16 doubles the last "
+                "stage (depth, stem and blocks unchanged; the first stays 1, its identity shortcuts take the stem's channels)",
+        "pattern": r"1(,[1-9][0-9]?){3}", "pattern_help": "four comma-separated multiples of width, the first 1 (e.g. 1,2,4,8)"})
     epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 0})
     batch_size: int = field(default=128, metadata={"help": "per-rank batch size; the global batch is this times the world size", "min": 1})
     lr: float = field(default=0.1, metadata={"help": "base learning rate", "min": 0.0})

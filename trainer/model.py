@@ -1,4 +1,4 @@
-"""The seed's ResNet-18 for 32x32 inputs, with every channel count scaled by width/64."""
+"""The seed's ResNet-18 for 32x32 inputs, with every channel count scaled by width/64 (and, optionally, per stage)."""
 from __future__ import annotations
 
 from mxnet.gluon import nn
@@ -23,8 +23,19 @@ class Residual(nn.HybridBlock):
         return F.relu(Y + X)
 
 
-def resnet18(num_classes: int = 10, width: int = 64) -> nn.HybridSequential:
-    """ResNet-18 as in the seed: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8)."""
+SEED_STAGE_MULT = "1,2,4,8"
+
+
+def stage_widths(width: int, stage_mult: str = SEED_STAGE_MULT) -> tuple[int, ...]:
+    """The four stages' channels: width times each of stage_mult's comma-separated multiples (TrainConfig.stage_mult)."""
+    return tuple(width * int(m) for m in stage_mult.split(","))
+
+
+def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = SEED_STAGE_MULT) -> nn.HybridSequential:
+    """ResNet-18 as in the seed: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8) (or x stage_mult)."""
+    widths = stage_widths(width, stage_mult)
+    if len(widths) != 4 or widths[0] != width:
+        raise ValueError(f"stage_mult {stage_mult!r}: four multiples of width, the first 1")
     net = nn.HybridSequential()
     net.add(nn.Conv2D(width, kernel_size=3, strides=1, padding=1), nn.BatchNorm(), nn.Activation("relu"))
 
@@ -34,6 +45,6 @@ def resnet18(num_classes: int = 10, width: int = 64) -> nn.HybridSequential:
         blk.add(Residual(num_channels))
         return blk
 
-    net.add(stage(width, True), stage(2 * width, False), stage(4 * width, False), stage(8 * width, False))
+    net.add(*(stage(w, i == 0) for i, w in enumerate(widths)))
     net.add(nn.GlobalAvgPool2D(), nn.Dense(num_classes))
     return net

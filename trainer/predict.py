@@ -47,11 +47,12 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
     except (OSError, ValueError) as e:
         raise PredictError(f"{model_dir}: not a usable trainer run dir: {e}") from e
     classes, width, crop = record.classes, record.train.width, record.train.eval_crop
-    net = resnet18(len(classes), width=width)
+    mult = record.train.stage_mult
+    net = resnet18(len(classes), width=width, stage_mult=mult)
     try:
         net.load_parameters(str(params), ctx=ctx)
     except (mx.MXNetError, AssertionError, ValueError) as e:
-        raise PredictError(f"{params}: cannot load into resnet18(width={width}, classes={len(classes)}): {e}") from e
+        raise PredictError(f"{params}: cannot load into resnet18(width={width}, stage_mult={mult}, classes={len(classes)}): {e}") from e
     if precision == "int8":
         net = quantize_int8(net, calib_images, ctx, crop)
     # not static_alloc: it keeps every intermediate buffer (2.6 GB at width 64, batch 512)

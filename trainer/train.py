@@ -208,13 +208,13 @@ def broadcast_scalar(world: World, value: float, name: str) -> float:
 
 
 def build_net(cfg: TrainConfig, n_classes: int, ctx):
-    """ResNet-18 at cfg.width, initialised from cfg.seed and hybridized, shapes materialised."""
+    """ResNet-18 at cfg.width and cfg.stage_mult, initialised from cfg.seed and hybridized, shapes materialised."""
     import mxnet as mx
 
     from trainer.model import resnet18
 
     mx.random.seed(cfg.seed)
-    net = resnet18(n_classes, cfg.width)
+    net = resnet18(n_classes, cfg.width, cfg.stage_mult)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     net.hybridize(static_alloc=True)
     net(mx.nd.zeros((1, 3, 32, 32), ctx=ctx))  # materialise deferred shapes before broadcasting
@@ -232,14 +232,14 @@ def resume_epoch(out: Path, phase: str, resume: bool, world: World) -> int:
     return start
 
 
-def load_checkpoint_params(net, stem: Path, width: int, ctx) -> None:
+def load_checkpoint_params(net, stem: Path, cfg: TrainConfig, ctx) -> None:
     """The checkpoint's parameters into net, or a TrainError naming the file."""
     import mxnet as mx
 
     try:
         net.load_parameters(str(stem.with_suffix(".params")), ctx=ctx)
     except (OSError, mx.base.MXNetError, AssertionError) as e:
-        raise TrainError(f"{stem}.params: cannot resume from it with width {width}: {e}") from e
+        raise TrainError(f"{stem}.params: cannot resume from it with width {cfg.width}, stage_mult {cfg.stage_mult}: {e}") from e
 
 
 def start_ema(net, cfg: TrainConfig, stem: Path | None):
@@ -277,7 +277,7 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
     start = resume_epoch(out, phase, resume, world)
     stem = rundir.checkpoint_stem(out, start)
     if start:
-        load_checkpoint_params(net, stem, cfg.width, world.ctx)
+        load_checkpoint_params(net, stem, cfg, world.ctx)
     params = net.collect_params()
     # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
     broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
