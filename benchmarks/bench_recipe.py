@@ -43,7 +43,7 @@ DEFAULT_RECIPES = ("seed-w16=configs/seed.yaml,train.width=16,train.pipeline=bat
 INGREDIENTS = {"padcrop": ["train.augment=seed"], "cutout": ["train.cutout=0"], "ema": ["train.ema=0"],
                "zero_init_residual": ["train.zero_init_residual=false"], "no_wd_bn_bias": ["train.wd_bn_bias=true"],
                "nesterov": ["train.nesterov=false"], "label_smoothing": ["train.label_smoothing=0"],
-               "low_res": ["train.low_res=0", "train.low_res_epochs=0"]}
+               "low_res": ["train.low_res=0", "train.low_res_epochs=0"], "stage_mult": ["train.stage_mult=1,2,4,8"]}
 
 
 @dataclass
@@ -56,9 +56,15 @@ class Recipe:
 
     @classmethod
     def parse(cls, spec: str) -> Recipe:
-        """NAME=CONFIG[,key=value...]"""
+        """NAME=CONFIG[,key=value...]; a piece without '=' continues the previous value (train.stage_mult=1,2,4,16)."""
         name, _, rest = spec.partition("=")
-        config, *overrides = rest.split(",")
+        config, *pieces = rest.split(",")
+        overrides: list[str] = []
+        for piece in pieces:
+            if "=" not in piece and overrides:
+                overrides[-1] += "," + piece
+            else:
+                overrides.append(piece)
         if not name or not config:
             raise SystemExit(f"--recipe {spec!r}: expected NAME=CONFIG[,key=value...]")
         return cls(name, config, overrides)
