@@ -98,7 +98,7 @@ def test_step_schedule_is_the_seeds():
     assert lr_at(cfg, 1.99) == pytest.approx(0.1)
 
 
-def test_cosine_warmup_and_scaling():
+def test_cosine_and_linear_decay_warmup_and_scaling():
     cfg = TrainConfig(lr=0.2, schedule="cosine", warmup_epochs=2, epochs=12, scale_lr=True)
     assert base_lr(cfg, 4) == pytest.approx(0.8)
     warm = [lr_at(cfg, p, 4) for p in (0, 0.5, 1, 1.5)]
@@ -107,6 +107,9 @@ def test_cosine_warmup_and_scaling():
     assert lr_at(cfg, 7, 4) == pytest.approx(0.4)
     assert lr_at(cfg, 12, 4) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(TrainConfig(lr=0.2), 3, 4) == pytest.approx(0.2)  # scale_lr is off by default
+    linear = TrainConfig(lr=0.2, schedule="linear", warmup_epochs=2, epochs=12)
+    assert [lr_at(linear, p) for p in (2, 4.5, 7, 12, 13)] == pytest.approx([0.2, 0.15, 0.1, 0.0, 0.0])
+    assert lr_at(linear, 1) == pytest.approx(lr_at(cfg, 1, 4) / 4)  # the same warmup
 
 
 def _tiny_net_and_trainer():

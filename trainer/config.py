@@ -46,7 +46,7 @@ class TrainConfig:
     wd: float = field(default=5e-4, metadata={"help": "SGD weight decay", "min": 0.0})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "min": 0.0})
     seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation", "min": 0})
-    schedule: str = field(default="step", metadata={"help": "LR schedule", "choices": ("step", "cosine")})
+    schedule: str = field(default="step", metadata={"help": "LR schedule after warmup: the seed's step decay, or cosine or linear decay to 0 at the last epoch", "choices": ("step", "cosine", "linear")})
     warmup_epochs: int = field(default=0, metadata={"help": "linear LR warmup epochs (0 = off)", "min": 0})
     scale_lr: bool = field(default=False, metadata={"help": "multiply lr by the world size (linear scaling rule)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon (0 = off)", "min": 0.0, "max_excl": 1.0})

@@ -1,4 +1,4 @@
-"""The learning rate at any point of training: the seed's step decay, or cosine, with optional warmup.
+"""The learning rate at any point of training: the seed's step decay, cosine or linear decay to 0, with optional warmup.
 
 Positions are fractional epochs (epoch + step / steps_per_epoch), so the schedule depends
 only on the position and the config, and resuming at an epoch continues it exactly.
@@ -22,9 +22,9 @@ def lr_at(cfg: TrainConfig, position: float, world_size: int = 1) -> float:
         # linear from peak/1000 (not 0, so the first step moves) up to peak
         t = max(position, 0.0) / cfg.warmup_epochs
         return peak * (1e-3 + (1 - 1e-3) * t)
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "linear"):
         span = max(cfg.epochs - cfg.warmup_epochs, 1)
         t = min(max(position - cfg.warmup_epochs, 0.0) / span, 1.0)
-        return 0.5 * peak * (1 + math.cos(math.pi * t))
+        return 0.5 * peak * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else peak * (1 - t)
     # the seed: lr * lr_decay ** (epoch // lr_period), constant within an epoch
     return peak * cfg.lr_decay ** (int(position) // cfg.lr_period)
