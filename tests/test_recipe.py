@@ -273,6 +273,8 @@ def test_recipe_flags_parse_and_the_seed_pipeline_refuses_padcrop(prepared, tmp_
 
 
 def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prepared, tmp_path):
+    import mxnet as mx
+
     from trainer.model import resnet18
 
     def channels(net) -> list[int]:
@@ -281,7 +283,7 @@ def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prep
     seed, wide = resnet18(10, 4), resnet18(10, 4, "1,2,4,16")
     for net in (seed, wide):
         net.initialize()
-        net(__import__("mxnet").nd.zeros((2, 3, 32, 32)))
+        net(mx.nd.zeros((2, 3, 32, 32)))
     assert channels(seed) == [4, 8, 16, 32] and channels(wide) == [4, 8, 16, 64]
     assert [p.shape for p in seed[0].collect_params().values()] == [p.shape for p in wide[0].collect_params().values()]
     for bad in ("2,2,4,8", "1,2,4", "1,2,x,8", "1,2,4,0"):
