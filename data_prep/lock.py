@@ -40,13 +40,45 @@ class Lock:
         self.release()
 
 
-def holder(path: Path) -> str:
-    """'pid N on host H' as the lock file records it, or 'another process' when it does not say."""
+RECORD_PATIENCE = 2.0  # seconds a loser waits for a new holder to record itself (it does so right after its flock)
+
+
+def _record(path: Path) -> dict:
+    """The lock file's key=value fields ({} when it cannot be read)."""
     try:
-        fields = dict(item.split("=", 1) for item in Path(path).read_text().split() if "=" in item)
+        return dict(item.split("=", 1) for item in Path(path).read_text().split() if "=" in item)
     except OSError:
-        fields = {}
-    if "pid" in fields and "host" in fields:
+        return {}
+
+
+def _names_live_holder(fields: dict) -> bool:
+    """True when the record names a pid and host, and the pid still runs if the host is this one
+    (the file keeps a dead writer's record until the next holder overwrites it)."""
+    if "pid" not in fields or "host" not in fields:
+        return False
+    if fields["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(fields["pid"]), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def holder(path: Path, patience: float = RECORD_PATIENCE) -> str:
+    """'pid N on host H' as the lock file records it, or 'another process' when it does not say.
+
+    The holder writes its record just after taking the flock, so a loser that looks in between finds
+    the file empty (or a dead writer's record): wait up to PATIENCE seconds for the current one.
+    """
+    deadline = time.monotonic() + patience
+    fields = _record(path)
+    while not _names_live_holder(fields) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        fields = _record(path)
+    if _names_live_holder(fields):
         return f"pid {fields['pid']} on host {fields['host']}"
     return "another process"
 

@@ -216,6 +216,41 @@ def test_two_trainers_on_one_run_dir(prepared, tmp_path):
     assert epochs(out) == [0, 1, 2, 3, 4]
 
 
+HOLDER = """
+import fcntl, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.5)  # descheduled between taking the lock and recording itself, as a loaded host does
+os.ftruncate(fd, 0)
+os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\\n".encode(), 0)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("before", ["new file", "a dead writer's record"])
+def test_a_lock_taken_a_moment_ago_names_its_holder(tmp_path, before):
+    # CI saw the loser of two simultaneous trainers report "in use by another process": it read the
+    # lock file after the winner's flock and before the winner had written its pid and host into it
+    # (a file left by a dead writer still names that writer in the same moment)
+    from data_prep.lock import Busy, acquire
+
+    path = tmp_path / LOCK
+    if before != "new file":
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        path.write_text(f"pid={dead.pid} host={socket.gethostname()}\n")
+    holder = subprocess.Popen([str(BIN / "python"), "-c", HOLDER, str(path)], text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(Busy) as err:
+            acquire(path, "run directory R")
+        assert f"run directory R is in use by pid {holder.pid} on host {socket.gethostname()}" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_dead_writers_lock_does_not_block_resume(prepared, tmp_path):
     out = tmp_path / "R"
     proc = start(["train", "--prepared", str(prepared), "--out", str(out), "--epochs", "300", *TRAIN])
