@@ -21,22 +21,19 @@ import numpy as np
 SHIFTS = ((1, 1), (-1, -1), (1, -1), (-1, 1))
 
 
-def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """x (N x C x H x W) translated by (dy, dx) pixels, the edge filled by reflection."""
-    p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
-    return np.ascontiguousarray(p[:, :, 1 + dy:1 + dy + x.shape[2], 1 + dx:1 + dx + x.shape[3]])
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """uint8 images (N x H x W x C) translated by (dy, dx) pixels, the edge filled by reflection."""
+    p = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    return np.ascontiguousarray(p[:, 1 + dy:1 + dy + images.shape[1], 1 + dx:1 + dx + images.shape[2]])
 
 
-def logits(net, x: np.ndarray, batch: int = 500) -> np.ndarray:
-    """net's logits for x, in batches."""
+def logits(net, images: np.ndarray, crop: int, tta: str) -> np.ndarray:
+    """net's logits for images through validation's own inference loop (trainer.inference), in the tta view."""
     import mxnet as mx
 
-    return np.concatenate([net(mx.nd.array(x[i:i + batch])).asnumpy() for i in range(0, len(x), batch)])
+    from trainer.inference import logit_batches
 
-
-def view_pair(net, x: np.ndarray) -> np.ndarray:
-    """Logits of x plus those of its mirror."""
-    return logits(net, x) + logits(net, np.ascontiguousarray(x[:, :, :, ::-1]))
+    return np.concatenate([z.asnumpy() for _, _, z in logit_batches(net, images, mx.cpu(), 500, crop, tta)])
 
 
 def score(run: Path, prepared: Path) -> dict:
@@ -45,16 +42,15 @@ def score(run: Path, prepared: Path) -> dict:
 
     from data_prep.store import open_split
     from trainer.predict import load_model
-    from trainer.presets import eval_transform
 
     valid = open_split(prepared, "valid")
     net, _, _, crop = load_model(run, mx.cpu())
-    x, y = eval_transform(np.asarray(valid.images), crop), np.asarray(valid.labels)
+    images, y = np.asarray(valid.images), np.asarray(valid.labels)
     start = time.perf_counter()
-    plain = logits(net, x)
-    rate = len(x) / (time.perf_counter() - start)
-    flip = plain + logits(net, np.ascontiguousarray(x[:, :, :, ::-1]))
-    shifts = {d: view_pair(net, shifted(x, *d)) for d in SHIFTS}
+    plain = logits(net, images, crop, "none")
+    rate = len(images) / (time.perf_counter() - start)
+    flip = logits(net, images, crop, "flip")
+    shifts = {d: logits(net, shifted(images, *d), crop, "flip") for d in SHIFTS}
 
     def acc(z: np.ndarray) -> float:
         return float((z.argmax(axis=1) == y).mean())
