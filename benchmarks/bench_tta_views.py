@@ -27,13 +27,18 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return np.ascontiguousarray(p[:, 1 + dy:1 + dy + images.shape[1], 1 + dx:1 + dx + images.shape[2]])
 
 
-def logits(net, images: np.ndarray, crop: int, tta: str) -> np.ndarray:
-    """net's logits for images through validation's own inference loop (trainer.inference), in the tta view."""
+def views(net, images: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(plain logits, plain + mirror logits) of images, from one pass of validation's own loop
+    (trainer.inference, as eval_counts runs it)."""
     import mxnet as mx
 
-    from trainer.inference import logit_batches
+    from trainer.inference import forward_batches, view_logits
 
-    return np.concatenate([z.asnumpy() for _, _, z in logit_batches(net, images, mx.cpu(), 500, crop, tta)])
+    plain, flip = [], []
+    for start, stop, (p, f) in forward_batches(lambda x: view_logits(net, x, "flip"), images, mx.cpu(), 500, crop):
+        plain.append(p[: stop - start].asnumpy())
+        flip.append(f[: stop - start].asnumpy())
+    return np.concatenate(plain), np.concatenate(flip)
 
 
 def score(run: Path, prepared: Path) -> dict:
@@ -47,10 +52,9 @@ def score(run: Path, prepared: Path) -> dict:
     net, _, _, crop = load_model(run, mx.cpu())
     images, y = np.asarray(valid.images), np.asarray(valid.labels)
     start = time.perf_counter()
-    plain = logits(net, images, crop, "none")
-    rate = len(images) / (time.perf_counter() - start)
-    flip = logits(net, images, crop, "flip")
-    shifts = {d: logits(net, shifted(images, *d), crop, "flip") for d in SHIFTS}
+    plain, flip = views(net, images, crop)
+    rate = 2 * len(images) / (time.perf_counter() - start)  # two forwards an image
+    shifts = {d: views(net, shifted(images, *d), crop)[1] for d in SHIFTS}
 
     def acc(z: np.ndarray) -> float:
         return float((z.argmax(axis=1) == y).mean())
