@@ -3,12 +3,18 @@
 # Open MPI, and an sshd the Kubeflow MPI Operator's launcher reaches the workers through.
 #
 #   docker build -t cifar10-hvd:0.1.0-gpu .                            # CUDA 11.7, cuDNN 8, NCCL (default)
-#   docker build --build-arg VARIANT=cpu -t cifar10-hvd:0.1.0-cpu .    # CPU only (MKLDNN)
+#   docker build --build-arg VARIANT=cpu -t cifar10-hvd:0.1.0-cpu .    # CPU only (MKLDNN), Debian 12
+#   make image                                                         # the CPU one as localhost/cifar10-hvd:cpu
 #
+# BASE_CPU: the CPU variant's base, Debian 12 (its python3 is the 3.11 setup.py requires; the mxnet wheel is
+# manylinux2014). `make image` passes a base bootstrapped locally with mmdebstrap where the registry's
+# cannot be pulled. A TLS trust bundle for pip (a proxy's CA) may be passed as the build secret
+# `ca-certificates`; it is mounted for the install step only and never stored in a layer.
 # The install steps are scripts/install-stack.sh, the one list `make setup` runs too.
 # Base images are pinned by exact tag; pin them by digest as well where your registry policy asks for it.
 
 ARG VARIANT=gpu
+ARG BASE_CPU=debian:12
 
 # --- per-variant bases ------------------------------------------------------------------------------
 # GPU: the devel image has nvcc and the NCCL headers Horovod's NCCL operations compile against.
@@ -22,43 +28,55 @@ ENV MXNET_PACKAGE=mxnet-cu117==1.9.1 \
     HOROVOD_GPU_OPERATIONS=NCCL \
     HOROVOD_BUILD_CUDA_CC_LIST=50,60,70,80,86
 
-FROM ubuntu:22.04 AS build-cpu
+# BASE_CPU is a build argument (Debian 12 by default), tagged by whoever passes it.
+# hadolint ignore=DL3006
+FROM ${BASE_CPU} AS build-cpu
 
 FROM nvidia/cuda:11.7.1-cudnn8-runtime-ubuntu22.04 AS runtime-gpu
 
-FROM ubuntu:22.04 AS runtime-cpu
+# hadolint ignore=DL3006
+FROM ${BASE_CPU} AS runtime-cpu
 
 # --- build: compilers and headers stay in this stage; only /opt/venv leaves it ----------------------
 # build-${VARIANT} is one of the stages above (tagged bases), not an untagged registry image.
 # hadolint ignore=DL3006
 FROM build-${VARIANT} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# Ubuntu keeps only the newest build of a package in its archive, so an exact apt version pin breaks
-# the build at the next security update; the release (22.04) and the base tag fix the versions.
+# Debian and Ubuntu keep only the newest build of a package in their archives, so an exact apt version pin
+# breaks the build at the next security update; the release (12, 22.04) and the base tag fix the versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       ca-certificates g++ make python3.11 python3.11-dev python3.11-venv openmpi-bin libopenmpi-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY . .
-# SKIP_APT=1: Open MPI came from the layer above. EDITABLE=0: the package is copied into the venv.
 # The CUDA driver stub stands in for libcuda.so.1 while MXNet is imported (Horovod's build and its
-# --check-build) on a build host without a GPU; the final ldconfig drops it from the cache again.
-# /opt/cuda-stubs carries the stub (GPU) or nothing (CPU) to the runtime stage's own check.
-RUN if [ -d /usr/local/cuda/targets/x86_64-linux/lib/stubs ]; then \
-      ldconfig /usr/local/cuda/targets/x86_64-linux/lib/stubs; \
-    fi \
- && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv \
- && ldconfig \
- && mkdir -p /opt/cuda-stubs \
+# --check-build) on a build host without a GPU; it is in this stage's linker path only, as this stage
+# is discarded. /opt/cuda-stubs carries the stub (GPU) or nothing (CPU) to the runtime stage's own check.
+RUN mkdir -p /opt/cuda-stubs \
  && if [ -d /usr/local/cuda/targets/x86_64-linux/lib/stubs ]; then \
-      cp /usr/local/cuda/targets/x86_64-linux/lib/stubs/libcuda.so /opt/cuda-stubs/; \
+      echo /usr/local/cuda/targets/x86_64-linux/lib/stubs > /etc/ld.so.conf.d/zz-cuda-stubs.conf && ldconfig \
+      && cp /usr/local/cuda/targets/x86_64-linux/lib/stubs/libcuda.so /opt/cuda-stubs/; \
     fi
+# The same script twice: first with setup.py alone (the pinned dependencies and the Horovod build, a
+# layer that stays cached until setup.py or the script changes), then with the sources (the package
+# itself; Horovod is there already). SKIP_APT=1: Open MPI came from the layer above. EDITABLE=0: the
+# package is copied into the venv.
+COPY setup.py pyproject.toml ./
+COPY scripts/install-stack.sh scripts/
+RUN --mount=type=secret,id=ca-certificates,required=false \
+    if [ -f /run/secrets/ca-certificates ]; then export PIP_CERT=/run/secrets/ca-certificates; fi \
+ && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv
+COPY . .
+RUN --mount=type=secret,id=ca-certificates,required=false \
+    if [ -f /run/secrets/ca-certificates ]; then export PIP_CERT=/run/secrets/ca-certificates; fi \
+ && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv
 
 # --- runtime: interpreter, Open MPI, ssh; no compilers ----------------------------------------------
 # ibverbs-providers: the userspace RDMA drivers (mlx5...) NCCL's NET/IB needs (k8s/components/rdma);
-# without an RDMA device NCCL uses sockets.
+# without an RDMA device NCCL uses sockets. libquadmath0: the libgfortran.so.3 that the mxnet wheel
+# bundles links against it. The host keys openssh-server generates are removed: every copy of the image
+# would share them, and the workers' sshd uses the job's key instead.
 # runtime-${VARIANT} is one of the stages above, as for the build stage.
 # hadolint ignore=DL3006
 FROM runtime-${VARIANT} AS runtime
@@ -67,19 +85,24 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3.11 libgomp1 libarchive13 openmpi-bin openssh-client openssh-server ibverbs-providers \
- && rm -rf /var/lib/apt/lists/*
+      python3.11 libgomp1 libquadmath0 libarchive13 openmpi-bin openssh-client openssh-server ibverbs-providers \
+ && rm -rf /var/lib/apt/lists/* /etc/ssh/ssh_host_*
 # sshd for the MPI Operator, run by the non-root user: port 2222 (no capability needed), the operator's
 # per-job key (mounted at the MPIJob's sshAuthMountPath, /home/cifar/.ssh) as host and user key, and
-# StrictModes off because that Secret mount is root-owned. The client side matches: port 2222 and no
-# known_hosts (the key mount is read-only and worker addresses are new for every job). ClientAlive*: a
-# session whose client is cut off (network partition) ends after ~30 s instead of staying on the worker
-# until the link returns (scripts/local-cluster.sh's sshd uses the same values).
+# StrictModes off because that Secret mount is root-owned. DisableForwarding: the job key opens a shell
+# for mpirun, not a tunnel through the worker to other addresses. ClientAlive*: a session whose client
+# is cut off (network partition) ends after ~30 s instead of staying on the worker until the link
+# returns (scripts/local-cluster.sh's sshd uses the same values). The client side dials port 2222 and
+# accepts one host key, the job key every real worker serves (mpi-known-hosts prints it from the same
+# mount), so a host that answers with another key is refused.
+COPY scripts/mpi-known-hosts /usr/local/bin/mpi-known-hosts
 RUN printf '%s\n' 'Port 2222' 'HostKey /home/cifar/.ssh/id_rsa' 'AuthorizedKeysFile .ssh/authorized_keys' \
       'PidFile /tmp/sshd.pid' 'StrictModes no' 'UsePAM no' 'PasswordAuthentication no' \
-      'KbdInteractiveAuthentication no' 'PermitRootLogin no' 'ClientAliveInterval 10' 'ClientAliveCountMax 3' \
+      'KbdInteractiveAuthentication no' 'PermitRootLogin no' 'DisableForwarding yes' 'PermitTunnel no' \
+      'ClientAliveInterval 10' 'ClientAliveCountMax 3' \
       > /etc/ssh/sshd_config_mpi \
- && printf '%s\n' 'Host *' '    Port 2222' '    StrictHostKeyChecking no' '    UserKnownHostsFile /dev/null' \
+ && printf '%s\n' 'Host *' '    Port 2222' '    StrictHostKeyChecking yes' '    UserKnownHostsFile /dev/null' \
+      '    GlobalKnownHostsFile /dev/null' '    KnownHostsCommand /usr/local/bin/mpi-known-hosts %d/.ssh/id_rsa.pub' \
       '    LogLevel ERROR' > /etc/ssh/ssh_config.d/mpi-operator.conf \
  && useradd --uid 1000 --user-group --create-home --shell /bin/bash cifar
 COPY --from=build /opt/venv /opt/venv

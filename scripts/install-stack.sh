@@ -51,10 +51,11 @@ if [ "${SKIP_APT:-0}" != 1 ] && ! "$python" -c "import ctypes.util, sys; sys.exi
   fi
 fi
 
-# 2. The virtual environment and build tools Horovod's setup.py needs.
+# 2. The virtual environment and build tools Horovod's setup.py needs. CMake below 4: CMake 4 refuses the
+#    cmake_minimum_required of the gloo that Horovod 0.28.1 bundles.
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
-$pip install wheel "setuptools<70" cmake
+$pip install wheel "setuptools<70" "cmake>=3.13,<4"
 
 # 3. This package (editable) with its pinned runtime deps (mxnet, numpy 1.23.5, ...).
 #    MXNET_PACKAGE (the GPU image: mxnet-cu117==1.9.1) replaces setup.py's CPU mxnet: it goes in
@@ -81,11 +82,13 @@ PY
   $pip install "${reqs[@]}"
 fi
 
-# 4. Horovod 0.28.1, built against the installed MXNet with MPI and Gloo controllers.
+# 4. Horovod 0.28.1, built against the installed MXNet with MPI and Gloo controllers, with the venv's
+#    CMake (HOROVOD_CMAKE) and the venv first on PATH: a build host (the image's build stage) may have
+#    neither cmake nor pip on PATH, and Horovod's build falls back to running them from there.
 if ! "$venv/bin/python" -c "import horovod.mxnet" >/dev/null 2>&1; then
   echo "install-stack: building horovod 0.28.1 (about 2 minutes)"
   HOROVOD_WITH_MXNET=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
-  HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+  HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CMAKE="$venv/bin/cmake" PATH="$venv/bin:$PATH" \
     $pip install --no-build-isolation --no-cache-dir horovod==0.28.1
 fi
 
