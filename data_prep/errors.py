@@ -13,6 +13,9 @@ import traceback
 from collections.abc import Callable, Sequence
 
 MAX_SHOWN = 10  # offenders listed in a message; the rest are counted
+# Set by `cifar10-hvd run` for a stage it starts under horovodrun, which reports any failed rank as exit 1:
+# a rank that ends on bad input appends its message to this file, and run exits 2 as the stage's command would.
+INPUT_ERROR_FILE = "CIFAR10_HVD_INPUT_ERROR_FILE"
 
 
 class InputError(ValueError):
@@ -41,6 +44,17 @@ def rank_name() -> str:
     return "[rank 0] "
 
 
+def _note_input_error(message: str) -> None:
+    """Append MESSAGE to INPUT_ERROR_FILE where the launcher set one (best effort: the exit status stays)."""
+    path = os.environ.get(INPUT_ERROR_FILE)
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(message + "\n")
+        except OSError:
+            pass
+
+
 def run_command(stage: str, body: Callable[[], int | None]) -> int:
     """Run a command's body under the convention: 0 (or body's status), 2 for InputError, 1 for anything else."""
     try:
@@ -49,6 +63,7 @@ def run_command(stage: str, body: Callable[[], int | None]) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except InputError as exc:
         print(f"cifar10-hvd {stage}: {exc}", file=sys.stderr)
+        _note_input_error(f"cifar10-hvd {stage}: {exc}")
         return exc.exit_status
     except KeyboardInterrupt:
         print(f"{rank_name()}cifar10-hvd {stage}: interrupted", file=sys.stderr)

@@ -3,7 +3,8 @@
 Each stage owns one dataclass for its section of a run config (data_prep.config.PrepareConfig,
 trainer.config.TrainConfig and PredictConfig, launcher.run_config.LaunchConfig). A field's
 metadata holds its help text and its one validator ("min", "min_excl", "max_excl", "choices",
-or "pattern": a regular expression a str value must match whole, described by "pattern_help");
+"pattern": a regular expression a str value must match whole, described by "pattern_help", or
+"check": a function that raises ValueError naming what is wrong);
 the same check_value runs for a YAML key, a run override and a command-line flag, so a value
 accepted by one entry point is accepted by all, and rejected with the same message naming the
 key and the file. Precedence: defaults < YAML file < flags. It lives here, in the lowest package.
@@ -65,6 +66,11 @@ def check_value(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
         raise ConfigError(f"{source}: key '{name}' must be {meta['pattern_help']}, got {value!r}")
+    if "check" in meta:  # a function that raises ValueError saying what is wrong (a list's bad entry)
+        try:
+            meta["check"](value)
+        except ValueError as e:
+            raise ConfigError(f"{source}: key '{name}': {e}") from None
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
     if "min_excl" in meta and value <= meta["min_excl"]:

@@ -26,14 +26,23 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import PrepareError, read_manifest
-from data_prep.errors import run_command
+from data_prep.errors import INPUT_ERROR_FILE, InputError, run_command
 from data_prep.files import atomic_write_text
 from data_prep.labels import read_table
 from data_prep.lock import lock_dir
 from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_argv
 from launcher import child, workdir
 from launcher.report import write_report
-from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
+from launcher.run_config import (
+    PHASES,
+    LaunchConfig,
+    RunConfig,
+    load_run_config,
+    parse_hostfile,
+    parse_hosts,
+    parse_phases,
+    write_run_config,
+)
 from trainer.device import mpi_world
 from trainer.rundir import FINAL_PARAMS, read_metrics
 from trainer.train import run_figures
@@ -84,27 +93,44 @@ class HostUnreachable(RuntimeError):
     """A host of -H / --hostfile does not answer ssh: the job cannot start there."""
 
 
-def remote_hosts(launch: LaunchConfig) -> list[str]:
-    """The hosts horovodrun reaches over ssh: -H's names, else the hostfile's first words; not this one."""
+def launch_hosts(launch: LaunchConfig) -> list[tuple[str, int | None]]:
+    """LAUNCH's hosts as (name, slots or None): -H's entries, else the hostfile's (read and checked now)."""
     if launch.hosts:
-        names = [h.rsplit(":", 1)[0] for h in launch.hosts.split(",") if h.strip()]
-    elif launch.hostfile:
-        try:
-            lines = Path(launch.hostfile).read_text().splitlines()
-        except OSError as e:
-            raise ConfigError(f"hostfile {launch.hostfile}: {e.strerror}") from e
-        names = [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    else:
-        return []
-    local = {"localhost", "127.0.0.1", socket.gethostname()}
-    return [h for h in dict.fromkeys(n.strip() for n in names) if h not in local]
+        return parse_hosts(launch.hosts)
+    return parse_hostfile(launch.hostfile) if launch.hostfile else []
+
+
+def horovodrun_hosts(launch: LaunchConfig, hosts: list[tuple[str, int | None]]) -> str:
+    """horovodrun's -H value for HOSTS ('' for none: localhost), every slot count written out (1 where none is
+    given, as mpirun counts a bare host). A hostfile's hosts go as -H too: horovodrun's own hostfile reader
+    takes no comments, blank lines or HOST:SLOTS. ConfigError when horovodrun cannot place np ranks on them."""
+    if not hosts:
+        return ""
+    where = f"hosts {launch.hosts!r}" if launch.hosts else f"hostfile {launch.hostfile}"
+    ipv6 = [name for name, _ in hosts if ":" in name]
+    if ipv6:
+        raise ConfigError(f"{where}: horovodrun -H takes host names and IPv4 addresses, not the IPv6 address "
+                          f"{ipv6[0]}; give that host a name (e.g. in /etc/hosts)")
+    slots = sum(n or 1 for _, n in hosts)
+    if launch.np > slots:
+        raise ConfigError(f"{launch.np} ranks (np) do not fit the {slots} slots of {where}; lower np or give "
+                          "the hosts more slots (HOST:SLOTS)")
+    return ",".join(f"{name}:{n or 1}" for name, n in hosts)
+
+
+def remote_hosts(names: list[str]) -> list[str]:
+    """The hosts among NAMES that horovodrun reaches over ssh: all but this one, each once."""
+    local = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+    return [h for h in dict.fromkeys(names) if h not in local]
 
 
 def check_hosts(hosts: list[str], timeout: float = 20) -> None:
     """Raise HostUnreachable naming each host that `ssh HOST true` cannot reach (all tried at once),
-    so a down host fails the run in seconds, before anything is written, not at the first horovodrun."""
+    so a down host fails the run in seconds, before anything is written, not at the first horovodrun.
+    `--` ends ssh's options: whatever a host name holds, ssh takes it as the host."""
     def probe(host: str) -> str | None:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=no", host, "true"]
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=no",
+               "--", host, "true"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
@@ -119,11 +145,20 @@ def check_hosts(hosts: list[str], timeout: float = 20) -> None:
 
 
 class StageFailed(RuntimeError):
-    """A stage exited non-zero; carries its name and exit status."""
+    """A stage exited non-zero; carries its name, exit status and, for bad input, the first rank's message."""
 
-    def __init__(self, stage: str, code: int):
-        super().__init__(f"stage '{stage}' failed (exit status {code})")
+    def __init__(self, stage: str, code: int, reason: str = ""):
+        super().__init__(f"stage '{stage}' failed (exit status {code})" + (f": {reason}" if reason else ""))
         self.stage, self.code = stage, code
+
+
+def read_input_error(report: Path) -> str:
+    """The first line a rank wrote to REPORT (INPUT_ERROR_FILE) when it ended on bad input; '' if none did."""
+    try:
+        with open(report, errors="replace") as f:
+            return f.readline(4096).strip() or "bad input (see the messages above)"
+    except OSError:
+        return ""
 
 
 class Pipeline:
@@ -142,6 +177,8 @@ class Pipeline:
         self.config_path = config_path
         self.hvd = None  # Horovod, once a decision has been shared inside an MPI world
         self.shared = 0  # decisions shared so far (each broadcast gets its own name)
+        self.hosts = ""  # horovodrun's -H (check_launch); '' for localhost:NP
+        self.verified = False  # the prepared files re-hashed in this run (by its first training stage)
 
     # -- config identity -------------------------------------------------------------------------
     def data_identity(self) -> dict:
@@ -181,12 +218,14 @@ class Pipeline:
         """Run a stage: through its function inside an MPI world (returning its summary), else its CLI as a
         (horovodrun) child (returning None: its figures are read back from its files)."""
         distributed = stage != "prepare"
+        verify = stage in TRAIN_STAGES and not self.verified
+        self.verified |= verify
         if self.world and distributed:
-            return self.call_in_process(stage, out_dir, resume)
-        cmd = [self.python, *self.argv(stage, out_dir, resume)]
+            return self.call_in_process(stage, out_dir, resume, verify)
+        cmd = [self.python, *self.argv(stage, out_dir, resume, verify)]
         if distributed:
             launch = self.cfg.launch
-            cmd = horovodrun_argv(launch.np, cmd, launch.controller, launch.hosts, launch.hostfile)
+            cmd = horovodrun_argv(launch.np, cmd, launch.controller, self.hosts)
         self.launch_child(stage, cmd)
         return None
 
@@ -200,20 +239,26 @@ class Pipeline:
             self.spawn(stage, cmd)
 
     def spawn(self, stage: str, cmd: list[str]) -> None:
-        """Run CMD as the stage's child (printed, so it can be copied); StageFailed unless it exits 0."""
+        """Run CMD as the stage's child (printed, so it can be copied); StageFailed unless it exits 0, with
+        status 2 when a rank ended on bad input (horovodrun itself exits 1 for any failed rank)."""
         print(f"[run] {stage}: {shlex.join(cmd)}", flush=True)
-        code = child.call(cmd, env=child_env())
+        self.markers.mkdir(parents=True, exist_ok=True)
+        report = self.markers / f"{stage}.input-error"  # on WORKDIR, which every host of the job shares
+        report.unlink(missing_ok=True)
+        code = child.call(cmd, env=child_env(**{INPUT_ERROR_FILE: str(report)}))
+        reason = read_input_error(report) if code else ""
+        report.unlink(missing_ok=True)
         if code:
-            raise StageFailed(stage, code)
+            raise StageFailed(stage, InputError.exit_status if reason else code, reason)
 
-    def call_in_process(self, stage: str, out_dir: Path, resume: bool):
+    def call_in_process(self, stage: str, out_dir: Path, resume: bool, verify: bool = False):
         """The stage's function on this rank (train -> RunSummary, predict -> SubmissionSummary), its errors
         reported as its CLI would (`cifar10-hvd train: ...`, exit 2 for bad input) and raised as StageFailed."""
         if stage in TRAIN_STAGES:
             from trainer.train import train
 
             def body():
-                return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume)
+                return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume, verify=verify)
         else:
             from trainer.predict import predict
 
@@ -263,15 +308,16 @@ class Pipeline:
                 time.sleep(2)
 
     # -- stages --------------------------------------------------------------------------------------
-    def argv(self, stage: str, out_dir: Path, resume: bool = False) -> list[str]:
-        """The stage's command line (after `python`), its options built from its section's class."""
+    def argv(self, stage: str, out_dir: Path, resume: bool = False, verify: bool = False) -> list[str]:
+        """The stage's command line (after `python`), its options built from its section's class; VERIFY: a
+        training stage re-hashes the prepared files first (rank 0; sizes are checked always)."""
         if stage == "prepare":
             if not self.cfg.data:
                 raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
             return ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared), *to_argv(self.cfg.prepare)]
         if stage in TRAIN_STAGES:
             a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir), "--phase", stage]
-            return a + (["--resume"] if resume else []) + to_argv(self.cfg.train)
+            return a + (["--resume"] if resume else []) + (["--verify"] if verify else []) + to_argv(self.cfg.train)
         return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
                 "--out", str(self.workdir / "submission.csv"), *to_argv(self.cfg.predict)]
 
@@ -343,6 +389,15 @@ class Pipeline:
             rows = len(read_table(self.workdir / "submission.csv").ids)
             return {"images": rows, "submission": str(self.workdir / "submission.csv")}
         return run_figures(stage, read_metrics(out_dir))
+
+    def check_launch(self) -> None:
+        """Outside an MPI world, before anything is written (the lock included): the hosts horovodrun will get
+        (a hostfile read and checked) and every remote one answering ssh."""
+        if self.world or not set(self.cfg.phases) - {"prepare"}:
+            return
+        hosts = launch_hosts(self.cfg.launch)
+        self.hosts = horovodrun_hosts(self.cfg.launch, hosts)
+        check_hosts(remote_hosts([name for name, _ in hosts]))
 
     def check_inputs(self) -> None:
         """What the phases need, checked before anything is written or removed; exit 2 naming the path."""
@@ -436,8 +491,7 @@ def _main(argv: list[str] | None) -> int:
     cfg = resolve_run_config(args)
     pipe = Pipeline(cfg, Path(args.config), args.resume)
     try:
-        if not mpi_world() and set(cfg.phases) - {"prepare"}:
-            check_hosts(remote_hosts(cfg.launch))  # before anything is written (the lock included)
+        pipe.check_launch()
         # outside an MPI world a signal ends the running stage's whole process tree, then the launcher
         with nullcontext() if pipe.world else child.stop_on_signals(), pipe.writing():
             summary = pipe.run()

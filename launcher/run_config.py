@@ -10,6 +10,10 @@ record, read back with load_run_config.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +37,105 @@ PHASES = ("prepare", "tune", "final", "predict")
 RUN_CONFIG_VERSION = 1  # the `version:` of run-config.yaml; a config file may leave it out
 
 
+# Hosts come from configs and hostfiles written by others and end up on ssh command lines: each is a host name
+# (RFC 1123: dot-separated labels of letters, digits and '-', none starting or ending with '-') or an IP
+# address, never anything ssh could take for an option.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_SLOTS = re.compile(r"[1-9][0-9]{0,5}")
+HOST_FORM = ("a host name (letters, digits and '-' in dot-separated labels, none starting or ending with '-') or "
+             "an IP address, with an optional :SLOTS, a positive integer ([ADDRESS]:SLOTS for IPv6)")
+HOSTFILE_MAX_BYTES = 1 << 20
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address) and "%" not in text
+    except ValueError:
+        return False
+
+
+def parse_host(entry: str) -> tuple[str, int | None]:
+    """HOST, HOST:SLOTS, an IPv6 address or [IPV6]:SLOTS -> (host, slots or None); ValueError naming ENTRY."""
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", entry)
+    if bracketed:
+        host, slots, ok = bracketed[1], bracketed[2], _is_ipv6(bracketed[1])
+    elif entry.count(":") > 1:
+        host, slots, ok = entry, None, _is_ipv6(entry)
+    else:
+        host, sep, slots = entry.partition(":")
+        slots = slots if sep else None
+        ok = len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
+    if not ok or (slots is not None and not _SLOTS.fullmatch(slots)):
+        raise ValueError(f"{entry!r} is not {HOST_FORM}")
+    return host, None if slots is None else int(slots)
+
+
+def parse_hosts(value: str) -> list[tuple[str, int | None]]:
+    """A -H list ('node1:4,node2:4'; '' for none) -> [(host, slots or None)]; ValueError naming the bad entry."""
+    if not value.strip():
+        return []
+    entries = [e.strip() for e in value.split(",")]
+    if "" in entries:
+        raise ValueError(f"{value!r} has an empty entry (hosts are separated by single commas)")
+    return [parse_host(e) for e in entries]
+
+
+def _read_hostfile(path: Path) -> str:
+    """PATH's text: a regular file of at most HOSTFILE_MAX_BYTES (O_NONBLOCK: a FIFO must not block the open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigError(f"hostfile {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"hostfile {path}: not a regular file")
+        data = f.read(HOSTFILE_MAX_BYTES + 1)
+    if len(data) > HOSTFILE_MAX_BYTES:
+        raise ConfigError(f"hostfile {path}: larger than {HOSTFILE_MAX_BYTES} bytes, not a list of hosts")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"hostfile {path}: not UTF-8 text") from None
+
+
+def _hostfile_entry(text: str) -> tuple[str, int | None]:
+    """One hostfile line without its comment: `HOST`, `HOST:SLOTS` or `HOST slots=SLOTS`."""
+    match = re.fullmatch(r"(\S+)(?:\s+slots\s*=\s*(\S+))?", text)
+    if not match:
+        raise ValueError(f"expected HOST, HOST:SLOTS or HOST slots=SLOTS, where HOST is {HOST_FORM}")
+    host, slots = parse_host(match[1])
+    if match[2] is None:
+        return host, slots
+    if slots is not None or not _SLOTS.fullmatch(match[2]):
+        raise ValueError("expected HOST slots=SLOTS, SLOTS a positive integer (and no :SLOTS after HOST)")
+    return host, int(match[2])
+
+
+def parse_hostfile(path: str | Path) -> list[tuple[str, int | None]]:
+    """The hosts of a hostfile as Open MPI and horovodrun write it: one `HOST`, `HOST:SLOTS` or `HOST slots=SLOTS`
+    a line, '#' comments and blank lines; ConfigError naming the file and line of anything else."""
+    hosts = []
+    for number, line in enumerate(_read_hostfile(Path(path)).splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            hosts.append(_hostfile_entry(text))
+        except ValueError as e:
+            raise ConfigError(f"hostfile {path} line {number}: {line.strip()!r}: {e}") from None
+    if not hosts:
+        raise ConfigError(f"hostfile {path}: lists no hosts")
+    return hosts
+
+
 @dataclass
 class LaunchConfig:
     """How training and predict are started: horovodrun -np N -H hosts --controller."""
 
     np: int = field(default=1, metadata={"help": "number of ranks (horovodrun -np)", "min": 1})
-    hosts: str = field(default="", metadata={"help": "horovodrun -H list, e.g. node1:4,node2:4 (default localhost:NP)"})
+    hosts: str = field(default="", metadata={"help": "horovodrun -H list, e.g. node1:4,node2:4 (default localhost:NP)",
+                                             "check": parse_hosts})
     hostfile: str = field(default="", metadata={"help": "horovodrun --hostfile (e.g. the MPI Operator's /etc/mpi/hostfile)"})
     controller: str = field(default="gloo", metadata={"help": "Horovod controller", "choices": ("gloo", "mpi")})
 
