@@ -313,7 +313,7 @@ def operator_command(kubectl: str) -> tuple[dict, list[str], list[str], dict[str
     from test_k8s import one, render
 
     objs = render(kubectl, "cpu-small")
-    job, prep = one(objs, "MPIJob"), one(objs, "Job")
+    job, prep = one(objs, "MPIJob"), one(objs, "Job", "cifar10-hvd-prepare")
     configmap = one(objs, "ConfigMap")
 
     def cmdline(container: dict) -> list[str]:

@@ -49,7 +49,9 @@ CONFIG_MOUNT = "/config"
 CONFIG_FILE = "/config/run.yaml"
 VENV_IN_IMAGE = "/opt/venv"
 HOSTFILE = "/etc/mpi/hostfile"  # written by the MPI Operator into the launcher
-PREPARE_JOB, MPIJOB = "cifar10-hvd-prepare", "cifar10-hvd"
+PREPARE_JOB, UPLOAD_JOB, MPIJOB = "cifar10-hvd-prepare", "cifar10-hvd-upload", "cifar10-hvd"
+UPLOAD_MARKER = "/data/kaggle.uploaded"
+FETCH_POD = ROOT / "k8s" / "results-fetch.yaml"
 # mxnet-cu117 1.9.1's machine code (MXNet's config/distribution/linux_cu117.cmake), no PTX.
 MXNET_CU117_ARCHS = (50, 60, 70, 80, 86)
 
@@ -141,18 +143,23 @@ def with_components(kubectl, tmp_path_factory) -> dict[tuple[str, str], list[dic
     return out
 
 
-def one(objs: list[dict], kind: str) -> dict:
-    found = [o for o in objs if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
     return found[0]
 
 
 def pod_templates(objs: list[dict]) -> dict[str, dict]:
-    """Every pod template in the overlay, by role: prepare (Job), launcher and worker (MPIJob)."""
+    """Every pod template in the overlay, by role: upload and prepare (Jobs), launcher and worker (MPIJob)."""
     mpijob = one(objs, "MPIJob")["spec"]["mpiReplicaSpecs"]
-    return {"prepare": one(objs, "Job")["spec"]["template"],
+    return {"upload": one(objs, "Job", UPLOAD_JOB)["spec"]["template"],
+            "prepare": one(objs, "Job", PREPARE_JOB)["spec"]["template"],
             "launcher": mpijob["Launcher"]["template"],
             "worker": mpijob["Worker"]["template"]}
+
+
+# The pods that run cifar10-hvd and read the run config (the upload pod only receives files).
+CONFIG_ROLES = ("prepare", "launcher", "worker")
 
 
 def all_containers(template: dict) -> list[dict]:
@@ -263,7 +270,8 @@ def test_claimed_kubernetes_versions_run_from_the_readme_floor_to_the_newest_sch
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_core_objects_validate_against_every_claimed_kubernetes(rendered, overlay, version):
     objs = rendered[overlay]
-    assert sorted(o["kind"] for o in objs) == ["ConfigMap", "Job", "MPIJob", "PersistentVolumeClaim"]
+    assert sorted(o["kind"] for o in objs) == ["ConfigMap", "Job", "Job", "MPIJob", "NetworkPolicy",
+                                               "PersistentVolumeClaim"]
     validate_core(objs, overlay, version)
 
 
@@ -429,7 +437,10 @@ def test_components_change_what_they_say(rendered, with_components, overlay):
     worker = pod_templates(with_components[overlay, "rdma"])["worker"]["spec"]["containers"][0]
     assert worker["resources"]["requests"]["rdma/rdma_shared_device_a"] == 1
     assert worker["resources"]["limits"]["rdma/rdma_shared_device_a"] == 1
-    assert worker["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    # A non-root process gets no added capability (IPC_LOCK would be inert, and outside the restricted
+    # profile): RDMA's locked memory comes from the runtime's memlock limit, which k8s/README.md names.
+    assert "add" not in worker["securityContext"]["capabilities"]
+    assert worker["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert worker["securityContext"]["allowPrivilegeEscalation"] is False
 
     net = pod_templates(with_components[overlay, "host-network"])["worker"]["spec"]
@@ -456,16 +467,24 @@ def bash_lines(markdown: str) -> list[str]:
     return lines
 
 
-def readme_start_steps(markdown: str, overlay: str) -> tuple[int, int, int]:
-    """Line indexes of the apply, wait and resume steps in the README's bash blocks."""
+def readme_start_steps(markdown: str, overlay: str) -> dict[str, int]:
+    """Line indexes of the first apply, upload, marker, prepare start, wait and resume steps in the
+    README's bash blocks (-1 where a step is not there)."""
     lines = bash_lines(markdown)
-    apply = lines.index(f"kubectl apply -k k8s/overlays/{overlay}")
-    wait = next(i for i, ln in enumerate(lines) if ln.startswith(WAIT_FOR_PREPARE))
-    resume = next(i for i, ln in enumerate(lines) if ln.startswith(RESUME))
-    return apply, wait, resume
+
+    def first(test) -> int:
+        return next((i for i, ln in enumerate(lines) if test(ln)), -1)
+
+    return {"apply": lines.index(f"kubectl apply -k k8s/overlays/{overlay}"),
+            "upload": first(lambda ln: ln.startswith("kubectl cp ") and ":/data/kaggle" in ln),
+            "marker": first(lambda ln: ln.startswith("kubectl exec ") and f"touch {UPLOAD_MARKER}" in ln),
+            "start_prepare": first(lambda ln: ln.startswith(START_PREPARE)),
+            "wait": first(lambda ln: ln.startswith(WAIT_FOR_PREPARE) and f"job/{PREPARE_JOB}" in ln),
+            "resume": first(lambda ln: ln.startswith(RESUME))}
 
 
 WAIT_FOR_PREPARE, RESUME = "kubectl wait --for=condition=complete ", "kubectl patch mpijob "
+START_PREPARE = f"kubectl patch job {PREPARE_JOB} "
 
 
 def merge_patch(target, patch):
@@ -495,12 +514,12 @@ def test_readme_requests_no_gpu_before_the_data_is_prepared(rendered, overlay, r
 
     text = (ROOT / readme).read_text()
     lines = bash_lines(text)
-    apply, wait, resume = readme_start_steps(text, overlay)
-    assert apply < wait < resume, f"{readme}: apply, then wait for the prepare Job, then resume"
-    wait_argv = shlex.split(lines[wait])
-    assert "--for=condition=complete" in wait_argv and f"job/{one(objs, 'Job')['metadata']['name']}" in wait_argv
-    assert one(objs, "Job")["metadata"]["name"] == PREPARE_JOB
-    patch_argv = shlex.split(lines[resume])
+    step = readme_start_steps(text, overlay)
+    assert 0 <= step["apply"] < step["start_prepare"] < step["wait"] < step["resume"], \
+        f"{readme}: apply, start the prepare Job, wait for it, then resume the MPIJob"
+    wait_argv = shlex.split(lines[step["wait"]])
+    assert "--for=condition=complete" in wait_argv and f"job/{PREPARE_JOB}" in wait_argv
+    patch_argv = shlex.split(lines[step["resume"]])
     assert patch_argv[:4] == ["kubectl", "patch", "mpijob", job["metadata"]["name"]]
     assert "--type=merge" in patch_argv, "the resume patch is a JSON merge patch"
     patched = merge_patch(job, json.loads(patch_argv[patch_argv.index("-p") + 1]))
@@ -511,7 +530,7 @@ def test_readme_requests_no_gpu_before_the_data_is_prepared(rendered, overlay, r
 
 def test_both_readmes_resume_with_the_same_commands():
     k8s, top = (bash_lines((ROOT / f).read_text()) for f in ("k8s/README.md", "README.md"))
-    for prefix in (WAIT_FOR_PREPARE, RESUME):
+    for prefix in (WAIT_FOR_PREPARE, RESUME, START_PREPARE):
         assert {ln for ln in k8s if ln.startswith(prefix)} == {ln for ln in top if ln.startswith(prefix)}, prefix
 
 
@@ -667,6 +686,8 @@ def test_every_pod_mounts_the_shared_volume_and_its_config(rendered, overlay):
             assert set(mounts) <= set(vols), f"{role}/{c['name']}: mounts an undeclared volume"
             if c is main or DATA_MOUNT + "/" in " ".join([*c.get("command", []), *c.get("args", [])]):
                 assert mounts.get(data[0]) == DATA_MOUNT, f"{role}/{c['name']}: PVC not mounted at {DATA_MOUNT}"
+        if role not in CONFIG_ROLES:
+            continue
         assert config_key(tpl) == f"{overlay}.yaml", f"{role} mounts {config_key(tpl)}"
         cfg_vol = config_volume(tpl)["name"]
         assert any(m["name"] == cfg_vol and m["mountPath"] == CONFIG_MOUNT for m in main["volumeMounts"]), \
@@ -678,8 +699,8 @@ def test_configmap_holds_the_configs_files_unchanged(rendered, overlay):
     cm = one(rendered[overlay], "ConfigMap")
     key = f"{overlay}.yaml"
     assert cm["data"][key] == (ROOT / "configs" / key).read_text()
-    assert {config_volume(t)["configMap"]["name"] for t in pod_templates(rendered[overlay]).values()} == \
-        {cm["metadata"]["name"]}
+    templates = pod_templates(rendered[overlay])
+    assert {config_volume(templates[role])["configMap"]["name"] for role in CONFIG_ROLES} == {cm["metadata"]["name"]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -699,7 +720,7 @@ def test_pods_run_unprivileged_with_resources_and_one_image(rendered, overlay):
     assert len(images) == 1, f"pods use different images: {images}"
     variant = "gpu" if overlay.startswith("gpu") else "cpu"
     assert images.pop().endswith(f"-{variant}"), f"{overlay} must use the {variant} image build"
-    assert one(objs, "Job")["spec"]["backoffLimit"] >= 1
+    assert one(objs, "Job", PREPARE_JOB)["spec"]["backoffLimit"] >= 1
 
 
 # -- the manifests' commands, run here -------------------------------------------------------------
@@ -718,8 +739,8 @@ def on_this_machine(argv: list[str], data: Path, config: Path, hostfile: Path) -
 
 @pytest.mark.slow
 def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_path):
-    """The cpu-small pods' commands, verbatim but for paths: upload wait, prepare, data and worker
-    waits, mpirun.
+    """The cpu-small pods' commands, verbatim but for paths: upload wait, upload check, prepare, data and
+    worker waits, mpirun.
 
     No cluster and no ssh: the hostfile lists localhost with the MPIJob's total slots, so the exact
     mpirun flags and `cifar10-hvd run` arguments the launcher uses start 2 real ranks here.
@@ -742,8 +763,9 @@ def test_prepare_then_launcher_commands_run_as_written(kubectl, demo_src, tmp_pa
 
     (data / "kaggle").symlink_to(demo_src)  # the upload
     (data / "kaggle.uploaded").touch()      # and its marker
-    wait_upload, prepare = init_container(pods["prepare"], "wait-for-upload"), pods["prepare"]["spec"]["containers"][0]
-    assert run(wait_upload, timeout=20).returncode == 0
+    prepare = pods["prepare"]["spec"]["containers"][0]
+    assert run(pods["upload"]["spec"]["containers"][0], timeout=20).returncode == 0
+    assert run(init_container(pods["prepare"], "check-upload"), timeout=20).returncode == 0
     proc = run(prepare, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -804,8 +826,13 @@ def test_image_installs_with_the_script_make_setup_runs():
     script = "scripts/install-stack.sh"
     runs = [args for ins, args in dockerfile_instructions() if ins == "RUN"]
     installs = [r for r in runs if script in r]
-    assert len(installs) == 1, f"expected one RUN of {script}, got {installs}"
-    assert re.search(rf"{re.escape(script)} {VENV_IN_IMAGE}(\s|$)", installs[0])
+    # once with setup.py alone (dependencies and Horovod, a cached layer), once with the sources
+    assert len(installs) == 2, f"expected two RUNs of {script}, got {installs}"
+    assert all(re.search(rf"{re.escape(script)} {VENV_IN_IMAGE}(\s|$)", r) for r in installs)
+    build = [(ins, a) for ins, a in dockerfile_stages()["build"] if ins in ("COPY", "RUN")]
+    first, last = (i for i, (ins, a) in enumerate(build) if ins == "RUN" and script in a)
+    assert ("COPY", ". .") in build[first:last] and ("COPY", ". .") not in build[:first], \
+        "the sources arrive between the two installs, not before the dependencies' layer"
     assert not any("pip install" in r or "pip3 install" in r for r in runs), "install steps belong in the script"
     # `make setup` runs the same script (dry run: prints the recipe without running it).
     proc = subprocess.run(["make", "-n", "setup", "VENV=/nonexistent/venv"], capture_output=True, text=True,
@@ -901,7 +928,29 @@ def printf_lines(text: str, target: str) -> list[str]:
     return shlex.split(found.group(1))
 
 
-def test_image_sshd_ends_sessions_of_a_cut_off_client(tmp_path):
+def sshd_effective(config_lines: list[str]) -> dict[str, str]:
+    """OpenSSH's own reading (`sshd -T`, lower-case keys) of an sshd config given as lines, run as the
+    image runs it: not root (root's sshd would want /run/sshd), the host key readable by that user."""
+    sshd = Path("/usr/sbin/sshd")
+    if not sshd.exists():
+        pytest.skip("/usr/sbin/sshd is missing (make setup installs openssh-server)")
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        key, config = Path(tmp) / "id_rsa", Path(tmp) / "sshd_config_mpi"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
+        config.write_text("".join(f"HostKey {key}\n" if line.startswith("HostKey ") else f"{line}\n"
+                                  for line in config_lines))
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            os.chmod(tmp, 0o755)
+            os.chown(key, 1000, 1000)
+            as_user = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
+        proc = subprocess.run([*as_user, str(sshd), "-T", "-f", str(config)], capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+
+
+def test_image_sshd_ends_sessions_of_a_cut_off_client():
     """After a partition, sshd's session processes leave the cut-off worker within a minute
     (ClientAliveInterval x ClientAliveCountMax), with the same values as the local cluster's sshd, and
     OpenSSH's own sshd accepts the image's config and reads those values from it."""
@@ -911,23 +960,7 @@ def test_image_sshd_ends_sessions_of_a_cut_off_client(tmp_path):
     assert set(alive) == {"ClientAliveInterval", "ClientAliveCountMax"}
     assert 0 < int(alive["ClientAliveInterval"]) * int(alive["ClientAliveCountMax"]) <= 60
     assert [line for line in local if line.startswith("ClientAlive")] == [f"{k} {v}" for k, v in alive.items()]
-    sshd = Path("/usr/sbin/sshd")
-    if not sshd.exists():
-        pytest.skip("/usr/sbin/sshd is missing (make setup installs openssh-server)")
-    # As the image runs it: not root (root's sshd would want /run/sshd), the key readable by that user.
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        key, config = Path(tmp) / "id_rsa", Path(tmp) / "sshd_config_mpi"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
-        config.write_text("".join(f"HostKey {key}\n" if line.startswith("HostKey ") else f"{line}\n" for line in image))
-        as_user: list[str] = []
-        if os.geteuid() == 0:
-            os.chmod(tmp, 0o755)
-            os.chown(key, 1000, 1000)
-            as_user = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
-        proc = subprocess.run([*as_user, str(sshd), "-T", "-f", str(config)], capture_output=True, text=True,
-                              timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    effective = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    effective = sshd_effective(image)
     assert {k: effective[k.lower()] for k in alive} == alive
 
 
@@ -935,3 +968,352 @@ def test_dockerignore_keeps_local_state_out_of_the_image():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     for path in (".venv", ".git", "runs", "demo"):
         assert path in ignored or f"/{path}" in ignored or f"{path}/" in ignored, path
+
+
+# -- doors shut: network, root filesystem, tokens, capabilities, deadlines --------------------------
+
+def operator_labels(role: str) -> dict[str, str]:
+    """The labels the MPI Operator (v0.5.0 and v0.8.2 alike) adds to the pods it creates for ROLE."""
+    return {"training.kubeflow.org/operator-name": "mpi-operator",
+            "training.kubeflow.org/job-name": MPIJOB, "training.kubeflow.org/job-role": role}
+
+
+def pod_labels(objs: list[dict], role: str) -> dict[str, str]:
+    """The labels a running pod of ROLE carries: its template's, and what its controller adds."""
+    labels = dict(pod_templates(objs)[role].get("metadata", {}).get("labels", {}))
+    if role in ("launcher", "worker"):
+        return {**labels, **operator_labels(role)}
+    name = {"upload": UPLOAD_JOB, "prepare": PREPARE_JOB}[role]
+    return {**labels, "job-name": name, "batch.kubernetes.io/job-name": name}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) applied to a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, inside = e["key"] in labels, labels.get(e["key"]) in e.get("values", [])
+        if not {"In": has and inside, "NotIn": not inside, "Exists": has, "DoesNotExist": not has}[e["operator"]]:
+            return False
+    return True
+
+
+def admitted(policies: list[dict], src: dict[str, str], dst: dict[str, str], port: int, port_name: str = "") -> bool:
+    """Whether these NetworkPolicies admit TCP from a pod labelled SRC (same namespace) to PORT of a pod
+    labelled DST. A pod no policy selects for Ingress admits everything; a namespaceSelector or ipBlock
+    peer counts as admitting anyone (it may)."""
+    isolating = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], dst)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+
+    def peer_ok(peer: dict) -> bool:
+        return "namespaceSelector" in peer or "ipBlock" in peer or selects(peer.get("podSelector", {}), src)
+
+    def port_ok(p: dict) -> bool:
+        return p.get("protocol", "TCP") == "TCP" and (p.get("port") in (None, port, port_name) or
+                                                      (isinstance(p.get("port"), int) and p["port"] <= port <= p.get("endPort", -1)))
+    return not isolating or any(("from" not in rule or any(map(peer_ok, rule["from"]))) and
+                                ("ports" not in rule or any(map(port_ok, rule["ports"])))
+                                for spec in isolating for rule in spec.get("ingress", []))
+
+
+def fetch_pod() -> dict:
+    return yaml.safe_load(FETCH_POD.read_text())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_admit_connections_only_from_the_jobs_own_pods(rendered, with_components, overlay):
+    """The workers' sshd, and the ports Open MPI, NCCL and Gloo pick at run time, admit the job's launcher
+    and workers (mpirun's ssh, Open MPI's tree spawn, the ranks' traffic) and no other pod: not the upload,
+    prepare or results-fetch pods, and not a stranger's. The labels that select them survive every component."""
+    for objs in (rendered[overlay], with_components[overlay, "all"]):
+        policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+        assert policies, "no NetworkPolicy: any pod in the cluster reaches the workers' sshd"
+        worker = pod_templates(objs)["worker"]["spec"]["containers"][0]
+        ssh = next(p for p in worker["ports"] if p["name"] == "ssh")["containerPort"]
+        dst = pod_labels(objs, "worker")
+        for role in ("launcher", "worker"):
+            assert admitted(policies, pod_labels(objs, role), dst, ssh, "ssh"), f"{role} cannot reach sshd"
+            assert admitted(policies, pod_labels(objs, role), dst, 40123), f"{role}: ranks' own ports refused"
+        strangers = {"upload": pod_labels(objs, "upload"), "prepare": pod_labels(objs, "prepare"),
+                     "fetch": fetch_pod()["metadata"]["labels"], "another app": {"app": "web"}, "unlabelled": {}}
+        for who, labels in strangers.items():
+            assert not admitted(policies, labels, dst, ssh, "ssh"), f"{who} reaches the workers' sshd"
+            assert not admitted(policies, labels, dst, 40123), f"{who} reaches the workers"
+    # The check itself can fail: a policy admitting every pod admits the stranger.
+    open_policy = {"spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}}
+    assert admitted([open_policy], {"app": "web"}, dst, ssh)
+
+
+def test_readme_says_what_host_network_and_rdma_give_up():
+    """hostNetwork pods are outside every NetworkPolicy and the baseline and restricted profiles; RDMA's
+    locked memory comes from the node, not from a capability: the component table says both."""
+    rows = dict(re.findall(r"^\| `([\w-]+)` \|(.*)$", (ROOT / "k8s" / "README.md").read_text(), re.M))
+    assert set(COMPONENTS) <= set(rows)
+    assert "NetworkPolicy" in rows["host-network"] and "privileged" in rows["host-network"]
+    assert "IPC_LOCK" not in rows["rdma"].replace("no `IPC_LOCK`", "") and "ulimit -l" in rows["rdma"]
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(spec: dict) -> list[str]:
+    """What the Pod Security Standards' restricted profile (with the baseline it includes) refuses in a
+    pod spec: host namespaces, volume types, privilege, escalation, capabilities, root, seccomp, host ports."""
+    out = [f"{k}: true" for k in ("hostNetwork", "hostPID", "hostIPC") if spec.get(k)]
+    out += [f"volume {v['name']}: {kind}" for v in spec.get("volumes", []) for kind in sorted(set(v) - {"name"} - RESTRICTED_VOLUMES)]
+    pod_sc = spec.get("securityContext", {})
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        sc, name = c.get("securityContext", {}), c["name"]
+        caps = sc.get("capabilities", {})
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        checks = {"privileged": sc.get("privileged") is True,
+                  "allowPrivilegeEscalation is not false": sc.get("allowPrivilegeEscalation") is not False,
+                  "capabilities do not drop ALL": "ALL" not in caps.get("drop", []),
+                  f"adds capabilities {sorted(caps.get('add', []))}": bool(set(caps.get("add", [])) - {"NET_BIND_SERVICE"}),
+                  "runAsNonRoot is not true": sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True,
+                  "runs as uid 0": sc.get("runAsUser", pod_sc.get("runAsUser")) == 0,
+                  f"seccompProfile {seccomp}": seccomp not in ("RuntimeDefault", "Localhost"),
+                  "hostPort": any(p.get("hostPort") for p in c.get("ports", []))}
+        out += [f"{name}: {what}" for what, bad in checks.items() if bad]
+    return out
+
+
+@pytest.mark.parametrize("comp", (None, *COMPONENTS, "all"))
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_passes_the_restricted_pod_security_profile(rendered, with_components, overlay, comp):
+    """A namespace that enforces `restricted` admits every pod, with any component but host-network,
+    whose workers' hostNetwork is outside even `baseline` (k8s/README.md says so)."""
+    objs = rendered[overlay] if comp is None else with_components[overlay, comp]
+    for role, tpl in pod_templates(objs).items():
+        found = restricted_violations(tpl["spec"])
+        if role == "worker" and comp in ("host-network", "all"):
+            assert found == ["hostNetwork: true"], found
+        else:
+            assert found == [], f"{role}: {found}"
+    # The check itself can fail: the capability the rdma component used to add is refused.
+    worker = copy.deepcopy(pod_templates(objs)["worker"]["spec"])
+    worker["containers"][0]["securityContext"]["capabilities"]["add"] = ["IPC_LOCK"]
+    assert "worker: adds capabilities ['IPC_LOCK']" in restricted_violations(worker)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_on_a_read_only_root_with_an_emptydir_tmp(rendered, overlay):
+    """readOnlyRootFilesystem everywhere; what the job writes outside /data goes to a bounded emptyDir at
+    /tmp: Open MPI's session directory, matplotlib's cache (MPLCONFIGDIR, forwarded to the ranks, which
+    start over ssh and inherit nothing), and the workers' sshd pid file."""
+    objs = rendered[overlay]
+    for role, tpl in pod_templates(objs).items():
+        vols = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        for c in all_containers(tpl):
+            where = f"{role}/{c['name']}"
+            assert c["securityContext"].get("readOnlyRootFilesystem") is True, where
+            tmp = [vols[m["name"]] for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1 and tmp[0].get("emptyDir", {}).get("sizeLimit"), f"{where}: no bounded emptyDir at /tmp"
+    for role in ("prepare", "launcher"):
+        assert container_env(pod_templates(objs)[role]["spec"]["containers"][0]).get("MPLCONFIGDIR") == "/tmp", role
+    assert "MPLCONFIGDIR" in forwarded_env(launcher_argv(objs)), "the ranks would not see MPLCONFIGDIR"
+    worker_tpl = pod_templates(objs)["worker"]
+    worker = worker_tpl["spec"]["containers"][0]
+    sshd_config = printf_lines((ROOT / "Dockerfile").read_text(), worker["command"][worker["command"].index("-f") + 1])
+    pidfile = next(line.split(" ", 1)[1] for line in sshd_config if line.startswith("PidFile "))
+    writable = {m["mountPath"] for m in worker["volumeMounts"] if not m.get("readOnly")
+                and "emptyDir" in next(v for v in worker_tpl["spec"]["volumes"] if v["name"] == m["name"])}
+    assert pidfile == "none" or str(Path(pidfile).parent) in writable, f"sshd cannot write its PidFile {pidfile}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_carries_a_service_account_token(rendered, with_components, overlay):
+    for objs in (rendered[overlay], with_components[overlay, "all"]):
+        for role, tpl in pod_templates(objs).items():
+            assert tpl["spec"].get("automountServiceAccountToken") is False, role
+    assert fetch_pod()["spec"].get("automountServiceAccountToken") is False
+
+
+def follow_jsonpath(obj, path: str):
+    """A plain kubectl jsonpath (`{.a.b[0].c}`) applied to OBJ."""
+    for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", path):
+        obj = obj[name] if name else obj[int(index)]
+    return obj
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_results_fetch_pod_runs_the_job_image_under_the_restricted_profile(kubectl, rendered, overlay):
+    """k8s/results-fetch.yaml validates on every claimed Kubernetes, passes the restricted profile,
+    mounts the job's volume read-only; the README's commands give it the image the MPIJob runs."""
+    pod, objs = fetch_pod(), rendered[overlay]
+    for version in K8S_VERSIONS:
+        validate(pod, "k8s/results-fetch.yaml", version)
+    spec = pod["spec"]
+    assert restricted_violations(spec) == []
+    (c,) = spec["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    (data,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert data["persistentVolumeClaim"]["claimName"] == one(objs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert [(m["mountPath"], m.get("readOnly")) for m in c["volumeMounts"] if m["name"] == data["name"]] == \
+        [(DATA_MOUNT, True)]
+
+    text = (ROOT / "k8s" / "README.md").read_text()
+    assert "busybox" not in text
+    lines = bash_lines(text)
+    get = next(ln for ln in lines if ln.startswith(f"IMAGE=$(kubectl get mpijob {MPIJOB} "))
+    image = follow_jsonpath(one(objs, "MPIJob"), re.search(r"jsonpath='\{(.*?)\}'", get).group(1))
+    assert image == pod_templates(objs)["launcher"]["spec"]["containers"][0]["image"]
+    set_image, apply = next(ln for ln in lines if ln.startswith("kubectl set image --local ")).split(" | ")
+    assert apply == "kubectl apply -f -"
+    argv = [a.replace("$IMAGE", image) for a in shlex.split(set_image)]
+    proc = subprocess.run([kubectl, *argv[1:]], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "KUBECONFIG": "/nonexistent"})
+    assert proc.returncode == 0, proc.stderr
+    out = yaml.safe_load(proc.stdout)
+    expected = copy.deepcopy(spec)
+    expected["containers"][0]["image"] = image
+    assert out["spec"] == expected and out["metadata"]["name"] == pod["metadata"]["name"]
+    names = [ln for ln in lines if f"pod/{pod['metadata']['name']}" in ln or f"{pod['metadata']['name']}:" in ln]
+    assert names, "the README's fetch commands name another pod"
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nothing_large_is_reserved_while_a_person_uploads(rendered, overlay):
+    """At apply time the upload pod alone runs, with requests of a shell loop; the prepare Job is created
+    suspended, so its large requests (gpu-8: 8 CPUs, 16 GiB) are reserved only once it is started. The
+    wait gives up after the documented deadline, and the Job's own deadline backs it."""
+    objs = rendered[overlay]
+    upload = one(objs, "Job", UPLOAD_JOB)
+    (c,) = all_containers(upload["spec"]["template"])
+    requests = c["resources"]["requests"]
+    assert cpus(requests["cpu"]) <= 0.1 and mebibytes(requests["memory"]) <= 128, requests
+    timeout = int(container_env(c)["UPLOAD_TIMEOUT_SECONDS"])
+    assert 0 < timeout < upload["spec"]["activeDeadlineSeconds"] <= timeout + 3600
+    assert f"gives up after {timeout // 3600} hours" in " ".join((ROOT / "k8s" / "README.md").read_text().split())
+    prepare = one(objs, "Job", PREPARE_JOB)
+    assert prepare["spec"]["suspend"] is True, "the prepare Job's pod would reserve its requests at once"
+    for init in pod_templates(objs)["prepare"]["spec"].get("initContainers", []):
+        assert "sleep" not in " ".join(init["command"]), f"{init['name']} waits inside the prepare pod"
+
+
+def run_container(c: dict, tmp_path: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """A container's command as written, its /data mapped to tmp_path/data."""
+    argv = on_this_machine([expand(a, c) for a in [*c["command"], *c.get("args", [])]], tmp_path / "data",
+                           tmp_path / "run.yaml", tmp_path / "hostfile")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **container_env(c), **env})
+
+
+def test_upload_wait_gives_up_after_its_deadline_and_ends_on_the_marker(rendered, tmp_path):
+    pods = pod_templates(rendered["cpu-small"])
+    (c,) = all_containers(pods["upload"])
+    (tmp_path / "data").mkdir()
+    started = time.monotonic()
+    proc = run_container(c, tmp_path, timeout=30, UPLOAD_TIMEOUT_SECONDS="2")
+    assert proc.returncode != 0 and time.monotonic() - started < 20
+    assert f"gave up: no {tmp_path / 'data' / 'kaggle.uploaded'} after 2 s" in proc.stderr, proc.stdout + proc.stderr
+    (tmp_path / "data" / "kaggle.uploaded").touch()
+    assert run_container(c, tmp_path, timeout=30, UPLOAD_TIMEOUT_SECONDS="2").returncode == 0
+
+
+def test_prepare_started_before_the_upload_fails_at_once_naming_the_marker(rendered, tmp_path):
+    """Started too early, the prepare Job fails (exit 2, bad input: no retry) instead of waiting with its
+    requests reserved or reading a half-copied upload."""
+    prepare = one(rendered["cpu-small"], "Job", PREPARE_JOB)
+    check = init_container(prepare["spec"]["template"], "check-upload")
+    (tmp_path / "data").mkdir()
+    proc = run_container(check, tmp_path, timeout=20)
+    assert proc.returncode == 2 and f"{tmp_path / 'data' / 'kaggle.uploaded'} is missing" in proc.stderr, proc.stderr
+    rules = prepare["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "check-upload", "operator": "In", "values": [2]}} in rules
+    assert cpus(check["resources"]["requests"]["cpu"]) <= 0.1
+    (tmp_path / "data" / "kaggle.uploaded").touch()
+    assert run_container(check, tmp_path, timeout=20).returncode == 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_readme_uploads_then_starts_the_prepare_job(rendered, overlay):
+    """k8s/README.md: apply, copy the download into the upload pod, create the marker, start the prepare
+    Job (a merge patch that changes nothing but spec.suspend), wait for it, resume the MPIJob."""
+    text = (ROOT / "k8s" / "README.md").read_text()
+    lines = bash_lines(text)
+    step = readme_start_steps(text, overlay)
+    order = ["apply", "upload", "marker", "start_prepare", "wait", "resume"]
+    assert [step[s] for s in order] == sorted(step[s] for s in order) and step["apply"] >= 0, step
+    upload = shlex.split(lines[step["upload"]])
+    assert upload[upload.index("-c") + 1] == all_containers(pod_templates(rendered[overlay])["upload"])[0]["name"]
+    assert f"job-name={UPLOAD_JOB}" in " ".join(lines)
+    patch_argv = shlex.split(lines[step["start_prepare"]])
+    assert "--type=merge" in patch_argv
+    job = one(rendered[overlay], "Job", PREPARE_JOB)
+    patched = merge_patch(job, json.loads(patch_argv[patch_argv.index("-p") + 1]))
+    assert patched["spec"]["suspend"] is False
+    patched["spec"]["suspend"] = True
+    assert patched == job, "the start command must change nothing but spec.suspend"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_finished_jobs_are_removed_but_the_mpijob_is_kept(rendered, overlay):
+    """The upload and prepare Jobs hold nothing once finished (their work is on the volume) and go after
+    a few days, time to read a failure's log; the MPIJob, whose launcher log is the run's record, stays
+    until the README's clean-up deletes it, and so does the volume with the results."""
+    objs = rendered[overlay]
+    for name in (UPLOAD_JOB, PREPARE_JOB):
+        assert one(objs, "Job", name)["spec"]["ttlSecondsAfterFinished"] >= 86400, name
+    assert "ttlSecondsAfterFinished" not in one(objs, "MPIJob")["spec"]["runPolicy"]
+    deletes = [ln for ln in bash_lines((ROOT / "k8s" / "README.md").read_text()) if f"job {PREPARE_JOB}" in ln
+               and "kubectl delete" in ln]
+    assert deletes and all("--ignore-not-found" in ln for ln in deletes), "the Job may be gone already"
+
+
+def test_workers_sshd_refuses_forwarding(rendered):
+    """The workers' sshd (the config file the MPIJob's worker command names) refuses TCP, agent and
+    stream-local forwarding: `ssh -W` through a worker to another address is refused."""
+    worker = pod_templates(rendered["cpu-small"])["worker"]
+    command = worker["spec"]["containers"][0]["command"]
+    assert command[0] == "/usr/sbin/sshd"
+    lines = printf_lines((ROOT / "Dockerfile").read_text(), command[command.index("-f") + 1])
+    assert "DisableForwarding yes" in lines
+    assert sshd_effective(lines)["disableforwarding"] == "yes"
+
+
+def image_copies() -> dict[str, Path]:
+    """Path in the runtime image -> the repository file a `COPY SRC DEST` (not --from) puts there."""
+    return {args.split()[1]: ROOT / args.split()[0] for ins, args in dockerfile_stages()["runtime"]
+            if ins == "COPY" and not args.startswith("--") and len(args.split()) == 2}
+
+
+def test_launcher_ssh_trusts_only_the_job_keys_host_key(tmp_path):
+    """The launcher's ssh client checks host keys strictly, against one known host key: the public half
+    of the job key the operator mounts, which every real worker's sshd serves as its HostKey. A host that
+    answers with another key (an impostor) is refused."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    client = printf_lines(dockerfile, "/etc/ssh/ssh_config.d/mpi-operator.conf")
+    host_key = next(line.split(" ", 1)[1] for line in printf_lines(dockerfile, "/etc/ssh/sshd_config_mpi")
+                    if line.startswith("HostKey "))
+    config = tmp_path / "ssh_config"
+    config.write_text("".join(f"{line}\n" for line in client))
+    proc = subprocess.run(["ssh", "-G", "-F", str(config), f"{MPIJOB}-worker-0"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    effective = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert effective["stricthostkeychecking"] == "true"
+    assert effective["userknownhostsfile"] == effective["globalknownhostsfile"] == "/dev/null"
+    command = effective.get("knownhostscommand")
+    assert command, "no KnownHostsCommand: the workers' host keys are not pinned"
+    # In the image %d is the user's home, whose .ssh is the job key's mount (sshAuthMountPath).
+    home = Path(host_key).parent.parent
+    argv = [a.replace("%d", str(home)) for a in shlex.split(command)]
+    assert f"{host_key}.pub" in argv, f"KnownHostsCommand does not read the served key's public half: {command}"
+    # Run as written, the image's paths mapped here: the job key's mount and the files the image copies.
+    (tmp_path / ".ssh").mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(tmp_path / ".ssh" / "id_rsa")],
+                   check=True, timeout=60)
+    copies = image_copies()
+    argv = [str(copies.get(a, a)).replace(str(home), str(tmp_path)) for a in argv]
+    known = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert known.returncode == 0, known.stderr
+    pub = (tmp_path / ".ssh" / "id_rsa.pub").read_text().split()[:2]
+    entries = [line.split() for line in known.stdout.splitlines() if line.strip()]
+    assert [(e[0], e[1:3]) for e in entries] == [("*", pub)], known.stdout
