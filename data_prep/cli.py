@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from data_prep.config import PrepareConfig
 from data_prep.errors import InputError, offenders, run_command
+from data_prep.labels import parse_classes
 from data_prep.pipeline import prepare
+from data_prep.publish import Stopped
 from data_prep.schema import Parser, add_flags, resolve
 from data_prep.store import MANIFEST, verify
 
@@ -46,12 +49,16 @@ def _main(argv: list[str] | None) -> int:
     if not (args.data and args.out):
         parser.error("--data and --out are required (or --verify PREP)")
     cfg = resolve(PrepareConfig, args, args.config, "prepare")
+    classes_from = "--classes" if args.classes is not None else f"{args.config} (prepare)" if args.config else "classes"
+    classes = parse_classes(cfg.classes, classes_from)
     try:
         prepare(args.data, args.out, valid_ratio=cfg.valid_ratio, seed=cfg.seed, workers=cfg.workers,
-                layout=cfg.layout, force=args.force)
-    except KeyboardInterrupt:
-        print("interrupted; the prepared directory was left as it was", file=sys.stderr)
-        return 130
+                layout=cfg.layout, force=args.force, classes=classes)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped)
+        stopped = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"{'interrupted' if stopped == signal.SIGINT else signal.Signals(stopped).name}; "
+              "the prepared directory was left as it was", file=sys.stderr)
+        return 128 + stopped
     return 0
 
 

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_prep.labels import CIFAR10_CLASSES
+
+# one class name: no comma, path separator or control character, not only whitespace (linear to match)
+_CLASS_NAME = r"[^\S\x00-\x1f]*[^,/\\\x00-\x1f\s][^,/\\\x00-\x1f]*"
+
 
 @dataclass
 class PrepareConfig:
@@ -15,3 +20,8 @@ class PrepareConfig:
     layout: str = field(default="packed", metadata={
         "help": "folders: also write the seed's train_valid_test/ class folders (hard links) inside PREP",
         "choices": ("packed", "folders")})
+    classes: str = field(default=",".join(CIFAR10_CLASSES), metadata={
+        "help": "the classes trainLabels.csv must hold, each with training images, comma-separated "
+                "(the manifest lists them sorted)",
+        "pattern": rf"{_CLASS_NAME}(?:,{_CLASS_NAME})*",
+        "pattern_help": "class names separated by commas (none empty, no '/', '\\' or control characters)"})

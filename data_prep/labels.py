@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -155,6 +156,62 @@ def read_labels(path: Path) -> dict[int, tuple[str, int]]:
     if not len(table.ids):
         raise PrepareError(f"{path}: no labelled rows after the header")
     return dict(zip(table.ids.tolist(), zip(table.labels.tolist(), table.lines.tolist(), strict=True), strict=True))
+
+
+def parse_classes(value: str | list[str], source: str) -> list[str]:
+    """The class names of a comma-separated `classes` value (or a list), stripped, in the order given.
+
+    PrepareError naming SOURCE (the flag or the config key) for an empty, unusable or repeated name, or fewer than 2.
+    """
+    names = [name.strip() for name in (value.split(",") if isinstance(value, str) else value)]
+    for name in names:
+        if (problem := _label_problem(name, None)) is not None:
+            raise PrepareError(f"{source}: {problem or 'a class name is empty'}")
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated:
+        raise PrepareError(f"{source}: {', '.join(map(repr, repeated))} {'is' if len(repeated) == 1 else 'are'} "
+                           "listed more than once")
+    if len(names) < 2:
+        raise PrepareError(f"{source}: {len(names)} class ({', '.join(names)}); need at least 2")
+    return names
+
+
+def _classes_hint(classes: list[str]) -> str:
+    return (f"the expected classes are {', '.join(classes)}; for a download with other classes, list them all "
+            "with --classes (or the prepare section's classes key)")
+
+
+def _not_a_class(label: str, folded: dict[str, str]) -> str:
+    """Why LABEL is not a class: the class it differs from only in case (FOLDED: casefolded name -> class), if any."""
+    near = folded.get(label.casefold())
+    if near is not None:
+        return f"{_short(label)} differs from class {near!r} only in case"
+    return f"{_short(label)} is not one of the classes"
+
+
+def check_classes(shown: Path, rows: dict[int, tuple[str, int]], classes: list[str]) -> None:
+    """Every label of ROWS ({id: (label, line)}) is one of CLASSES and every class has a row; else PrepareError.
+
+    A wrong label is named once, on its first line, with the number of other lines holding it.
+    """
+    expected = set(classes)
+    lines: dict[str, list[int]] = {}
+    for label, line in rows.values():
+        if label not in expected:
+            lines.setdefault(label, []).append(line)
+    if lines:
+        folded = {name.casefold(): name for name in reversed(classes)}  # the first class of a fold wins
+        items = []
+        for label, found in sorted(lines.items(), key=lambda item: min(item[1])):
+            more = f" (and {len(found) - 1:,} more lines)" if len(found) > 1 else ""
+            items.append(f"line {min(found)}: {_not_a_class(label, folded)}{more}")
+        raise PrepareError(offenders(f"{shown}: labels that are not among the classes", items) + "\n"
+                           + _classes_hint(classes))
+    missing = expected - {label for label, _ in rows.values()}
+    if missing:
+        names = [name for name in classes if name in missing]
+        raise PrepareError(f"classes with no training image in {shown} ({len(names)}): "
+                           f"{', '.join(map(repr, names))}\n{_classes_hint(classes)}")
 
 
 def write_table(path: str | Path, ids: np.ndarray, labels: np.ndarray | list[str]) -> Path:

@@ -23,17 +23,17 @@ from data_prep.archive import DISK_MARGIN_BYTES
 from data_prep.config import PrepareConfig
 from data_prep.decode import MAX_PNG_BYTES, ROW_BYTES, SIDE, ChunkResult, decode_chunk, die_with_parent
 from data_prep.errors import PrepareError, offenders
-from data_prep.labels import read_labels
+from data_prep.labels import CIFAR10_CLASSES, check_classes, parse_classes, read_labels, read_table
 from data_prep.layout import write_folders
 from data_prep.progress import Progress
-from data_prep.publish import locked, publish, remove_leftovers, staging_dir
+from data_prep.publish import locked, publish, remove_leftovers, sigterm_raises, staging_dir
 from data_prep.schema import from_mapping
 from data_prep.source import Part, Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
 
 STREAM_WORKER_NICENESS = 5  # decode workers yield to the LZMA core when a machine is contended
 CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
-PARAMS = ("valid_ratio", "seed", "layout")
+PARAMS = ("valid_ratio", "seed", "layout", "classes")
 
 
 def default_workers() -> int:
@@ -49,8 +49,12 @@ def default_workers() -> int:
 
 
 def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: int = 0,
-            workers: int | None = None, layout: str | None = None, force: bool = False) -> store.Manifest:
+            workers: int | None = None, layout: str | None = None, force: bool = False,
+            classes: str | list[str] | None = None) -> store.Manifest:
     """Validate SRC, decode it once into OUT (published by one rename) and return OUT's manifest.
+
+    CLASSES (a list, or names separated by commas; default the competition's ten) are the labels
+    trainLabels.csv must use, each on at least one row; the manifest lists them sorted.
 
     Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
     refused. FORCE rebuilds and replaces OUT, but only a directory holding this project's manifest;
@@ -62,7 +66,8 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
     layout = None if layout == "packed" else layout
     started = time.perf_counter()
     out = Path(os.path.abspath(out))
-    params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout}
+    params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout,
+              "classes": sorted(parse_classes(CIFAR10_CLASSES if classes is None else classes, "classes"))}
     source_path = Path(src).resolve()
     _check_out_apart(out, source_path)
     source = locate(source_path)
@@ -77,17 +82,18 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
             raise PrepareError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
         if existing is None and os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):
             _check_replaceable(out, force)
-        staged = staging_dir(out)
-        try:
-            manifest = _build(source, staged, params, workers or default_workers())
-            publish(staged, out)
-        except BaseException as exc:
-            shutil.rmtree(staged, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                what = f" (writing {Path(exc.filename).name})" if exc.filename else ""
-                raise PrepareError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "
-                                   f"remains: free space on {out.parent} and run again") from None
-            raise
+        with sigterm_raises():
+            staged = staging_dir(out)
+            try:
+                manifest = _build(source, staged, params, workers or default_workers())
+                publish(staged, out)
+            except BaseException as exc:
+                shutil.rmtree(staged, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    what = f" (writing {Path(exc.filename).name})" if exc.filename else ""
+                    raise PrepareError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "
+                                       f"remains: free space on {out.parent} and run again") from None
+                raise
     elapsed = time.perf_counter() - started
     splits = manifest["splits"]
     decoded = splits["train_valid"]["count"] + splits["test"]["count"]
@@ -155,7 +161,7 @@ def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
     scratch = staged / ".scratch"
     with ExitStack() as stack:
         tree = source.materialize(scratch, stack)
-        labels, train_files, test_files = _checked_files(tree)
+        labels, train_files, test_files = _checked_files(tree, params["classes"])
         assignment = assign(labels, params["valid_ratio"], params["seed"])
         trainval_rows = assignment.valid + assignment.train
         test_ids = sorted(test_files)
@@ -198,8 +204,8 @@ def _decode_and_hash(staged: Path, jobs: list[Job], workers: int) -> tuple[dict[
         hasher.shutdown(wait=True, cancel_futures=True)
 
 
-def _checked_files(tree: SourceTree) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
-    """Labels cross-checked against train/, and the PNG names of train/ and test/ (id -> name).
+def _checked_files(tree: SourceTree, classes: list[str]) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+    """Labels cross-checked against train/ and CLASSES, and the PNG names of train/ and test/ (id -> name).
 
     PrepareError on any mismatch or misnamed file.
     """
@@ -224,10 +230,31 @@ def _checked_files(tree: SourceTree) -> tuple[dict[int, str], dict[int, str], di
     if problems:
         raise PrepareError("\n".join(problems))
     labels = {i: label for i, (label, _) in rows.items()}
-    classes = sorted(set(labels.values()))
-    if len(classes) < 2:
-        raise PrepareError(f"{tree.labels_csv}: {len(classes)} class ({', '.join(classes)}); need at least 2")
+    found = sorted(set(labels.values()))
+    if len(found) < 2 and set(found) <= set(classes):
+        raise PrepareError(f"{tree.labels_csv}: {len(found)} class ({', '.join(found)}); need at least 2")
+    check_classes(tree.shown(tree.labels_csv), rows, classes)
+    if tree.test is not None and tree.sample_csv is not None:
+        _check_test_ids(tree, test_files)
     return labels, train_files, test_files
+
+
+def _check_test_ids(tree: SourceTree, test_files: dict[int, str]) -> None:
+    """The test PNGs are exactly the ids sampleSubmission.csv lists (a submission must hold every one of them)."""
+    sample, shown = tree.sample_csv, tree.shown(tree.sample_csv)
+    table = read_table(sample)
+    listed = dict(zip(table.ids.tolist(), table.lines.tolist(), strict=True))
+    problems = []
+    missing = sorted(listed.keys() - test_files.keys())
+    if missing:
+        problems.append(f"{shown}: {len(missing):,} test ids without a PNG in {tree.test.shown} "
+                        f"(first id {missing[0]} (line {listed[missing[0]]}))")
+    extra = sorted(test_files.keys() - listed.keys())
+    if extra:
+        problems.append(f"{tree.test.shown}: {len(extra):,} test PNGs whose id is not in {shown} "
+                        f"(first {test_files[extra[0]]})")
+    if problems:
+        raise PrepareError("\n".join(problems))
 
 
 def _check_disk(staged: Path, images: int, layout: str | None, tree: SourceTree) -> None:

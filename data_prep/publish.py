@@ -1,19 +1,50 @@
 """Build beside PREP and publish with a rename, under a lock, so PREP is never half-written.
 
 A second `prepare` on the same PREP (a retried Kubernetes Job) waits on the lock, then finds the
-work done. Leftovers of a killed run (its temporary siblings) are removed by the next run.
+work done. A run stopped by SIGTERM or Ctrl-C removes its build directory; one killed outright
+leaves it, named with its pid, and the next run removes it once that pid is gone.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from data_prep import lock
 from data_prep.errors import PrepareError
+from data_prep.files import _alive
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM raised as an exception (as Ctrl-C raises KeyboardInterrupt), so the cleanup on the way out runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside: SIGTERM raises Stopped instead of ending the process at once (main thread only; an ignored
+    SIGTERM stays ignored). Kubernetes and the launcher stop a prepare with SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def lock_path(out: Path) -> Path:
@@ -32,11 +63,25 @@ def locked(out: Path) -> Iterator[None]:
         yield
 
 
-def remove_leftovers(out: Path) -> None:
-    """Delete temporary siblings left by a run that was killed (call with the lock held)."""
-    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
-        for path in out.parent.glob(prefix + "*"):
+def _temp_prefix(out: Path, kind: str) -> str:
+    """The start of the name of a temporary sibling of OUT: .OUT.tmp-PID- (build) or .OUT.old-PID- (swap)."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary siblings of OUT left by a run that was killed; return them (call with the lock held).
+
+    Only directories named as _temp_prefix names them (mkdtemp adds 8 characters), and only when the pid in
+    the name is gone: nothing this project did not write, nothing a running writer still uses.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[a-z0-9_]{{8}}")
+    removed = []
+    for path in out.parent.iterdir():
+        named = pattern.fullmatch(path.name)
+        if named and path.is_dir() and not path.is_symlink() and not _alive(int(named.group(1))):
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def staging_dir(out: Path) -> Path:
@@ -45,7 +90,7 @@ def staging_dir(out: Path) -> Path:
     Readable by all (mkdtemp makes it private): ranks may run as other users.
     """
     try:
-        staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        staged = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     except OSError as exc:
         raise PrepareError(f"{out.parent}: cannot create a build directory beside {out.name} ({exc.strerror})") from None
     staged.chmod(0o755)
@@ -57,7 +102,7 @@ def publish(staged: Path, out: Path) -> None:
     if not os.path.lexists(out):
         os.rename(staged, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "prev"
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent)) / "prev"
     os.rename(out, old)
     try:
         os.rename(staged, out)

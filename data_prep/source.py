@@ -19,6 +19,7 @@ from data_prep import archive
 from data_prep.errors import PrepareError, offenders
 
 LABELS_CSV = "trainLabels.csv"
+SAMPLE_CSV = "sampleSubmission.csv"  # the test ids the competition expects a submission for
 MAX_CSV_BYTES = 256 << 20  # the real trainLabels.csv is 600 KB
 
 
@@ -43,11 +44,20 @@ class Part:
 
 @dataclass(frozen=True)
 class SourceTree:
-    """The competition files, ready to read: the labels CSV and each split's PNGs."""
+    """The competition files, ready to read: the labels CSV, each split's PNGs, the sample submission if any.
+
+    CSV_SHOWN is where the CSVs are in the download, for messages (a zip's are read from copies).
+    """
 
     labels_csv: Path
     train: Part
     test: Part | None
+    sample_csv: Path | None = None
+    csv_shown: Path | None = None
+
+    def shown(self, csv: Path) -> Path:
+        """CSV (one of the tree's CSVs) as the user knows it."""
+        return self.csv_shown / csv.name if self.csv_shown else csv
 
 
 @dataclass
@@ -76,7 +86,9 @@ class Source:
         if self.kind == "zip":
             return _zip_tree(self.path, scratch, stack)
         parts = {split: self._part(path) for split, path in _splits(self.path).items()}
-        return SourceTree(self.path / LABELS_CSV, parts["train"], parts.get("test"))
+        sample = self.path / SAMPLE_CSV
+        return SourceTree(self.path / LABELS_CSV, parts["train"], parts.get("test"),
+                          sample if os.path.lexists(sample) else None)
 
     def _part(self, path: Path) -> Part:
         if path.suffix != ".7z":
@@ -176,12 +188,9 @@ def _zip_tree(zip_path: Path, scratch: Path, stack: ExitStack) -> SourceTree:
     archive.check_members(zip_path, members, zip_path.stat().st_size)
     files = {m.name: m for m in members if not m.is_dir}
     root = _zip_root(zip_path, files)
-    csv = scratch / LABELS_CSV
-    data = archive.read_zip_member(zf, root + LABELS_CSV, MAX_CSV_BYTES)
-    if data is None or len(data) > MAX_CSV_BYTES:
-        raise PrepareError(f"{zip_path}: {root}{LABELS_CSV} is over {MAX_CSV_BYTES:,} bytes; not the competition's")
     scratch.mkdir(parents=True, exist_ok=True)
-    csv.write_bytes(data)
+    csv = _copy_csv(zf, zip_path, root + LABELS_CSV, scratch)
+    sample = _copy_csv(zf, zip_path, root + SAMPLE_CSV, scratch) if root + SAMPLE_CSV in files else None
     parts: dict[str, Part] = {}
     for split in ("train", "test"):
         folder, packed = f"{root}{split}/", f"{root}{split}.7z"
@@ -199,7 +208,17 @@ def _zip_tree(zip_path: Path, scratch: Path, stack: ExitStack) -> SourceTree:
             parts[split] = _7z_part(opener, inner, shown, files[packed].packed or 0)
         elif split == "train":
             raise PrepareError(f"{zip_path / root}: missing train/ (or train.7z)")
-    return SourceTree(csv, parts["train"], parts.get("test"))
+    return SourceTree(csv, parts["train"], parts.get("test"), sample, zip_path / root)
+
+
+def _copy_csv(zf: zipfile.ZipFile, zip_path: Path, member: str, scratch: Path) -> Path:
+    """The zip's MEMBER (a CSV, at most MAX_CSV_BYTES) copied into SCRATCH, for read_table."""
+    data = archive.read_zip_member(zf, member, MAX_CSV_BYTES)
+    if data is None or len(data) > MAX_CSV_BYTES:
+        raise PrepareError(f"{zip_path}: {member} is over {MAX_CSV_BYTES:,} bytes; not the competition's")
+    copy = scratch / Path(member).name
+    copy.write_bytes(data)
+    return copy
 
 
 def _zip_stream(zf: zipfile.ZipFile, shown: Path, folder: str) -> Callable[[set[str], int], Iterator]:

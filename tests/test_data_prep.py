@@ -18,9 +18,9 @@ from data_prep import cli
 UNEVEN = {"cat": 23, "dog": 11, "frog": 6, "ship": 3}
 
 
-def prepare_cli(capsys, *args: str) -> tuple[int, str]:
-    """`cifar10-hvd prepare ARGS` in this process (the real code path, minus interpreter start-up)."""
-    status = cli.main(list(args))
+def prepare_cli(capsys, *args: str, classes=UNEVEN) -> tuple[int, str]:
+    """`cifar10-hvd prepare ARGS --classes CLASSES` in this process (the real code path, minus interpreter start-up)."""
+    status = cli.main([*args, "--classes", ",".join(classes)])
     return status, capsys.readouterr().err
 
 
@@ -66,7 +66,8 @@ def test_round_trip_is_bit_exact(uneven, tmp_path, capsys):
 def test_split_counts_follow_the_seed_rule_per_class(tmp_path, capsys, sizes, ratio):
     src, out = tmp_path / "kaggle", tmp_path / "prep"
     write_source(src, sizes, n_test=2)
-    status, err = prepare_cli(capsys, "--data", str(src), "--out", str(out), "--valid-ratio", str(ratio), "--workers", "1")
+    status, err = prepare_cli(capsys, "--data", str(src), "--out", str(out), "--valid-ratio", str(ratio), "--workers", "1",
+                              classes=sizes)
     assert status == 0, err
     k = max(1, math.floor(min(sizes.values()) * ratio))
     manifest = data_prep.read_manifest(out)
@@ -89,7 +90,8 @@ def test_same_choice_across_runs_workers_and_file_order(tmp_path, capsys):
     runs = [(first, "1"), (second, "2"), (first, "2")]
     manifests = []
     for i, (src, workers) in enumerate(runs):
-        status, err = prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / f"prep{i}"), "--workers", workers)
+        status, err = prepare_cli(capsys, "--data", str(src), "--out", str(tmp_path / f"prep{i}"), "--workers", workers,
+                                  classes=sizes)
         assert status == 0, err
         manifests.append(data_prep.read_manifest(tmp_path / f"prep{i}"))
     hashes = [{name: f["sha256"] for name, f in m["files"].items()} for m in manifests]
@@ -102,7 +104,8 @@ def test_same_choice_across_runs_workers_and_file_order(tmp_path, capsys):
         chosen = sorted(set(valid.tolist()) & set(ids_c))
         assert chosen != ids_c[: len(chosen)]
     # ... and another seed chooses others.
-    status, err = prepare_cli(capsys, "--data", str(first), "--out", str(tmp_path / "seed1"), "--seed", "1", "--workers", "1")
+    status, err = prepare_cli(capsys, "--data", str(first), "--out", str(tmp_path / "seed1"), "--seed", "1", "--workers", "1",
+                              classes=sizes)
     assert status == 0, err
     assert data_prep.open_split(tmp_path / "seed1", "valid").ids.tolist() != valid.tolist()
 
@@ -132,7 +135,8 @@ def test_concurrent_runs_share_the_lock(uneven, tmp_path):
     """Two `cifar10-hvd prepare` at once on one PREP (a retried Job): one builds, the other finds it done."""
     src, _ = uneven
     out = tmp_path / "prep"
-    args = [str(Path(sys.executable).parent / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "1"]
+    args = [str(Path(sys.executable).parent / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "1",
+            "--classes", ",".join(UNEVEN)]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(), cwd=ROOT)
              for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
@@ -149,7 +153,8 @@ def test_python_dash_m_and_missing_test_folder(tmp_path):
     for png in (src / "test").iterdir():
         png.unlink()
     (src / "test").rmdir()
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--data", str(src), "--out", str(out), "--workers", "1"],
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--data", str(src), "--out", str(out), "--workers", "1",
+                           "--classes", "a,b"],
                           capture_output=True, text=True, env=tool_env(), cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "no test/" in proc.stderr
@@ -258,12 +263,12 @@ def test_leftovers_of_a_killed_run_are_removed(uneven, tmp_path, capsys):
     """A run killed mid-build leaves only a hidden temporary sibling; the next run clears it."""
     src, _ = uneven
     out = tmp_path / "prep"
-    (tmp_path / ".prep.tmp-killed").mkdir()
-    (tmp_path / ".prep.tmp-killed" / "trainval_images.npy").write_bytes(b"half")
+    (tmp_path / ".prep.tmp-999999999-killed01").mkdir()  # the pid of a writer that is gone
+    (tmp_path / ".prep.tmp-999999999-killed01" / "trainval_images.npy").write_bytes(b"half")
     status, err = prepare_cli(capsys, "--data", str(src), "--out", str(out), "--workers", "1")
     assert status == 0, err
     assert leftovers(out) == []
-    (tmp_path / ".prep.old-killed").mkdir()
+    (tmp_path / ".prep.old-999999999-killed01").mkdir()
     status, err = prepare_cli(capsys, "--data", str(src), "--out", str(out), "--workers", "1")
     assert status == 0 and "up to date" in err
     assert leftovers(out) == []

@@ -85,7 +85,8 @@ def test_every_png_colour_type_and_bit_depth(tmp_path, capsys, monkeypatch, pysp
     for image_id, (color_type, depth) in enumerate(cases, start=1):
         data, expected[image_id] = png_case(color_type, depth, rng)
         (src / "train" / f"{image_id}.png").write_bytes(data)
-    assert cli.main(["--data", str(src), "--out", str(out), "--workers", "1"]) == 0, capsys.readouterr().err
+    assert cli.main(["--data", str(src), "--out", str(out), "--workers", "1", "--classes", "cat,dog"]) == 0, \
+        capsys.readouterr().err
     tv = data_prep.open_split(out, "train_valid")
     rows = {int(i): r for r, i in enumerate(tv.ids)}
     for image_id, (color_type, depth) in enumerate(cases, start=1):
@@ -109,7 +110,8 @@ def test_fifo_and_link_to_a_device_are_refused_without_blocking(tmp_path):
     os.symlink("/dev/zero", src / "train" / "3.png")
     shutil.move(src / "train" / "5.png", tmp_path / "elsewhere.png")
     os.symlink(tmp_path / "elsewhere.png", src / "train" / "5.png")  # a link to a regular file is fine
-    proc = subprocess.run([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2"],
+    proc = subprocess.run([str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2",
+                           "--classes", "cat,dog"],
                           capture_output=True, text=True, timeout=120, env=tool_env(), cwd=ROOT, preexec_fn=limited_memory)
     assert proc.returncode == 2, proc.stderr
     assert "images that are not readable 32x32 PNGs (2)" in proc.stderr
@@ -144,7 +146,7 @@ def test_workers_die_with_a_killed_prepare(tmp_path):
     """Issue 14 item 9: after SIGKILL of `prepare --workers 2`, its workers and resource tracker stayed alive."""
     src, out = tmp_path / "kaggle", tmp_path / "prep"
     write_source(src, {"a": 4000, "b": 4000}, n_test=4000)
-    args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2"]
+    args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2", "--classes", "a,b"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=tool_env(), cwd=ROOT)
     deadline = time.monotonic() + 60
     kids: set[int] = set()
@@ -193,11 +195,11 @@ def test_disk_full_during_decode(tmp_path, tiny_disk, capsys, monkeypatch, worke
     out = tiny_disk / "prep"
     real = shutil.disk_usage
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 40))
-    assert cli.main(["--data", str(small), "--out", str(out), "--workers", "1"]) == 0
+    assert cli.main(["--data", str(small), "--out", str(out), "--workers", "1", "--classes", "cat,dog"]) == 0
     capsys.readouterr()
     before = snapshot(out)
     for target, flags in ((out, ["--force"]), (tiny_disk / "fresh", [])):
-        status = cli.main(["--data", str(big), "--out", str(target), "--workers", workers, *flags])
+        status = cli.main(["--data", str(big), "--out", str(target), "--workers", workers, "--classes", "cat,dog", *flags])
         err = capsys.readouterr().err
         assert status == 2, err
         assert err.startswith(f"cifar10-hvd prepare: {target}: No space left on device (writing trainval_images.npy)"), err

@@ -29,6 +29,7 @@ from data_prep import cli
 
 pipeline = sys.modules["data_prep.pipeline"]
 SIZES = {"cat": 6, "dog": 5}  # ids 1..11, sorted in trainLabels.csv: id N is on line N + 1
+CLASSES = ["--classes", ",".join(SIZES)]
 
 
 def csv_rows(src: Path) -> list[list[str]]:
@@ -100,7 +101,7 @@ def good(tmp_path, capsys) -> tuple[Path, Path]:
     """A valid source and a PREP already prepared from it."""
     src, out = tmp_path / "kaggle", tmp_path / "prep"
     write_source(src, SIZES, n_test=4)
-    assert cli.main(["--data", str(src), "--out", str(out), "--workers", "1"]) == 0
+    assert cli.main([*CLASSES, "--data", str(src), "--out", str(out), "--workers", "1"]) == 0
     capsys.readouterr()
     return src, out
 
@@ -110,7 +111,7 @@ def assert_refused(capsys, src: Path, out: Path, expected: list[str], *flags: st
     before = snapshot(out)
     fresh = out.parent / "fresh"
     for target, extra in ((out, ["--force"]), (fresh, [])):
-        status = cli.main(["--data", str(src), "--out", str(target), "--workers", "1", *extra, *flags])
+        status = cli.main([*CLASSES, "--data", str(src), "--out", str(target), "--workers", "1", *extra, *flags])
         err = capsys.readouterr().err
         assert status == 2, err
         assert err.startswith("cifar10-hvd prepare: "), err
@@ -196,7 +197,7 @@ def test_failure_mid_write_leaves_no_prep(good, capsys, monkeypatch):
     for target, force in ((out, True), (out.parent / "fresh", False)):
         calls.clear()
         with pytest.raises(OSError, match="Input/output error"):
-            data_prep.prepare(src.parent / "big", target, workers=1, force=force)
+            data_prep.prepare(src.parent / "big", target, workers=1, force=force, classes=["a", "b"])
         assert calls == [0, 512]  # the real writer wrote the first chunk's rows before the failure
     assert snapshot(out) == before
     assert not (out.parent / "fresh").exists()
@@ -207,7 +208,7 @@ def test_crlf_and_byte_order_mark_are_accepted(tmp_path, capsys):
     src, out = tmp_path / "kaggle", tmp_path / "prep"
     labels = write_source(src, SIZES, n_test=2)
     write_csv(src / "trainLabels.csv", [("id", "label"), *sorted(labels.items())], newline="\r\n", bom=True)
-    assert cli.main(["--data", str(src), "--out", str(out), "--workers", "1"]) == 0, capsys.readouterr().err
+    assert cli.main([*CLASSES, "--data", str(src), "--out", str(out), "--workers", "1"]) == 0, capsys.readouterr().err
     tv = data_prep.open_split(out, "train_valid")
     classes = data_prep.read_manifest(out)["classes"]
     assert classes == ["cat", "dog"]
@@ -221,7 +222,7 @@ def test_grayscale_rgba_and_palette_are_converted_with_a_warning(tmp_path, capsy
     save_png(src / "train" / "1.png", rng.integers(0, 256, (32, 32), dtype=np.uint8), "L")
     save_png(src / "train" / "2.png", rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA")
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).quantize(16).save(src / "test" / "1.png")
-    assert cli.main(["--data", str(src), "--out", str(out), "--workers", "1"]) == 0
+    assert cli.main([*CLASSES, "--data", str(src), "--out", str(out), "--workers", "1"]) == 0
     assert "warning: 3 images were grayscale, RGBA or palette PNGs and were converted to RGB" in capsys.readouterr().err
     assert data_prep.read_manifest(out)["converted_to_rgb"] == 3
     tv = data_prep.open_split(out, "train_valid")
@@ -247,16 +248,16 @@ def test_out_that_is_not_a_prepared_directory_is_never_replaced(good, tmp_path, 
     (other / "keep.txt").write_text("mine")
     before = snapshot(other)
     for flags in ([], ["--force"]):
-        assert cli.main(["--data", str(src), "--out", str(other), "--workers", "1", *flags]) == 2
+        assert cli.main([*CLASSES, "--data", str(src), "--out", str(other), "--workers", "1", *flags]) == 2
         err = capsys.readouterr().err
         assert "notes: exists and is not a prepared directory" in err and "--force" in err
     assert snapshot(other) == before
     stale = tmp_path / "stale"  # ours, from a format this version cannot read: --force may replace it
     stale.mkdir()
     (stale / "manifest.json").write_text('{"format_version": 999}')
-    assert cli.main(["--data", str(src), "--out", str(stale), "--workers", "1"]) == 2
+    assert cli.main([*CLASSES, "--data", str(src), "--out", str(stale), "--workers", "1"]) == 2
     assert "pass --force to replace it" in capsys.readouterr().err
-    assert cli.main(["--data", str(src), "--out", str(stale), "--workers", "1", "--force"]) == 0
+    assert cli.main([*CLASSES, "--data", str(src), "--out", str(stale), "--workers", "1", "--force"]) == 0
     assert data_prep.read_manifest(stale)["classes"] == ["cat", "dog"]
 
 
@@ -268,7 +269,7 @@ def test_out_must_not_be_hold_or_lie_inside_the_source(good, capsys):
                         (src / "train", "is inside the source"), (src / "prep", "is inside the source"),
                         (src / "test" / "deeper" / "prep", "is inside the source")):
         for flags in ([], ["--force"]):
-            assert cli.main(["--data", str(src), "--out", str(target), "--workers", "1", *flags]) == 2
+            assert cli.main([*CLASSES, "--data", str(src), "--out", str(target), "--workers", "1", *flags]) == 2
             assert why in capsys.readouterr().err
     assert snapshot(src) == before
 
