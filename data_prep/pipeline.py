@@ -239,6 +239,10 @@ def _checked_files(tree: SourceTree, classes: list[str]) -> tuple[dict[int, str]
     return labels, train_files, test_files
 
 
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'' if n == 1 else 's'}"
+
+
 def _check_test_ids(tree: SourceTree, test_files: dict[int, str]) -> None:
     """The test PNGs are exactly the ids sampleSubmission.csv lists (a submission must hold every one of them)."""
     sample, shown = tree.sample_csv, tree.shown(tree.sample_csv)
@@ -247,12 +251,12 @@ def _check_test_ids(tree: SourceTree, test_files: dict[int, str]) -> None:
     problems = []
     missing = sorted(listed.keys() - test_files.keys())
     if missing:
-        problems.append(f"{shown}: {len(missing):,} test ids without a PNG in {tree.test.shown} "
-                        f"(first id {missing[0]} (line {listed[missing[0]]}))")
+        problems.append(f"{shown}: {_count(len(missing), 'test id')} without a PNG in {tree.test.shown} "
+                        f"(first: id {missing[0]}, line {listed[missing[0]]})")
     extra = sorted(test_files.keys() - listed.keys())
     if extra:
-        problems.append(f"{tree.test.shown}: {len(extra):,} test PNGs whose id is not in {shown} "
-                        f"(first {test_files[extra[0]]})")
+        problems.append(f"{tree.test.shown}: {_count(len(extra), 'test PNG')} whose id is not in {shown} "
+                        f"(first: {test_files[extra[0]]})")
     if problems:
         raise PrepareError("\n".join(problems))
 

@@ -157,7 +157,7 @@ def test_a_test_id_of_sample_submission_without_a_png_is_refused(src, tmp_path, 
     (src / "test" / "3.png").unlink()
     data = as_form(src, form, tmp_path)
     assert_refused(prepare(data, tmp_path / "prep"), tmp_path / "prep",
-                   "sampleSubmission.csv: 2 test ids without a PNG in", "first id 2 (line 3)")
+                   "sampleSubmission.csv: 2 test ids without a PNG in", "(first: id 2, line 3)")
 
 
 @pytest.mark.parametrize("form", ["folders", "7z", "zip"])
@@ -165,7 +165,7 @@ def test_a_test_png_not_in_sample_submission_is_refused(src, tmp_path, form):
     (src / "test" / "9.png").write_bytes((src / "test" / "1.png").read_bytes())
     data = as_form(src, form, tmp_path)
     assert_refused(prepare(data, tmp_path / "prep"), tmp_path / "prep",
-                   "1 test PNGs whose id is not in", "sampleSubmission.csv", "first 9.png")
+                   "test: 1 test PNG whose id is not in", "sampleSubmission.csv (first: 9.png)")
 
 
 def test_without_sample_submission_the_test_folder_is_taken_as_it_is(src, tmp_path):
