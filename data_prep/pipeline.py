@@ -26,7 +26,7 @@ from data_prep.errors import PrepareError, offenders
 from data_prep.labels import CIFAR10_CLASSES, check_classes, parse_classes, read_labels, read_table
 from data_prep.layout import write_folders
 from data_prep.progress import Progress
-from data_prep.publish import locked, publish, remove_leftovers, sigterm_raises, staging_dir
+from data_prep.publish import discard_staging, locked, publish, remove_leftovers, sigterm_raises, staging_dir
 from data_prep.schema import from_mapping
 from data_prep.source import Part, Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
@@ -83,12 +83,12 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
         if existing is None and os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):
             _check_replaceable(out, force)
         with sigterm_raises():
-            staged = staging_dir(out)
             try:
+                staged = staging_dir(out)
                 manifest = _build(source, staged, params, workers or default_workers())
                 publish(staged, out)
             except BaseException as exc:
-                shutil.rmtree(staged, ignore_errors=True)
+                discard_staging(out)
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     what = f" (writing {Path(exc.filename).name})" if exc.filename else ""
                     raise PrepareError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "

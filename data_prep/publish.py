@@ -68,20 +68,39 @@ def _temp_prefix(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-{os.getpid()}-"
 
 
-def remove_leftovers(out: Path) -> list[Path]:
-    """Delete the temporary siblings of OUT left by a run that was killed; return them (call with the lock held).
-
-    Only directories named as _temp_prefix names them (mkdtemp adds 8 characters), and only when the pid in
-    the name is gone: nothing this project did not write, nothing a running writer still uses.
-    """
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[a-z0-9_]{{8}}")
-    removed = []
+def _temps(out: Path) -> Iterator[tuple[Path, str, int]]:
+    """(path, 'tmp' or 'old', writer pid) of each directory beside OUT named as _temp_prefix names them
+    (mkdtemp adds 8 characters): nothing else beside OUT is ever treated as ours."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[a-z0-9_]{{8}}")
     for path in out.parent.iterdir():
         named = pattern.fullmatch(path.name)
-        if named and path.is_dir() and not path.is_symlink() and not _alive(int(named.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if named and path.is_dir() and not path.is_symlink():
+            yield path, named.group(1), int(named.group(2))
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary siblings of OUT whose writer is gone (killed); return them (call with the lock held).
+
+    A writer killed between publish's two renames left OUT missing and the previous OUT in .OUT.old-*/prev:
+    that is put back instead of deleted.
+    """
+    removed = []
+    for path, kind, pid in _temps(out):
+        if _alive(pid):
+            continue
+        if kind == "old" and (path / "prev").is_dir() and not os.path.lexists(out):
+            os.rename(path / "prev", out)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
+
+
+def discard_staging(out: Path) -> None:
+    """Delete this process's build directories beside OUT, found by name: a stop may come between
+    mkdtemp creating one and the caller learning its path."""
+    for path, kind, pid in _temps(out):
+        if kind == "tmp" and pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def staging_dir(out: Path) -> Path:

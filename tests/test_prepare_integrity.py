@@ -225,3 +225,15 @@ def test_the_build_directory_of_a_killed_prepare_is_removed_by_the_next(tmp_path
     assert again.returncode == 0, again.stderr
     assert not stale.exists()
     assert (alive / "file").read_text() == (foreign / "file").read_text() == "kept"
+
+
+def test_a_prepared_directory_a_killed_publish_had_moved_aside_is_put_back(src, tmp_path):
+    """Killed between publish's two renames: OUT gone, the previous OUT in .OUT.old-PID-*/prev."""
+    out = tmp_path / "prep"
+    assert prepare(src, out).returncode == 0
+    aside = tmp_path / ".prep.old-999999999-killed01"  # a pid no process has
+    aside.mkdir()
+    out.rename(aside / "prev")
+    proc = prepare(src, out)
+    assert proc.returncode == 0 and "up to date" in proc.stderr, proc.stderr
+    assert data_prep.read_manifest(out)["classes"] == CIFAR10_CLASSES and leftovers(out) == []
