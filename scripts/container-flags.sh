@@ -8,7 +8,7 @@
 set -euo pipefail
 image=${1:?usage: container-flags.sh IMAGE}
 
-works() { podman run --rm "$@" "$image" true >/dev/null 2>&1; }
+works() { podman run --rm --entrypoint true "$@" "$image" >/dev/null 2>&1; }
 
 runtimes=("")
 command -v runc >/dev/null 2>&1 && runtimes+=("runc")
@@ -25,5 +25,5 @@ for runtime in "${runtimes[@]}"; do
   done
 done
 echo "container-flags: podman cannot start a container of $image here (tried runtimes: default ${runtimes[*]:1}; ulimits)" >&2
-podman run --rm "$image" true >&2 || true
+podman run --rm --entrypoint true "$image" >&2 || true
 exit 1
