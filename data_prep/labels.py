@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.errors import PrepareError, offenders
-from data_prep.files import atomic_write
+from data_prep.files import atomic_write, read_bounded
 
 # The Kaggle CIFAR-10 class names, sorted (a prepared manifest's order): the default of demo data and score.
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -28,6 +28,9 @@ ID_PATTERN = r"[1-9][0-9]{0,17}"  # positive, and within int64
 # Labels become folder names in the seed's layout, so they must be safe as one path component.
 BAD_LABEL_PATTERN = r"[/\\\x00-\x1f]"
 MAX_LABEL_CHARS = 200  # a folder name is at most 255 bytes
+# Bytes of an id,label file read at most: the real trainLabels.csv (50,000 rows) is 600 KB, sampleSubmission.csv
+# (300,000 rows) 4 MB; parsing takes several times the file's size in memory.
+MAX_TABLE_BYTES = 64 << 20
 SHOWN_CHARS = 40  # of a bad value quoted in a message (a line may be 300 KB long)
 
 
@@ -46,10 +49,11 @@ def _short(value: str) -> str:
     return repr(value[:SHOWN_CHARS]) + f"... ({len(value)} characters)"
 
 
-def _text(path: Path, missing_hint: str) -> str:
-    """The file as text without its byte-order mark; PrepareError naming the line of a non-UTF-8 byte."""
+def _text(path: Path, missing_hint: str, what: str) -> str:
+    """The file as text without its byte-order mark; PrepareError naming the line of a non-UTF-8 byte,
+    or the file if it is not a regular file of at most MAX_TABLE_BYTES."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_TABLE_BYTES, what)
     except FileNotFoundError:
         raise PrepareError(f"{path}: cannot read: missing{missing_hint}") from None
     except OSError as exc:
@@ -142,10 +146,11 @@ def _slow(path: Path, text: str, classes: list[str] | None) -> LabelTable:
                       df.index[keep].to_numpy(dtype=np.int64))
 
 
-def read_table(path: str | Path, classes: list[str] | None = None, missing_hint: str = "") -> LabelTable:
+def read_table(path: str | Path, classes: list[str] | None = None, missing_hint: str = "",
+               what: str = "id,label file") -> LabelTable:
     """Every row of an id,label file, checked against the policy; PrepareError listing FILE:LINE problems."""
     path = Path(path)
-    text = _text(path, missing_hint)
+    text = _text(path, missing_hint, what)
     _check_header(path, text)
     return _fast(path, text, classes) or _slow(path, text, classes)
 

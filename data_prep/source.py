@@ -17,10 +17,12 @@ from typing import BinaryIO
 
 from data_prep import archive
 from data_prep.errors import PrepareError, offenders
+from data_prep.files import read_bounded
+from data_prep.labels import MAX_TABLE_BYTES
 
 LABELS_CSV = "trainLabels.csv"
 SAMPLE_CSV = "sampleSubmission.csv"  # the test ids the competition expects a submission for
-MAX_CSV_BYTES = 256 << 20  # the real trainLabels.csv is 600 KB
+MAX_CSV_BYTES = MAX_TABLE_BYTES  # what read_table reads at most
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def locate(src: Path) -> Source:
 
 def _splits(root: Path) -> dict[str, Path]:
     """ROOT's train (required) and test parts, each its folder if there is one, else its .7z."""
-    if not (root / LABELS_CSV).is_file():
+    if not (root / LABELS_CSV).exists():  # anything but a file is refused, and named, when it is read
         raise PrepareError(f"{root}: missing {LABELS_CSV}")
     parts: dict[str, Path] = {}
     for split in ("train", "test"):
@@ -131,7 +133,7 @@ def _splits(root: Path) -> dict[str, Path]:
 
 def _fingerprint(kind: str, labels_csv: Path, parts: list[Path], listings: dict[Path, list[str]]) -> str:
     """The digest of the CSV (stat and content), each folder's names, sizes, mtimes, each archive's stat."""
-    keys: list[object] = [kind, LABELS_CSV, *_stat_key(labels_csv), hashlib.sha256(labels_csv.read_bytes()).hexdigest()]
+    keys: list[object] = [kind, LABELS_CSV, *_stat_key(labels_csv), hashlib.sha256(read_bounded(labels_csv, MAX_CSV_BYTES, "id,label file")).hexdigest()]
     for part in parts:
         keys += [part.name, *(_stat_keys(part, listings[part]) if part in listings else _stat_key(part))]
     return _digest(keys)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import InputError, run_command
+from data_prep.files import check_output
 from data_prep.schema import Parser, add_flags, resolve
 from trainer.config import PredictConfig
 from trainer.device import set_cpu_threads
@@ -131,6 +132,7 @@ def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:
         raise PredictError(f"{out}: --out is a directory; give the submission's file path, e.g. {out / 'submission.csv'}")
     if not out.parent.is_dir():
         raise PredictError(f"{out}: output folder {out.parent} does not exist")
+    check_output(out, "--out")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import InputError, run_command
-from data_prep.files import atomic_write
+from data_prep.files import atomic_write, check_output
 from data_prep.labels import CIFAR10_CLASSES, read_table
 from data_prep.schema import Parser
 
@@ -30,7 +30,7 @@ def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     return m
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str, what: str = "plot") -> Path:
     """Row-normalized confusion matrix PNG, written to a temporary sibling and renamed."""
     import matplotlib
 
@@ -54,7 +54,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), what)
     finally:
         plt.close(fig)
     return path
@@ -65,10 +65,13 @@ def score(submission: str | Path, solution: str | Path, classes: list[str] | Non
     """Accuracy of submission on the solution's ids: {"accuracy", "count", "per_class", "confusion", "plot"}."""
     classes = list(classes or CIFAR10_CLASSES)
     submission = Path(submission)
-    truth = read_table(solution, classes)
+    plot_path = Path(plot) if plot else submission.with_name(submission.stem + "-confusion.png")
+    plot_what = "--plot" if plot else "confusion-matrix plot"
+    check_output(plot_path, plot_what)  # before any work
+    truth = read_table(solution, classes, what="solution")
     if not len(truth.ids):
         raise ScoreError(f"{solution}: no rows to score")
-    sub = read_table(submission, classes)
+    sub = read_table(submission, classes, what="submission")
     index = {c: i for i, c in enumerate(classes)}
     preds = dict(zip(sub.ids.tolist(), sub.labels.tolist(), strict=True))
     missing = [(i, n) for i, n in zip(truth.ids.tolist(), truth.lines.tolist(), strict=True) if i not in preds]
@@ -82,8 +85,7 @@ def score(submission: str | Path, solution: str | Path, classes: list[str] | Non
     matrix = confusion(t, p, len(classes))
     per_class = {c: (float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None) for k, c in enumerate(classes)}
     accuracy = float(np.trace(matrix) / len(ids))
-    plot_path = Path(plot) if plot else submission.with_name(submission.stem + "-confusion.png")
-    plot_confusion(matrix, classes, plot_path, f"{submission.name}: accuracy {accuracy:.4f} on {len(ids)} ids")
+    plot_confusion(matrix, classes, plot_path, f"{submission.name}: accuracy {accuracy:.4f} on {len(ids)} ids", plot_what)
     return {"accuracy": accuracy, "count": len(ids), "per_class": per_class,
             "confusion": matrix.tolist(), "plot": str(plot_path)}
 
