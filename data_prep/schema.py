@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 import re
+import sys
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from data_prep.errors import InputError
+from data_prep.files import read_bounded
 
 ConfigError = InputError  # the name trainer/launcher callers import
 
@@ -30,6 +32,9 @@ ConfigError = InputError  # the name trainer/launcher callers import
 RUN_CONFIG_SCALARS = ("data", "prepared", "workdir")
 RUN_CONFIG_SECTIONS = ("prepare", "train", "predict", "launch")
 RUN_CONFIG_KEYS = ("version", *RUN_CONFIG_SCALARS, "phases", *RUN_CONFIG_SECTIONS)
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; a hostile one (/dev/zero) must not fill the memory
+MAX_YAML_DEPTH = 32  # nesting levels of a config; deeper ones are refused before Python's recursion limit
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,8 +52,11 @@ def _check_type(typ: Any, name: str, value: Any, source: str) -> Any:
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{source}: key '{name}' must be an integer, got {value!r}")
     if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: key '{name}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: key '{name}' must be a finite number (from -{sys.float_info.max:.1e} to "
+                              f"{sys.float_info.max:.1e}), got {value!r}")
         return float(value)
     if typ is str and not isinstance(value, str):
         raise ConfigError(f"{source}: key '{name}' must be a string, got {value!r}")
@@ -90,19 +98,71 @@ def from_mapping(cls: type, mapping: Mapping[str, Any], source: str, base: Any =
     return obj
 
 
+class _Refused(yaml.YAMLError):
+    """YAML that parses but would mean two things or blow up; line is 1-based."""
+
+    def __init__(self, mark: yaml.Mark, what: str):
+        super().__init__(what)
+        self.line, self.what = mark.line + 1, what
+
+
+class StrictLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing what a config must not do: a key twice in one mapping (the last would
+    silently win, a second `train:` replacing the first whole), aliases (a few lines of them expand to
+    gigabytes), nesting deeper than MAX_YAML_DEPTH; and reading 1e-3 as the number it looks like."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(event.start_mark, f"alias *{event.anchor}: YAML aliases are not allowed in a config")
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _Refused(self.peek_event().start_mark, f"nested more than {MAX_YAML_DEPTH} levels deep")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a collection as a key: construction refuses it
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise _Refused(key_node.start_mark, f"duplicate key {str(key)!r} (first on line {first_line[key]})")
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 reads 1e-3 and 1e308 as strings (its floats need a dot and a signed exponent); a config means numbers
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """yaml.safe_load of text; a syntax error or a tag (!!python/...) is a ConfigError naming source."""
+    """The YAML text loaded by StrictLoader; a syntax error, a tag (!!python/...), a duplicate key, an alias or
+    deep nesting is a ConfigError naming source (and the line)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader: no tags that build Python objects
+    except _Refused as e:
+        raise ConfigError(f"{source}:{e.line}: {e.what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Load a YAML file with safe_load; an empty file is an empty mapping."""
+    """Load a YAML file (a regular file of at most MAX_CONFIG_BYTES) with parse_yaml; an empty file is an empty mapping."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_bounded(path, MAX_CONFIG_BYTES, "config").decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
     data = parse_yaml(text, str(path))

@@ -221,6 +221,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             name = key
             owners = [s for s, cls in _SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
             if key in (*_SCALARS, "phases"):
+                from_dict({key: value}, f"override '{item}'")  # an error names the override, not the file
                 data[key] = value
                 continue
             if len(owners) != 1:
@@ -232,6 +233,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         sub = data.get(section) or {}
         if not isinstance(sub, dict):
             raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        from_mapping(_SECTIONS[section], {name: value}, f"override '{item}'")  # an error names the override
         data[section] = {**sub, name: value}
     return from_dict(data, str(path))
 
