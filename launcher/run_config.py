@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 import yaml
 
 from data_prep.config import PrepareConfig
-from data_prep.files import atomic_write_text
+from data_prep.files import atomic_write_text, read_bounded
 from data_prep.schema import (
     RUN_CONFIG_KEYS,
     RUN_CONFIG_SCALARS,
@@ -82,17 +80,11 @@ def parse_hosts(value: str) -> list[tuple[str, int | None]]:
 
 
 def _read_hostfile(path: Path) -> str:
-    """PATH's text: a regular file of at most HOSTFILE_MAX_BYTES (O_NONBLOCK: a FIFO must not block the open)."""
+    """PATH's text: a regular file of at most HOSTFILE_MAX_BYTES."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_bounded(path, HOSTFILE_MAX_BYTES, "hostfile")
     except OSError as e:
         raise ConfigError(f"hostfile {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"hostfile {path}: not a regular file")
-        data = f.read(HOSTFILE_MAX_BYTES + 1)
-    if len(data) > HOSTFILE_MAX_BYTES:
-        raise ConfigError(f"hostfile {path}: larger than {HOSTFILE_MAX_BYTES} bytes, not a list of hosts")
     try:
         return data.decode()
     except UnicodeDecodeError:
