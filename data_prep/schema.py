@@ -139,10 +139,15 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class StrictDumper(yaml.SafeDumper):
+    """safe_dump's dumper, quoting the strings StrictLoader would read as numbers (a folder named 1e5)."""
+
+
 # YAML 1.1 reads 1e-3 and 1e308 as strings (its floats need a dot and a signed exponent); a config means numbers
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+for _cls in (StrictLoader, StrictDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def parse_yaml(text: str, source: str) -> Any:

@@ -25,6 +25,7 @@ from data_prep.schema import (
     RUN_CONFIG_SCALARS,
     RUN_CONFIG_SECTIONS,
     ConfigError,
+    StrictDumper,
     from_mapping,
     parse_yaml,
     read_yaml,
@@ -232,4 +233,4 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def write_run_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what the stages actually read), atomically."""
-    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(Path(path), yaml.dump(cfg.to_dict(), Dumper=StrictDumper, sort_keys=False))

@@ -238,3 +238,11 @@ def test_exponent_numbers_are_numbers_and_out_of_range_ones_say_the_range(tmp_pa
     proc = limited_cli(["run", "--config", str(cfg), "--workdir", str(tmp_path / "w"), "train.lr=1e309"])
     assert_refused(proc, "run", "override 'train.lr=1e309': key 'lr' must be a finite number")
     assert "1.8e+308" in proc.stderr
+
+
+def test_the_resolved_config_quotes_strings_that_would_read_back_as_numbers(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: '1e5'\ntrain: {lr: 2.5e-3}\n")
+    run_config.write_run_config(run_config.load_run_config(cfg), tmp_path / "resolved.yaml")
+    again = run_config.load_run_config(tmp_path / "resolved.yaml")
+    assert (again.data, again.train.lr) == ("1e5", 0.0025)
