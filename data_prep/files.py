@@ -84,10 +84,11 @@ def _check_readable(path: str | Path, st: os.stat_result, limit: int, what: str)
         raise InputError(f"{path}: {what} is {st.st_size:,} bytes, over the limit of {limit:,} bytes")
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
+def remove_stale_temps(folder: str | Path, of: str | None = None) -> list[Path]:
     """Remove atomic_write temporaries in folder whose writing process is gone (left by a kill); return them.
 
     Only names matching TEMP_NAME are touched, and only plain files: nothing this project did not write.
+    of: only the temporaries of the file of that name (in a folder the project shares with others).
     """
     removed = []
     folder = Path(folder)
@@ -95,6 +96,8 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for p in folder.iterdir():
         m = TEMP_NAME.match(p.name)
+        if m and of is not None and p.name != f".{of}.tmp{m.group(1)}":
+            continue
         if m and p.is_file() and not p.is_symlink() and not _alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import InputError, run_command
-from data_prep.files import check_output
+from data_prep.files import check_output, remove_stale_temps
 from data_prep.schema import Parser, add_flags, resolve
 from trainer.config import PredictConfig
 from trainer.device import set_cpu_threads
@@ -225,6 +225,8 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     out = Path(out) if out is not None else model_dir / "submission.csv"
     _check_inputs(prepared, model_dir, out)
     hvd = init_horovod()
+    if hvd.rank() == 0:  # a rank 0 killed mid-write left its temporary beside out
+        remove_stale_temps(out.parent, of=out.name)
     ctx = context(hvd)
     problem = gpu_problem(ctx)
     if problem:
