@@ -164,6 +164,8 @@ def read_input_error(report: Path) -> str:
 class Pipeline:
     """Runs the configured phases in order and records what ran in summary.json."""
 
+    resume_with_changes = False  # a resumed train stage may change training keys (train --resume-with-changes)
+
     def __init__(self, cfg: RunConfig, config_path: Path, resume: bool):
         self.cfg = cfg
         self.resume = resume
@@ -258,7 +260,8 @@ class Pipeline:
             from trainer.train import train
 
             def body():
-                return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume, verify=verify)
+                return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume, verify=verify,
+                             allow_changes=self.resume_with_changes)
         else:
             from trainer.predict import predict
 
@@ -317,7 +320,8 @@ class Pipeline:
             return ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared), *to_argv(self.cfg.prepare)]
         if stage in TRAIN_STAGES:
             a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir), "--phase", stage]
-            return a + (["--resume"] if resume else []) + (["--verify"] if verify else []) + to_argv(self.cfg.train)
+            resume_flag = "--resume-with-changes" if self.resume_with_changes else "--resume"
+            return a + ([resume_flag] if resume else []) + (["--verify"] if verify else []) + to_argv(self.cfg.train)
         return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
                 "--out", str(self.workdir / "submission.csv"), *to_argv(self.cfg.predict)]
 
@@ -470,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, LaunchConfig)
     p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--resume", action="store_true", help="continue a stage that was cut off from its last checkpoint")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="--resume, allowed to change training keys (train --resume-with-changes)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -489,7 +495,8 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_run_config(args)
-    pipe = Pipeline(cfg, Path(args.config), args.resume)
+    pipe = Pipeline(cfg, Path(args.config), args.resume or args.resume_with_changes)
+    pipe.resume_with_changes = args.resume_with_changes
     try:
         pipe.check_launch()
         # outside an MPI world a signal ends the running stage's whole process tree, then the launcher

@@ -37,7 +37,7 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.parametrize("text,expect", [
     ("train: {widht: 8}\n", "unknown key 'widht'"),
-    ("train: {epochs: -1}\n", "key 'epochs' must be >= 0"),
+    ("train: {epochs: -1}\n", "key 'epochs' must be >= 1"),
     ("train: {lr: fast}\n", "key 'lr' must be a number"),
     ("prepare: {valid_ratio: 1.0}\n", "key 'valid_ratio' must be < 1.0"),
     ("prepare: {valid_ratio: -0.1}\n", "key 'valid_ratio' must be >= 0.0"),

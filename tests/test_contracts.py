@@ -89,7 +89,7 @@ def test_prepare_verify_rehashes_against_the_manifest(prepared, tmp_path):
 def test_train_verify_on_two_ranks_refuses_changed_bytes(prepared, tmp_path):
     """Issue 14 item 4: `train --verify` re-hashes on rank 0 before any rank reads; both ranks exit 2, no hang."""
     prep = copy_prepared(prepared, tmp_path / "prep")
-    run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "ok"), "--epochs", "0", "--verify", *TINY],
+    run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "ok"), "--epochs", "1", "--verify", *TINY],
             check=True)  # a faithful copy passes
     flip_byte(prep / "trainval_images.npy")
     cmd = ["python", "-m", "trainer", "--prepared", str(prep), "--out", str(tmp_path / "run"), "--epochs", "1",

@@ -210,11 +210,11 @@ def test_loss_scale_round_trip_through_a_checkpoint(tmp_path):
     scaler._loss_scale, scaler._next_loss_scale, scaler._unskipped = 1024.0, 512.0, 17
     rundir.save_checkpoint(tmp_path, 3, net, trainer, {"phase": "tune", "amp_loss_scale": loss_scale_state(trainer)},
                                keep=2)
-    record = rundir.latest_checkpoint(tmp_path)
+    ck, _ = rundir.intact_checkpoint(tmp_path)
     _, fresh = _amp_trainer()
     assert fresh._amp_loss_scaler.loss_scale == 2.0 ** 16
-    fresh.load_states(record["states_path"])
-    resume_loss_scale(fresh, record, hvd)
+    rundir.load_optimizer_state(fresh, ck)
+    resume_loss_scale(fresh, ck.record, hvd)
     assert loss_scale_state(fresh) == {"loss_scale": 1024.0, "next_loss_scale": 512.0, "unskipped": 17}
     _, plain = _amp_trainer()
     resume_loss_scale(plain, {"epoch": 3}, hvd)  # a checkpoint from before AMP: the scaler keeps its start

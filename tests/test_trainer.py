@@ -138,10 +138,10 @@ def test_checkpoints_are_complete_pruned_and_found(tmp_path):
     # a checkpoint whose marker never got written is not complete
     (tmp_path / "checkpoints" / "epoch-0005.params").write_bytes(b"partial")
     assert rundir.find_model_params(tmp_path).name == "epoch-0004.params"
-    record = rundir.latest_checkpoint(tmp_path)
-    assert record["epoch"] == 4 and record["lr"] == 0.1
-    trainer.load_states(record["states_path"])
-    net.load_parameters(record["params_path"])
+    ck, damaged = rundir.intact_checkpoint(tmp_path)
+    assert ck.epoch == 4 and ck.record["lr"] == 0.1 and not damaged
+    rundir.load_optimizer_state(trainer, ck)
+    net.load_parameters(str(ck.path(".params")))
     rundir.atomic_write(tmp_path / "model-final.params", net.save_parameters)
     assert rundir.find_model_params(tmp_path).name == "model-final.params"
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

@@ -38,7 +38,7 @@ class TrainConfig:
         "help": "channels of the four stages as multiples of width: the seed's 1,2,4,8; e.g. 1,2,4,16 doubles the last "
                 "stage (depth, stem and blocks unchanged; the first stays 1, its identity shortcuts take the stem's channels)",
         "pattern": r"1(,[1-9][0-9]?){3}", "pattern_help": "four comma-separated multiples of width, the first 1 (e.g. 1,2,4,8)"})
-    epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 0})
+    epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "per-rank batch size; the global batch is this times the world size", "min": 1})
     lr: float = field(default=0.1, metadata={"help": "base learning rate", "min": 0.0})
     lr_period: int = field(default=50, metadata={"help": "step schedule: multiply the LR by lr_decay every lr_period epochs", "min": 1})
@@ -83,6 +83,32 @@ class PredictConfig:
 
 
 
+CHANGE_KEYS = {"epoch", "key", "old", "new"}
+# keys that decide how a run is carried out, not what it computes: a resume may change them freely
+OPERATIONAL_KEYS = ("threads", "keep_checkpoints", "eval_batch_size")
+DECAY_TO_END = ("cosine", "linear")  # schedules whose LR at an epoch depends on `epochs`
+
+
+def resume_changes(old: TrainConfig, old_world: int, new: TrainConfig, new_world: int) -> list[dict]:
+    """What continuing a run trained under (old, old_world ranks) as (new, new_world) changes in its training:
+    [{key, old, new}], sorted by key.
+
+    The global batch stands for batch_size and the world size (other ranks with the same global batch change
+    nothing), and the LR the run uses (lr, times the ranks with scale_lr) for lr and scale_lr. epochs counts
+    only where the schedule decays to the last epoch (cosine, linear): a step schedule is extended freely.
+    """
+    from trainer.schedule import base_lr
+
+    found = {"global_batch": (old.batch_size * old_world, new.batch_size * new_world),
+             "lr": (base_lr(old, old_world), base_lr(new, new_world))}
+    skip = {"batch_size", "lr", "scale_lr", *OPERATIONAL_KEYS}
+    if old.schedule not in DECAY_TO_END and new.schedule not in DECAY_TO_END:
+        skip.add("epochs")
+    found.update({f.name: (getattr(old, f.name), getattr(new, f.name))
+                  for f in dataclasses.fields(TrainConfig) if f.name not in skip})
+    return [{"key": k, "old": a, "new": b} for k, (a, b) in sorted(found.items()) if a != b]
+
+
 RUN_RECORD_VERSION = 1  # RUN/config.json's format_version; a file without one is read as version 1
 
 
@@ -99,6 +125,8 @@ class RunRecord:
     lr: float = 0.0
     threads_per_rank: int = field(default=0, metadata={"min": 0})
     versions: dict[str, str] = field(default_factory=dict)
+    # what a resume with --resume-with-changes changed: [{epoch, key, old, new}], the epoch the new value began
+    changes: list[dict] = field(default_factory=list)
     format_version: int = field(default=RUN_RECORD_VERSION, metadata={"choices": (RUN_RECORD_VERSION,)})
 
     def to_json(self) -> str:
@@ -118,7 +146,11 @@ def run_record(data: Any, source: str) -> RunRecord:
     versions = rest.pop("versions", {})
     if not isinstance(versions, dict):
         raise ConfigError(f"{source}: key 'versions' must be a mapping, got {versions!r}")
-    return from_mapping(RunRecord, rest, source, RunRecord(train=train, classes=classes, versions=versions))
+    changes = rest.pop("changes", [])
+    if not isinstance(changes, list) or not all(isinstance(c, dict) and set(c) == CHANGE_KEYS for c in changes):
+        raise ConfigError(f"{source}: key 'changes' must be a list of {{epoch, key, old, new}} entries")
+    return from_mapping(RunRecord, rest, source,
+                        RunRecord(train=train, classes=classes, versions=versions, changes=changes))
 
 
 def read_run_record(run_dir: str | Path) -> RunRecord:

@@ -66,16 +66,6 @@ class WeightAverage:
             a.copyto(self.avg[name])
 
 
-def start_average(net, decay: float, stem: Path | None):
-    """The run's WeightAverage (None when decay is 0), continued from checkpoint stem's .ema on resume."""
-    if not decay:
-        return None
-    ema = WeightAverage(net, decay)
-    if stem is not None:
-        ema.load(stem.with_suffix(EMA_SUFFIX))
-    return ema
-
-
 def averaged(ema):
     """A context in which the net holds the average (nothing changes without one)."""
     return ema.applied() if ema is not None else contextlib.nullcontext()

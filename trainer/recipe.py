@@ -129,7 +129,7 @@ def nesterov_sgd() -> type:
 
 
 def __getattr__(name: str):
-    """trainer.recipe.NesterovSGD resolves lazily: checkpoints' pickled optimizer states name it."""
+    """trainer.recipe.NesterovSGD resolves lazily, so that importing this module does not import mxnet."""
     if name == "NesterovSGD":
         return nesterov_sgd()
     raise AttributeError(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import platform
 import sys
 import time
@@ -22,9 +23,9 @@ from data_prep.errors import InputError, run_command
 from data_prep.lock import DIR_LOCK, Lock, lock_dir
 from data_prep.schema import Parser, add_flags, resolve
 from trainer import curves, rundir
-from trainer.config import RunRecord, TrainConfig
+from trainer.config import RunRecord, TrainConfig, from_mapping, resume_changes
 from trainer.device import device_problem, set_cpu_threads
-from trainer.ema import averaged, checkpoint_files
+from trainer.ema import EMA_SUFFIX, WeightAverage, averaged, checkpoint_files
 from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
 from trainer.recipe import check_recipe, optimizer_spec, prepare_net, train_size
@@ -42,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML: flat TrainConfig keys, or a run config whose train: section is used")
     p.add_argument("--phase", choices=("tune", "final"), default="tune",
                    help="tune: train on train, validate each epoch; final: train on train_valid")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in --out, with the run's own training keys")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="--resume, allowed to change training keys (lr, batch, schedule, ...); config.json records "
+                        "each change and the epoch it began")
     p.add_argument("--verify", action="store_true",
                    help="re-hash the prepared files against their manifest first (sizes are always checked)")
     add_flags(p, TrainConfig)
@@ -53,7 +58,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(TrainConfig, args, args.config, "train")
     threads = set_cpu_threads(cfg.threads)  # before anything imports mxnet
-    train(args.prepared, args.out, cfg, phase=args.phase, resume=args.resume, threads=threads, verify=args.verify)
+    train(args.prepared, args.out, cfg, phase=args.phase, resume=args.resume or args.resume_with_changes,
+          threads=threads, verify=args.verify, allow_changes=args.resume_with_changes)
     return 0
 
 
@@ -133,6 +139,7 @@ class Model:
     start_epoch: int
     scale_loss: bool = False  # float16 AMP: backward through amp.scale_loss
     ema: object | None = None  # trainer.ema.WeightAverage when cfg.ema is on
+    changes: list[dict] = field(default_factory=list)  # rank 0: the run's training changes, for config.json
 
 
 @dataclass
@@ -222,14 +229,108 @@ def build_net(cfg: TrainConfig, n_classes: int, ctx):
     return net
 
 
-def resume_epoch(out: Path, phase: str, resume: bool, world: World) -> int:
-    """The epoch to start at: rank 0 picks the newest checkpoint of this phase (0 without --resume)."""
-    ck = rundir.latest_checkpoint(out) if (resume and world.rank == 0) else None
-    pick = (-1 if ck.get("phase", phase) != phase else ck["epoch"]) if ck else 0  # -1: the other phase's
-    start = int(broadcast_scalar(world, pick, "resume_epoch"))
+@dataclass
+class Resume:
+    """Where this rank starts: the epoch; on rank 0 also what it loaded from the checkpoint (into net and the
+    fresh optimizer state) and the run's history of training changes."""
+
+    epoch: int = 0
+    record: dict | None = None
+    num_update: int = 0
+    counts: dict[int, int] = field(default_factory=dict)
+    ema: object | None = None
+    changes: list[dict] = field(default_factory=list)
+
+
+def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_changes: bool, net,
+                 states: dict | None) -> Resume:
+    """Rank 0 picks the newest intact checkpoint, checks that it may continue this run and loads it; every rank
+    learns the epoch to start at, or the refusal (TrainError on every rank, rank 0's naming the reason)."""
+    point, problem = Resume(), ""
+    if states is not None and world.rank == 0:
+        try:
+            point = load_resume(out, phase, cfg, world, allow_changes, net, states)
+        except InputError as e:
+            problem = str(e)
+    start = broadcast_scalar(world, -1 if problem else point.epoch, "resume_epoch")
     if start < 0:
+        raise TrainError(problem or f"{out}: rank 0 could not resume this run (its message says why)")
+    return point if world.rank == 0 else Resume(int(start))
+
+
+def pick_checkpoint(out: Path, phase: str) -> rundir.Checkpoint | None:
+    """The newest intact checkpoint (None in a run without any); each damaged newer one is named on stderr, and
+    none intact is a TrainError naming them all."""
+    ck, damaged = rundir.intact_checkpoint(out)
+    if damaged and ck is None:
+        raise TrainError(f"{out}: no intact checkpoint to resume from:\n  " + "\n  ".join(damaged))
+    for why in damaged:
+        print(f"cifar10-hvd train: damaged checkpoint: {why}", file=sys.stderr)
+    if damaged:
+        print(f"cifar10-hvd train: falling back to {ck.stem.name}, the newest intact checkpoint "
+              f"({ck.epoch} epochs done)", file=sys.stderr, flush=True)
+    if ck is not None and ck.record.get("phase", phase) != phase:
         raise TrainError(f"{out}: its checkpoints are not from --phase {phase}; use one --out per phase")
-    return start
+    return ck
+
+
+def load_resume(out: Path, phase: str, cfg: TrainConfig, world: World, allow_changes: bool, net,
+                states: dict) -> Resume:
+    """Rank 0's part of resume_point: the checkpoint's parameters into net, its optimizer state into states,
+    its weight average; nothing of it is read before its sha256 is checked."""
+    ck = pick_checkpoint(out, phase)
+    if ck is None:
+        return Resume()
+    changes = training_changes(out, ck, cfg, world.size, allow_changes)
+    load_checkpoint_params(net, ck.stem, cfg, world.ctx)
+    num_update, counts = rundir.fill_optimizer_state(states, ck)
+    return Resume(ck.epoch, ck.record, num_update, counts, read_average(net, cfg, ck), changes)
+
+
+def describe_change(change: dict, cfg: TrainConfig) -> str:
+    """One change for a message: `lr 0.1 -> 0.5`, with what a derived key stands for."""
+    key, old, new = change["key"], change["old"], change["new"]
+    if key == "global_batch":
+        return f"batch_size: the global batch (batch_size x ranks) {old} -> {new}"
+    if key == "epochs":
+        return f"epochs {old} -> {new} (the {cfg.schedule} schedule decays the lr to 0 at the last epoch)"
+    return f"{key} {old:g} -> {new:g}" if key == "lr" else f"{key} {old} -> {new}"
+
+
+def training_changes(out: Path, ck: rundir.Checkpoint, cfg: TrainConfig, size: int, allow_changes: bool) -> list[dict]:
+    """The run's change history for config.json once it continues from ck as cfg on size ranks; a TrainError
+    naming the keys this resume would change, unless allow_changes."""
+    source = str(ck.path(".json"))
+    old = from_mapping(TrainConfig, ck.record.get("train"), f"{source} (train)")
+    old_size = ck.record.get("world_size")
+    if type(old_size) is not int or old_size < 1:
+        raise TrainError(f"{source}: key 'world_size' must be a positive integer, got {old_size!r}")
+    if (old.width, old.stage_mult) != (cfg.width, cfg.stage_mult):
+        raise TrainError(f"{ck.path('.params')}: cannot resume from it with width {cfg.width}, stage_mult "
+                         f"{cfg.stage_mult}: its model has width {old.width}, stage_mult {old.stage_mult} "
+                         "(no resume changes the model's shape)")
+    if cfg.epochs < ck.epoch:
+        raise TrainError(f"{out}: key 'epochs' {cfg.epochs} is fewer than the {ck.epoch} epochs its checkpoint "
+                         f"{ck.stem.name} has done")
+    new = resume_changes(old, old_size, cfg, size)
+    if new and not allow_changes:
+        raise TrainError(f"{out}: resuming would change the training of epochs {ck.epoch + 1} on from the values "
+                         f"epochs 1-{ck.epoch} ran with ({ck.stem.name}): "
+                         + "; ".join(describe_change(c, cfg) for c in new)
+                         + ". Resume with the run's own values, or pass --resume-with-changes to continue with "
+                           "the new ones (config.json then records each change and its epoch)")
+    return earlier_changes(out, ck.epoch) + [{"epoch": ck.epoch, **c} for c in new]
+
+
+def earlier_changes(out: Path, before_epoch: int) -> list[dict]:
+    """config.json's recorded changes that began before before_epoch (later ones are being redone)."""
+    try:
+        changes = rundir.read_run_config(out).get("changes", [])
+    except InputError:
+        return []
+    if not isinstance(changes, list):
+        return []
+    return [c for c in changes if isinstance(c, dict) and type(c.get("epoch")) is int and c["epoch"] < before_epoch]
 
 
 def load_checkpoint_params(net, stem: Path, cfg: TrainConfig, ctx) -> None:
@@ -242,19 +343,50 @@ def load_checkpoint_params(net, stem: Path, cfg: TrainConfig, ctx) -> None:
         raise TrainError(f"{stem}.params: cannot resume from it with width {cfg.width}, stage_mult {cfg.stage_mult}: {e}") from e
 
 
-def start_ema(net, cfg: TrainConfig, stem: Path | None):
-    """The weight average (None when cfg.ema is 0), resumed from stem's .ema; identical on every rank."""
-    from trainer.ema import start_average
+def read_average(net, cfg: TrainConfig, ck: rundir.Checkpoint):
+    """The checkpoint's weight average (None when cfg.ema is 0, or when the checkpoint has none: a resume
+    that turns ema on averages from the resumed weights)."""
+    path = ck.path(EMA_SUFFIX)
+    if not cfg.ema or path.name not in ck.record["files"]:
+        return None
+    ema = WeightAverage(net, cfg.ema)
+    try:
+        ema.load(path)
+    except ValueError as e:
+        raise TrainError(f"{e}; resume with the run's own width, or start a new --out") from e
+    return ema
+
+
+def start_ema(net, cfg: TrainConfig, point: Resume):
+    """The weight average (None when cfg.ema is 0): rank 0's resumed one, else one of the (broadcast) weights;
+    identical on every rank."""
     from trainer.hvd_trainer import broadcast_in_place
 
-    try:
-        ema = start_average(net, cfg.ema, stem)
-    except ValueError as e:
-        raise TrainError(f"{e}; ema was off when this checkpoint was written, or it is damaged "
-                         "(resume with the run's own ema, or start a new --out)") from e
-    if ema is not None:
-        broadcast_in_place({f"ema.{name}": a for name, a in ema.avg.items()}, root_rank=0)
+    if not cfg.ema:
+        return None
+    ema = point.ema or WeightAverage(net, cfg.ema)
+    broadcast_in_place({f"ema.{name}": a for name, a in ema.avg.items()}, root_rank=0)
     return ema
+
+
+def share_optimizer_state(trainer, states: dict, point: Resume) -> None:
+    """Rank 0's resumed optimizer state and counters, installed in every rank's trainer. states: each rank's
+    fresh ones (fresh_optimizer_state), on rank 0 filled from the checkpoint, less the indices it has none for."""
+    import mxnet as mx
+
+    from trainer.hvd_trainer import broadcast_in_place
+
+    indices = [i for i, p in enumerate(trainer._params) if p.grad_req != "null"]
+    # per index its update count, -1 where rank 0's checkpoint has no state (the parameter was never updated)
+    meta = mx.nd.array([point.num_update, *(point.counts.get(i, 0) if i in states else -1 for i in indices)],
+                       dtype="float64")
+    broadcast_in_place({"opt.meta": meta}, root_rank=0)
+    num_update, *counts = (int(v) for v in meta.asnumpy())
+    kept = {i: states[i] for i, n in zip(indices, counts, strict=True) if n >= 0}
+    arrays, _ = rundir.flat_state(kept)
+    broadcast_in_place({f"opt.{k}": a for k, a in arrays.items()}, root_rank=0)
+    rundir.install_optimizer_state(trainer, kept, num_update,
+                                   {i: n for i, n in zip(indices, counts, strict=True) if n >= 0})
 
 
 def init_amp(mode: str):
@@ -267,37 +399,37 @@ def init_amp(mode: str):
     return amp
 
 
-def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: bool, world: World) -> Model:
+def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: bool, world: World,
+          allow_changes: bool = False) -> Model:
     """Model (identical on every rank), optimizer, objective and the resume point."""
     from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place, compressor
     from trainer.precision import resume_loss_scale
 
     amp = init_amp(cfg.amp)
     net = build_net(cfg, len(classes), world.ctx)
-    start = resume_epoch(out, phase, resume, world)
-    stem = rundir.checkpoint_stem(out, start)
-    if start:
-        load_checkpoint_params(net, stem, cfg, world.ctx)
     params = net.collect_params()
-    # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
-    broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
     lr = base_lr(cfg, world.size)
     trainer = DenseGradTrainer(params, *optimizer_spec(cfg, lr), compression=compressor(cfg.compression))
     if cfg.amp == "float16":
         amp.init_trainer(trainer)
-    if start:
-        trainer.load_states(str(stem.with_suffix(".states")))
-        resume_loss_scale(trainer, rundir.latest_checkpoint(out) if world.rank == 0 else None, world.hvd)
-    return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, start,
-                 scale_loss=cfg.amp == "float16", ema=start_ema(net, cfg, stem if start else None))
+    states = rundir.fresh_optimizer_state(trainer) if resume else None
+    point = resume_point(out, phase, cfg, world, allow_changes, net, states)
+    # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
+    broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
+    if point.epoch:
+        share_optimizer_state(trainer, states, point)
+        resume_loss_scale(trainer, point.record, world.hvd)
+    return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, point.epoch,
+                 scale_loss=cfg.amp == "float16", ema=start_ema(net, cfg, point), changes=point.changes)
 
 
 def write_run_record(out: Path, cfg: TrainConfig, classes: list[str], phase: str, prepared: Path, size: int,
-                     lr: float, threads: int) -> None:
-    """RUN/config.json: everything needed to reproduce and to predict with this run (rank 0 calls it)."""
+                     lr: float, threads: int, changes: list[dict] | None = None) -> None:
+    """RUN/config.json: everything needed to reproduce and to predict with this run (rank 0 calls it); cfg is
+    the config now, changes what a resume changed (train's values before each change's epoch were the old)."""
     record = RunRecord(train=cfg, classes=classes, phase=phase, prepared=str(prepared.resolve()),
                        world_size=size, global_batch=cfg.batch_size * size, lr=lr,
-                       threads_per_rank=threads, versions=versions())
+                       threads_per_rank=threads, versions=versions(), changes=list(changes or []))
     rundir.write_run_config(out, record.to_json())
 
 
@@ -456,12 +588,14 @@ def save_epoch(out: Path, record: dict, history: list[dict], model: Model, cfg: 
     """Rank 0's record of a finished epoch: metrics.jsonl, curves.png and a checkpoint."""
     rundir.append_metrics(out, record)
     history.append(record)
-    curves.plot_curves(out, history)
+    with rundir.writing(out / rundir.CURVES):
+        curves.plot_curves(out, history)
+    # the checkpoint carries the config its epochs ran with: a resume compares against it
     rundir.save_checkpoint(out, record["epoch"] + 1, model.net, model.trainer,
-                               {"phase": record["phase"], "lr": record["lr"], "world_size": size,
-                                "global_batch": cfg.batch_size * size,
-                                "amp_loss_scale": loss_scale_state(model.trainer)}, cfg.keep_checkpoints,
-                               extra=checkpoint_files(model.ema))
+                           {"phase": record["phase"], "lr": record["lr"], "world_size": size,
+                            "global_batch": cfg.batch_size * size, "train": dataclasses.asdict(cfg),
+                            "amp_loss_scale": loss_scale_state(model.trainer)}, cfg.keep_checkpoints,
+                           extra=checkpoint_files(model.ema))
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -494,12 +628,13 @@ def start_line(data: Data, cfg: TrainConfig, phase: str, model: Model, world: Wo
 
 
 def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = "tune", resume: bool = False,
-          threads: int | None = None, verify: bool = False) -> RunSummary:
+          threads: int | None = None, verify: bool = False, allow_changes: bool = False) -> RunSummary:
     """Train cfg's model on the prepared dir's phase split into the run dir out; call it on every rank.
 
     Inputs are checked before anything is written to out; rank 0 alone writes. threads: the
     per-rank CPU thread count already set (None: set it now from cfg.threads). verify: re-hash the prepared
-    files (rank 0) before any rank reads them.
+    files (rank 0) before any rank reads them. allow_changes: a resume may change training keys (recorded in
+    config.json's changes); without it such a resume is a TrainError naming them.
     """
     prepared, out = Path(prepared), Path(out)
     if out.exists() and not out.is_dir():
@@ -514,20 +649,20 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
     data = load_data(prepared, phase, cfg, world.size)
     lock = check_out_dir(out, resume, world)  # rank 0 holds RUN's writer lock until train returns
     try:
-        return fit(prepared, out, cfg, phase, resume, threads, data, world)
+        return fit(prepared, out, cfg, phase, resume, threads, data, world, allow_changes)
     finally:
         lock.release()
 
 
 def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, threads: int, data: Data,
-        world: World) -> RunSummary:
+        world: World, allow_changes: bool = False) -> RunSummary:
     """The checked part of train: build (or resume) the model, run the epochs, export; rank 0 writes."""
     if world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         rundir.start(out)
-    model = build(cfg, data.classes, out, phase, resume, world)
+    model = build(cfg, data.classes, out, phase, resume, world, allow_changes)
     if world.rank == 0:
-        write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads)
+        write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads, model.changes)
     world.log(start_line(data, cfg, phase, model, world, threads))
     history = rundir.truncate_metrics(out, model.start_epoch) if world.rank == 0 else []
     if model.start_epoch:
