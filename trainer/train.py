@@ -268,7 +268,7 @@ def pick_checkpoint(out: Path, phase: str) -> rundir.Checkpoint | None:
         print(f"cifar10-hvd train: damaged checkpoint: {why}", file=sys.stderr)
     if damaged:
         print(f"cifar10-hvd train: falling back to {ck.stem.name}, the newest intact checkpoint "
-              f"({ck.epoch} epochs done)", file=sys.stderr, flush=True)
+              f"(resuming at epoch {ck.epoch + 1})", file=sys.stderr, flush=True)
     if ck is not None and ck.record.get("phase", phase) != phase:
         raise TrainError(f"{out}: its checkpoints are not from --phase {phase}; use one --out per phase")
     return ck
