@@ -210,25 +210,28 @@ def test_zero_epochs_is_refused_naming_the_key(prepared, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 300 KiB tmpfs (root only): room for the run's record, not for its first checkpoint."""
+def small_disk(tmp_path, request):
+    """A small tmpfs (root only) of request.param bytes (300k: room for the run's record, not for its first
+    checkpoint; 700k: for a 1-epoch run's checkpoint and final model, not for the export)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_at_a_checkpoint_names_the_file(prepared, small_disk):
+@pytest.mark.parametrize("small_disk,epochs,named", [("300k", "2", "checkpoints/epoch-0001."),
+                                                     ("700k", "1", "model-0000.params")], indirect=["small_disk"])
+def test_a_full_disk_at_a_checkpoint_or_the_export_names_the_file(prepared, small_disk, epochs, named):
     run = small_disk / "run"
-    proc = train(prepared, run, "--epochs", "2")
+    proc = train(prepared, run, "--epochs", epochs)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "No space left on device" in proc.stderr and str(run / "checkpoints" / "epoch-0001.") in proc.stderr
+    assert f"{run}/{named}" in proc.stderr and "No space left on device" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 

@@ -76,18 +76,25 @@ def writing(path: str | Path):
                           f"{Path(path).parent} and continue with --resume") from None
 
 
-def write_file(path: str | Path, write: Callable[[str], Any]) -> None:
-    """atomic_write(path, write) under writing(path); an MXNet writer's short write (it reports no errno) on a
-    device with no room left counts as a full disk."""
+@contextlib.contextmanager
+def mxnet_writes(path: str | Path):
+    """An MXNet writer's short write (it reports no errno) while the device holding path has no room left: the
+    OSError of a full disk, naming path. Checked before the partial file is removed."""
     import mxnet as mx
 
+    try:
+        yield
+    except mx.base.MXNetError as e:
+        if "Write incomplete" in str(e) and shutil.disk_usage(Path(path).parent).free < 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+def write_file(path: str | Path, write: Callable[[str], Any]) -> None:
+    """atomic_write(path, write) under writing(path), MXNet's writers included (mxnet_writes)."""
     def guarded(tmp: str) -> None:
-        try:
+        with mxnet_writes(tmp):
             write(tmp)
-        except mx.base.MXNetError as e:
-            if "Write incomplete" in str(e) and shutil.disk_usage(Path(tmp).parent).free < 1 << 20:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-            raise
 
     with writing(path):
         atomic_write(path, guarded)
@@ -453,10 +460,13 @@ def write_final_model(run_dir: str | Path, net, classes: list[str], crop: int) -
     block(mx.nd.zeros((1, *INPUT_SHAPE), dtype="uint8", ctx=ctx))
     tmp = run_dir / f".export.tmp{os.getpid()}"
     tmp.mkdir()
-    block.export(str(tmp / "model"))
-    for name in (MODEL_SYMBOL, MODEL_PARAMS):
-        os.replace(tmp / name, run_dir / name)
-    tmp.rmdir()
+    try:
+        with writing(run_dir / MODEL_PARAMS), mxnet_writes(tmp / MODEL_PARAMS):
+            block.export(str(tmp / "model"))
+        for name in (MODEL_SYMBOL, MODEL_PARAMS):
+            os.replace(tmp / name, run_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     meta = {"version": META_VERSION, "symbol": MODEL_SYMBOL, "params": MODEL_PARAMS, "classes": list(classes),
             "input": {"name": "data", "dtype": "uint8", "layout": "NHWC", "shape": [None, *INPUT_SHAPE],
                       "channels": "RGB", "range": [0, 255]},
