@@ -54,6 +54,7 @@ fi
 # 2. The virtual environment and build tools Horovod's setup.py needs. CMake below 4: CMake 4 refuses the
 #    cmake_minimum_required of the gloo that Horovod 0.28.1 bundles.
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+venv=$(cd "$venv" && pwd)  # absolute: Horovod's build runs the venv's cmake from its own build directory
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
 $pip install wheel "setuptools<70" "cmake>=3.13,<4"
 
