@@ -5,6 +5,8 @@ and build flags that pip's metadata cannot express), so it is not listed here.
 """
 from setuptools import find_packages, setup
 
+ONNX = ["onnx>=1.16,<1.17", "onnxruntime>=1.19,<1.20"]
+
 setup(
     name="cifar10-hvd",
     version="0.1.0",
@@ -26,7 +28,11 @@ setup(
         "pyspng>=0.1.4,<0.2",
     ],
     extras_require={
+        # ONNX export and predict --engine onnxruntime (README "ONNX export"). onnx < 1.19 keeps onnx.mapping,
+        # which mxnet.onnx imports; the onnxruntime 1.19 wheels accept numpy >= 1.21.6, so numpy 1.23.5 stays.
+        "onnx": ONNX,
         "dev": [
+            *ONNX,
             "pytest>=7",
             "pytest-timeout>=2",
             "ruff>=0.4",

@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.cli", "validate a Kaggle download and publish it packed (also: python -m data_prep)"),
     "train": ("trainer.train", "train ResNet-18 under horovodrun or alone (also: python -m trainer)"),
     "predict": ("trainer.predict", "sharded inference, rank 0 writes submission.csv (also: python -m trainer.predict)"),
+    "export": ("trainer.onnx_export", "write a run's exported model as ONNX (uint8 images in, logits out)"),
     "score": ("trainer.score", "score a submission against a solution file"),
     "demo-data": ("launcher.demo_data", "write a procedural dataset laid out like the Kaggle download"),
     "doctor": ("launcher.doctor", "report Python, MXNet, Horovod, MPI and GPUs, and what is missing"),

@@ -269,7 +269,8 @@ class Pipeline:
 
             def body():
                 return predict(self.prepared, self.workdir / "final", self.workdir / "submission.csv",
-                               batch_size=p.batch_size, tta=p.tta, precision=p.precision, threads=p.threads)
+                               batch_size=p.batch_size, tta=p.tta, precision=p.precision, threads=p.threads,
+                               engine=p.engine)
         results: list = []
         code = run_command(IN_PROCESS[stage], lambda: results.append(body()) or 0)
         if code:

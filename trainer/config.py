@@ -79,6 +79,7 @@ class PredictConfig:
     tta: str = field(default="none", metadata={"help": "test-time augmentation", "choices": ("none", "flip")})
     precision: str = field(default="float32", metadata={"help": "int8: MKLDNN-quantized CPU inference, calibrated on 512 training images (benchmarks/bench_predict.py gate)", "choices": ("float32", "int8")})
     threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
+    engine: str = field(default="mxnet", metadata={"help": "inference engine: mxnet, or onnxruntime (RUN/model.onnx on the CPU; int8 by onnxruntime's static quantization; pip install '.[onnx]')", "choices": ("mxnet", "onnxruntime")})
 
 
 

@@ -7,11 +7,12 @@ string-sorted-ids mix-up cannot happen), checks every test id is there exactly o
 streams the CSV to a temporary sibling that is renamed into place.
 
     python -m trainer.predict --prepared PREP --model RUN [--out RUN/submission.csv]
-                              [--batch-size 512] [--tta flip] [--precision int8]
+                              [--batch-size 512] [--tta flip] [--precision int8] [--engine onnxruntime]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -177,16 +178,41 @@ def open_test_split(prepared: Path, precision: str):
 def infer_shard(net, images: np.ndarray, shard: slice, ctx, batch_size: int, width: int, tta: str, crop: int,
                 bar: str | None) -> np.ndarray:
     """Predictions for rows shard of images, under a progress bar titled bar when given and stderr is a terminal."""
-    progress = None
-    if bar and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = tqdm(total=shard.stop - shard.start, unit="img", desc=bar, file=sys.stderr)
     rows = forward_rows(batch_size, width, context_budget(ctx))
-    preds = predict_rows(net, images[shard], ctx, rows, tta, progress, crop)
-    if progress is not None:
+    with progress_bar(bar, shard.stop - shard.start) as progress:
+        return predict_rows(net, images[shard], ctx, rows, tta, progress, crop)
+
+
+@contextlib.contextmanager
+def progress_bar(bar: str | None, total: int):
+    """A tqdm bar titled bar on a terminal's stderr, else None."""
+    if not (bar and sys.stderr.isatty()):
+        yield None
+        return
+    from tqdm import tqdm
+
+    progress = tqdm(total=total, unit="img", desc=bar, file=sys.stderr)
+    try:
+        yield progress
+    finally:
         progress.close()
-    return preds
+
+
+def onnx_engine(model_dir: Path, precision: str, calib, threads: int, verbose: bool, batch_size: int, tta: str):
+    """(infer(images, shard, bar) -> predictions, class names) on onnxruntime, from RUN/model.onnx."""
+    from trainer import onnx_predict
+    from trainer.config import read_run_record
+    from trainer.inference import ACTIVATION_BUDGET, forward_rows
+
+    session, classes = onnx_predict.load(model_dir, precision, calib, threads,
+                                         log=(lambda line: print(line, flush=True)) if verbose else None)
+    rows = forward_rows(batch_size, read_run_record(model_dir).train.width, ACTIVATION_BUDGET)
+
+    def infer(images: np.ndarray, shard: slice, bar: str | None) -> np.ndarray:
+        with progress_bar(bar, shard.stop - shard.start) as progress:
+            return onnx_predict.predict_rows(session, images[shard], rows, tta, progress)
+
+    return infer, classes
 
 
 def write_on_rank0(hvd, pairs: np.ndarray, expected_ids: np.ndarray, out: Path, classes: list[str]) -> None:
@@ -210,14 +236,16 @@ def write_on_rank0(hvd, pairs: np.ndarray, expected_ids: np.ndarray, out: Path, 
 
 
 def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None = None, batch_size: int = 512,
-            tta: str = "none", precision: str = "float32", threads: int = 0, quiet: bool = False) -> SubmissionSummary:
+            tta: str = "none", precision: str = "float32", threads: int = 0, quiet: bool = False,
+            engine: str = "mxnet") -> SubmissionSummary:
     """Predict the prepared test split with the run's model; rank 0 writes out (default RUN/submission.csv).
 
     Call it on every rank. images_per_sec counts all ranks' images over the wall time from first
     batch to file written. precision: float32 or int8 (the CLI's choices); bfloat16 only for the
-    benchmark's gate (slower on CPU here).
+    benchmark's gate (slower on CPU here). engine: mxnet, or onnxruntime (RUN/model.onnx on the CPU;
+    trainer.onnx_predict).
     """
-    set_cpu_threads(threads)
+    cpu_threads = set_cpu_threads(threads)
     from trainer.cuda_arch import gpu_problem
     from trainer.device import context, init_horovod
 
@@ -227,26 +255,34 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     hvd = init_horovod()
     if hvd.rank() == 0:  # a rank 0 killed mid-write left its temporary beside out
         remove_stale_temps(out.parent, of=out.name)
-    ctx = context(hvd)
-    problem = gpu_problem(ctx)
-    if problem:
-        raise PredictError(problem)
-    split, manifest_classes, calib = open_test_split(prepared, precision)
-    net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
+    if engine == "onnxruntime":
+        split, manifest_classes, calib = open_test_split(prepared, precision)
+        infer, classes = onnx_engine(model_dir, precision, calib, cpu_threads, hvd.rank() == 0 and not quiet,
+                                     batch_size, tta)
+    else:
+        ctx = context(hvd)
+        problem = gpu_problem(ctx)
+        if problem:
+            raise PredictError(problem)
+        split, manifest_classes, calib = open_test_split(prepared, precision)
+        net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
+        infer = lambda images, shard, bar: infer_shard(  # noqa: E731
+            net, images, shard, ctx, batch_size, width, tta, crop, bar)
     if classes != manifest_classes:
         raise PredictError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
     n = len(split.ids)
     shard = eval_slice(n, hvd.rank(), hvd.size())  # contiguous; sizes differ by at most one, some may be empty
     t0 = time.perf_counter()
     bar = f"predict rank 0/{hvd.size()}" if hvd.rank() == 0 and not quiet else None
-    preds = infer_shard(net, split.images, shard, ctx, batch_size, width, tta, crop, bar)
+    preds = infer(split.images, shard, bar)
     pairs = gather_pairs(hvd, np.asarray(split.ids[shard]), preds)
     write_on_rank0(hvd, pairs, np.asarray(split.ids), out, classes)
     seconds = time.perf_counter() - t0
     result = SubmissionSummary(str(out), int(n), round(seconds, 3), round(n / seconds, 1) if seconds > 0 else 0.0,
                                hvd.size(), [int(shard.start), int(shard.stop)])
     if hvd.rank() == 0 and not quiet:
-        print(f"predict: {n} images on {hvd.size()} rank(s) ({precision}) in {seconds:.1f}s, "
+        how = precision if engine == "mxnet" else f"{precision}, {engine}"
+        print(f"predict: {n} images on {hvd.size()} rank(s) ({how}) in {seconds:.1f}s, "
               f"{result.images_per_sec:.0f} images/s, wrote {out}", flush=True)
     return result
 
@@ -266,7 +302,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(PredictConfig, args, args.config, "predict")
     predict(args.prepared, args.model, args.out, batch_size=cfg.batch_size, tta=cfg.tta,
-            precision=cfg.precision, threads=cfg.threads)
+            precision=cfg.precision, threads=cfg.threads, engine=cfg.engine)
     return 0
 
 

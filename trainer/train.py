@@ -678,5 +678,8 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     if world.rank == 0:
         rundir.write_final_model(out, model.net, data.classes, cfg.eval_crop)
         world.log(f"wrote {out / rundir.FINAL_PARAMS} and {out / rundir.MODEL_SYMBOL}")
+        from trainer.onnx_export import export_final
+
+        world.log(export_final(out))  # model.onnx beside the MXNet export when onnx is installed
     return RunSummary(str(out), phase, cfg.epochs, model.start_epoch, world.size, str(out / rundir.FINAL_PARAMS),
                       history)
