@@ -1,4 +1,4 @@
-"""Benchmark: sharded `trainer.predict` (np 1 and np 2) vs the seed's test loop, and the int8/bf16 gate.
+"""Benchmark: sharded `trainer.predict` (np 1 and np 2, MXNet and onnxruntime) vs the seed's test loop, and the int8/bf16 gate.
 
 For each width: images/s and peak memory (VmHWM) per rank of `python -m trainer.predict`
 alone and under `horovodrun -np 2 --gloo`, against the d2l seed's loop (ImageFolderDataset
@@ -8,10 +8,13 @@ net(X).argmax, one process), with the same weights. Every submission is checked:
 images and compares accuracy at float32, int8 (MKLDNN, calibrated on training images) and
 bfloat16 on the valid split and on a larger held-out set (the CIFAR-10 training images the
 generated set left out, never trained on): a reduced precision is worth offering only
-within 0.3 points.
+within 0.3 points. Each precision runs on each engine (--engines: MXNet, and onnxruntime on the
+run's model.onnx, int8 by its static quantization) on the same model and images; every submission's
+agreement with MXNet float32 on the same ranks is in the table.
 
     .venv/bin/python benchmarks/bench_predict.py                      # 300,000 test images
     .venv/bin/python benchmarks/bench_predict.py --test 20000 --widths 16 --seed-limit 5000
+    .venv/bin/python benchmarks/bench_predict.py --engines mxnet   # without the onnx extra
 
 Data (made once, reused): WORKDIR/kaggle-N from /work/shared/data/make_kaggle_cifar10.py,
 WORKDIR/prep-N from `cifar10-hvd prepare`. Results: printed table and WORKDIR/results.json.
@@ -31,7 +34,7 @@ from data_prep.labels import CIFAR10_CLASSES as CLASSES
 from data_prep.store import MANIFEST
 from launcher import run as launcher_run
 from trainer.presets import MEAN, STD
-from trainer.rundir import CHECKPOINT_DIR, FINAL_PARAMS
+from trainer.rundir import CHECKPOINT_DIR, MODEL_SYMBOL
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,9 +75,21 @@ def ensure_data(workdir: Path, n_test: int, n_train: int, name: str = "") -> tup
 
 
 def ensure_model(workdir: Path, prep: Path, width: int, epochs: int) -> Path:
-    """A run dir at width: trained briefly (tune phase) when epochs > 0, else freshly initialized weights."""
+    """A run dir at width: trained briefly (tune phase) when epochs > 0, else freshly initialized weights;
+    with its MXNet export and model.onnx (when onnx is installed) for the onnxruntime engine."""
     run = workdir / f"run-w{width}-e{epochs}"
-    if (run / FINAL_PARAMS).exists() or (epochs and (run / CHECKPOINT_DIR).is_dir()):
+    if not (run / "model.onnx").exists():
+        run = _ensure_weights(run, prep, width, epochs)
+        from trainer.onnx_export import available
+
+        if available() and (run / MODEL_SYMBOL).exists():
+            sh([str(BIN / "cifar10-hvd"), "export", "--model", str(run)])
+    return run
+
+
+def _ensure_weights(run: Path, prep: Path, width: int, epochs: int) -> Path:
+    """run, trained or initialized unless it already holds weights (an untrained one also its MXNet export)."""
+    if (run / MODEL_SYMBOL).exists() or (epochs and (run / CHECKPOINT_DIR).is_dir()):
         return run
     if epochs:
         print(f"[bench] training width {width} for {epochs} epochs on {prep}", flush=True)
@@ -121,14 +136,14 @@ def peak_mb() -> float:
 
 
 def worker_init(args) -> None:
-    """Write an untrained run dir (speed does not depend on the weights)."""
+    """Write an untrained run dir with its MXNet export (speed does not depend on the weights)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import mxnet as mx
 
     from data_prep.files import atomic_write_text
     from trainer.config import RunRecord, TrainConfig
     from trainer.model import resnet18
-    from trainer.rundir import RUN_CONFIG
+    from trainer.rundir import RUN_CONFIG, write_final_model
 
     run = Path(args.model)
     run.mkdir(parents=True, exist_ok=True)
@@ -136,8 +151,8 @@ def worker_init(args) -> None:
     net = resnet18(10, width=args.width)
     net.initialize(mx.init.Xavier())
     net(mx.nd.zeros((1, 3, 32, 32)))
-    net.save_parameters(str(run / FINAL_PARAMS))
     atomic_write_text(run / RUN_CONFIG, RunRecord(train=TrainConfig(width=args.width), classes=list(CLASSES)).to_json())
+    write_final_model(run, net, list(CLASSES), 0)
 
 
 def worker_predict(args) -> None:
@@ -145,7 +160,7 @@ def worker_predict(args) -> None:
     from trainer.predict import predict
 
     res = predict(args.prepared, args.model, args.out, batch_size=args.batch_size, tta=args.tta,
-                  precision=args.precision, quiet=True)
+                  precision=args.precision, quiet=True, engine=args.engine)
     print("BENCH " + json.dumps({**res.__dict__, "rank_peak_mb": peak_mb(), "threads": int(os.environ["OMP_NUM_THREADS"])}), flush=True)
 
 
@@ -238,11 +253,24 @@ def worker_gate(args) -> None:
 
 # ---- orchestration ----
 
-def run_predict(prep: Path, run: Path, out: Path, ranks: int, args, precision: str) -> dict:
+def labels(path: Path) -> list[str]:
+    """A submission's label column, in id order (check_submission has checked the ids)."""
+    with open(path) as f:
+        next(f)
+        return [line.rstrip("\n").split(",", 1)[1] for line in f]
+
+
+def agreement(path: Path, reference: Path) -> float:
+    """The share of rows whose labels in two submissions of the same images agree."""
+    a, b = labels(path), labels(reference)
+    return round(sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a)), 5)
+
+
+def run_predict(prep: Path, run: Path, out: Path, ranks: int, args, precision: str, engine: str = "mxnet") -> dict:
     """One predict run on `ranks` ranks: throughput, every rank's peak memory, the output checked."""
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--worker", "predict", "--prepared", str(prep), "--model", str(run), "--out", str(out),
-           "--batch-size", str(args.batch_size), "--precision", precision]
+           "--batch-size", str(args.batch_size), "--precision", precision, "--engine", engine]
     if ranks > 1:
         cmd = launcher_run.horovodrun_argv(ranks, cmd)
     t0 = time.perf_counter()
@@ -251,7 +279,7 @@ def run_predict(prep: Path, run: Path, out: Path, ranks: int, args, precision: s
     assert len(recs) == ranks, recs
     n = recs[0]["count"]
     check_submission(out, n)
-    return {"ranks": ranks, "precision": precision, "count": n, "images_per_sec": recs[0]["images_per_sec"],
+    return {"ranks": ranks, "engine": engine, "precision": precision, "count": n, "images_per_sec": recs[0]["images_per_sec"],
             "seconds": recs[0]["seconds"], "process_wall_seconds": round(wall, 1),
             "peak_mb_per_rank": [r["rank_peak_mb"] for r in recs], "threads_per_rank": recs[0]["threads"]}
 
@@ -267,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--precisions", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
                    help="precisions timed at full size (the gate also judges bfloat16, on one process)")
+    p.add_argument("--engines", nargs="+", default=["mxnet", "onnxruntime"], choices=["mxnet", "onnxruntime"],
+                   help="predict engines timed side by side (onnxruntime needs the onnx extra)")
     p.add_argument("--seed-limit", type=int, default=20000,
                    help="images the seed's loop is timed on (its rate is steady; 0 = skip it)")
     p.add_argument("--seed-limit-large", type=int, default=4000, help="the same for widths above 16")
@@ -284,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tta", default="none", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--engine", default="mxnet", help=argparse.SUPPRESS)
     p.add_argument("--seed-folder", help=argparse.SUPPRESS)
     p.add_argument("--holdout", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -320,22 +351,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] width {width}: seed loop on up to {limit} of {n} images", flush=True)
             seed = bench_lines(sh([sys.executable, __file__, "--worker", "seed", "--model", str(run), "--width", str(width),
                                    "--seed-folder", str(folder), "--seed-limit", str(limit)]))[0]
-        for precision in args.precisions:
-            for ranks in args.ranks:
-                print(f"[bench] width {width}: predict {precision} on {ranks} rank(s), {n} images", flush=True)
-                row = run_predict(wprep, run, workdir / f"sub-w{width}-{precision}-np{ranks}.csv", ranks, args, precision)
-                row["speedup_vs_seed"] = round(row["images_per_sec"] / seed["images_per_sec"], 2)
-                rows.append(row)
+        for engine in args.engines:
+            for precision in args.precisions:
+                for ranks in args.ranks:
+                    print(f"[bench] width {width}: predict {engine} {precision} on {ranks} rank(s), {n} images", flush=True)
+                    sub = workdir / f"sub-w{width}-{engine}-{precision}-np{ranks}.csv"
+                    row = run_predict(wprep, run, sub, ranks, args, precision, engine)
+                    row["speedup_vs_seed"] = round(row["images_per_sec"] / seed["images_per_sec"], 2)
+                    reference = workdir / f"sub-w{width}-mxnet-float32-np{ranks}.csv"
+                    row["agreement_with_mxnet_float32"] = agreement(sub, reference) if reference.exists() else None
+                    rows.append(row)
         results["widths"][str(width)] = {"test_images": n, "seed": seed, "predict": rows}
         results_path.write_text(json.dumps(results, indent=2))
 
-    print("\n| width | N | run | images/s | x seed | peak MB per rank |\n|---|---|---|---|---|---|")
+    print("\n| width | N | run | images/s | x seed | peak MB per rank | agrees with mxnet float32 |\n|---|---|---|---|---|---|---|")
     for width, r in results["widths"].items():
         s = r["seed"]
-        print(f"| {width} | {r['test_images']} | seed loop ({s['count']} imgs, 1 proc) | {s['images_per_sec']:.0f} | 1.00 | {s['rank_peak_mb']:.0f} |")
+        print(f"| {width} | {r['test_images']} | seed loop ({s['count']} imgs, 1 proc) | {s['images_per_sec']:.0f} | 1.00 | {s['rank_peak_mb']:.0f} | |")
         for row in r["predict"]:
-            print(f"| {width} | {row['count']} | predict {row['precision']} np{row['ranks']} | {row['images_per_sec']:.0f} | "
-                  f"{row['speedup_vs_seed']:.2f} | {', '.join(f'{m:.0f}' for m in row['peak_mb_per_rank'])} |")
+            agree = row.get("agreement_with_mxnet_float32")
+            print(f"| {width} | {row['count']} | predict {row.get('engine', 'mxnet')} {row['precision']} np{row['ranks']} | "
+                  f"{row['images_per_sec']:.0f} | {row['speedup_vs_seed']:.2f} | "
+                  f"{', '.join(f'{m:.0f}' for m in row['peak_mb_per_rank'])} | {'' if agree is None else f'{agree:.4%}'} |")
     print(f"\nresults: {results_path}")
     return 0
 
