@@ -208,28 +208,35 @@ def build(run_dir: str | Path):
 
 def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN's export as ONNX to out (default RUN/model.onnx), beside and renamed into place."""
-    from trainer.rundir import write_file
-
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / ONNX_MODEL
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: model run dir not found")
     if out.is_dir() or not out.parent.is_dir():
         raise ExportError(f"{out}: --onnx must be a file path in an existing folder")
-    data = build(run_dir).SerializeToString()
+    return write(build(run_dir), out)
+
+
+def write(model, out: Path) -> Path:
+    """model serialized to out, beside and renamed into place (a full disk: exit 2 naming out)."""
+    from trainer.rundir import write_file
+
+    data = model.SerializeToString()
     write_file(out, lambda tmp: Path(tmp).write_bytes(data))
     return out
 
 
 def export_final(run_dir: str | Path) -> str:
-    """The final phase's model.onnx: written when onnx is installed; the line to log either way."""
+    """The final phase's model.onnx, written when onnx is installed and can express the model; the line to
+    log either way. A full disk while writing it is an error (exit 2), as for the rest of the final model."""
     run_dir = Path(run_dir)
     if not available():
         return f"onnx not installed: no {run_dir / ONNX_MODEL} ({INSTALL_HINT}; then cifar10-hvd export --model {run_dir})"
     try:
-        return f"wrote {export(run_dir)}"
+        model = build(run_dir)
     except InputError as e:
         return f"no {run_dir / ONNX_MODEL}: {e}"
+    return f"wrote {write(model, run_dir / ONNX_MODEL)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
