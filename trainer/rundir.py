@@ -12,7 +12,8 @@ Files (rank 0 alone writes RUN):
   file of the checkpoint, which resume checks before it reads any of them (read_checkpoint).
 - model-final.params: the Gluon parameters predict loads; and the export for inference elsewhere:
   model-symbol.json + model-0000.params, a graph from raw uint8 NHWC 32x32 RGB images to logits with the
-  run's evaluation view inside it, described by model-meta.json.
+  run's evaluation view inside it, described by model-meta.json; and model.onnx, the same graph as ONNX
+  (trainer.onnx_export, written by the final phase when onnx is installed).
 Every file but metrics.jsonl (appended) is written to a temporary sibling and renamed into place.
 """
 from __future__ import annotations
