@@ -147,6 +147,10 @@ def test_int8_on_both_engines_agrees_with_the_float32_client(run, prepared, clie
         assert "(int8" in proc.stdout
         got = np.array([submission(out)[i] for i in client["ids"]])[clear]
         assert (got == want).mean() >= 0.999, (engine, int((got != want).sum()), len(want))
+    # every rank quantizes alike (same calibration images), so the ranks' labels are those of one process
+    horovodrun(2, ["python", "-m", "trainer.predict", "--prepared", str(prepared), "--model", str(run), "--engine",
+                   "onnxruntime", "--precision", "int8", "--out", str(tmp_path / "np2.csv")])
+    assert (tmp_path / "np2.csv").read_bytes() == (tmp_path / "onnxruntime-int8.csv").read_bytes()
 
 
 def test_export_refuses_an_int8_mkldnn_graph_by_its_operators(run, prepared, tmp_path):
