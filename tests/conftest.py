@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,17 @@ def prepared(demo_src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prep") / "prepared"
     run_cli(["prepare", "--data", str(demo_src), "--out", str(out), "--workers", "2"], check=True)
     return out
+
+
+@contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of SIZE (e.g. "64k") mounted at MOUNT for a full-disk test, unmounted after. Root is needed, as in
+    CI: where it cannot be mounted the test fails, it is not skipped."""
+    mount.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    assert made.returncode == 0, f"cannot mount a {size} tmpfs (the full-disk tests run as root): {made.stderr.strip()}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, horovodrun, run_cli
+from conftest import ROOT, horovodrun, run_cli, small_tmpfs
 
 from trainer import rundir
 
@@ -213,16 +213,8 @@ def test_zero_epochs_is_refused_naming_the_key(prepared, tmp_path):
 def small_disk(tmp_path, request):
     """A small tmpfs (root only) of request.param bytes (300k: room for the run's record, not for its first
     checkpoint; 700k: for a 1-epoch run's checkpoint and final model, not for the export)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "disk", request.param) as mount:
+        yield mount
 
 
 @pytest.mark.parametrize("small_disk,epochs,named", [("300k", "2", "checkpoints/epoch-0001."),

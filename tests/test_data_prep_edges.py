@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, ROOT, tool_env
+from conftest import BIN, ROOT, small_tmpfs, tool_env
 from data_prep_sources import leftovers, snapshot, write_source
 
 import data_prep
@@ -171,15 +171,8 @@ def test_workers_die_with_a_killed_prepare(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MiB tmpfs mounted for the test (root only)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "disk", "1m") as mount:
+        yield mount
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import horovodrun, run_cli
+from conftest import horovodrun, run_cli, small_tmpfs
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before mxnet is first imported in this process
 
@@ -191,17 +191,8 @@ def test_export_refuses_missing_exports_and_bad_targets_with_exit_2(run, tmp_pat
 
 
 def test_a_full_disk_while_exporting_names_the_file_and_leaves_nothing(run, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64k") as disk:
         proc = run_cli(["export", "--model", str(run), "--onnx", str(disk / "m.onnx")])
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert f"{disk / 'm.onnx'}: No space left on device" in proc.stderr
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
