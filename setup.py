@@ -13,7 +13,8 @@ setup(
     description="Horovod + MXNet ResNet-18 for the Kaggle CIFAR-10 competition",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["launcher", "launcher.*", "trainer", "trainer.*",
-                                    "data_prep", "data_prep.*"]),
+                                    "data_prep", "data_prep.*", "contracts", "contracts.*",
+                                    "predictor", "predictor.*"]),
     install_requires=[
         "mxnet==1.9.1",
         "numpy==1.23.5",

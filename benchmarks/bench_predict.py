@@ -1,6 +1,6 @@
-"""Benchmark: sharded `trainer.predict` (np 1 and np 2, MXNet and onnxruntime) vs the seed's test loop, and the int8/bf16 gate.
+"""Benchmark: sharded `predictor.predict` (np 1 and np 2, MXNet and onnxruntime) vs the seed's test loop, and the int8/bf16 gate.
 
-For each width: images/s and peak memory (VmHWM) per rank of `python -m trainer.predict`
+For each width: images/s and peak memory (VmHWM) per rank of `python -m predictor.predict`
 alone and under `horovodrun -np 2 --gloo`, against the d2l seed's loop (ImageFolderDataset
 over the test PNG folder + transform_first(ToTensor, Normalize) + DataLoader(128) +
 net(X).argmax, one process), with the same weights. Every submission is checked: ids
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.labels import CIFAR10_CLASSES as CLASSES
+from contracts.labels import CIFAR10_CLASSES as CLASSES
 from data_prep.store import MANIFEST
 from launcher import run as launcher_run
 from trainer.presets import MEAN, STD
@@ -140,10 +140,11 @@ def worker_init(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import mxnet as mx
 
-    from data_prep.files import atomic_write_text
+    from contracts.files import atomic_write_text
     from trainer.config import RunRecord, TrainConfig
+    from trainer.export import write_final_model
     from trainer.model import resnet18
-    from trainer.rundir import RUN_CONFIG, write_final_model
+    from trainer.rundir import RUN_CONFIG
 
     run = Path(args.model)
     run.mkdir(parents=True, exist_ok=True)
@@ -156,8 +157,8 @@ def worker_init(args) -> None:
 
 
 def worker_predict(args) -> None:
-    """trainer.predict.predict as the launcher calls it, then this rank's figures."""
-    from trainer.predict import predict
+    """predictor.predict.predict as the launcher calls it, then this rank's figures."""
+    from predictor.predict import predict
 
     res = predict(args.prepared, args.model, args.out, batch_size=args.batch_size, tta=args.tta,
                   precision=args.precision, quiet=True, engine=args.engine)
@@ -218,7 +219,7 @@ def worker_gate(args) -> None:
     import numpy as np
 
     import data_prep
-    from trainer.predict import forward_rows, load_model, predict_rows
+    from predictor.predict import forward_rows, load_model, predict_rows
 
     ctx = mx.cpu()
     valid = data_prep.open_split(args.prepared, "valid")

@@ -46,7 +46,7 @@ def score(run: Path, prepared: Path) -> dict:
     import mxnet as mx
 
     from data_prep.store import open_split
-    from trainer.predict import load_model
+    from predictor.predict import load_model
 
     valid = open_split(prepared, "valid")
     net, _, _, crop = load_model(run, mx.cpu())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from data_prep.errors import PrepareError, offenders
+from contracts.errors import InputError, offenders
 
 MAX_UNPACKED_BYTES = 64 << 30   # the real competition unpacks to under 1 GiB
 MAX_RATIO = 200                 # PNGs barely compress; a higher unpacked/packed ratio is a bomb
@@ -47,11 +47,11 @@ def unsafe_reason(name: str) -> str | None:
 
 
 def open_zip(path: Path) -> tuple[zipfile.ZipFile, list[Member]]:
-    """The zip at PATH opened, with its declared members; PrepareError if unreadable."""
+    """The zip at PATH opened, with its declared members; InputError if unreadable."""
     try:
         zf = zipfile.ZipFile(path)
     except Exception as exc:  # BadZipFile, truncated files ...
-        raise PrepareError(f"{path}: not a readable archive ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{path}: not a readable archive ({type(exc).__name__}: {exc})") from None
     return zf, [Member(i.filename, i.file_size, i.compress_size, (i.external_attr >> 16) & 0o170000 == 0o120000,
                        i.is_dir()) for i in zf.infolist()]
 
@@ -66,7 +66,7 @@ def list_7z(file: Path | BinaryIO, shown: Path) -> list[Member]:
         with _reader(libarchive, file) as reader:
             return [Member(name, size, None, link, is_dir) for name, size, link, is_dir in _entries(reader)]
     except ArchiveError as exc:  # not a 7z, truncated, damaged header ...
-        raise PrepareError(f"{shown}: not a readable archive (ArchiveError: {exc})") from None
+        raise InputError(f"{shown}: not a readable archive (ArchiveError: {exc})") from None
 
 
 def check_members(archive: Path, members: list[Member], packed_total: int) -> None:
@@ -74,17 +74,17 @@ def check_members(archive: Path, members: list[Member], packed_total: int) -> No
     bad = [f"{m.name!r}: {reason}" for m in members if (reason := unsafe_reason(m.name))]
     bad += [f"{m.name!r}: symbolic link" for m in members if m.is_link]
     if bad:
-        raise PrepareError(offenders(f"{archive}: members that would escape the target", bad))
+        raise InputError(offenders(f"{archive}: members that would escape the target", bad))
     declared = sum(m.size for m in members)
     if declared > MAX_UNPACKED_BYTES:
-        raise PrepareError(f"{archive}: declares {declared:,} bytes unpacked, over the {MAX_UNPACKED_BYTES:,} "
+        raise InputError(f"{archive}: declares {declared:,} bytes unpacked, over the {MAX_UNPACKED_BYTES:,} "
                            "this competition could need; refusing to unpack")
     absurd = [m for m in members if m.packed is not None and m.size > RATIO_FLOOR_BYTES
               and m.size > MAX_RATIO * max(m.packed, 1)]
     if absurd or (declared > RATIO_FLOOR_BYTES and declared > MAX_RATIO * max(packed_total, 1)):
         names = [f"{m.name!r}: {m.size:,} bytes from {m.packed:,} packed" for m in absurd] or [
             f"{declared:,} bytes in all from {packed_total:,} packed"]
-        raise PrepareError(offenders(f"{archive}: absurd declared sizes (more than {MAX_RATIO}x the packed size)",
+        raise InputError(offenders(f"{archive}: absurd declared sizes (more than {MAX_RATIO}x the packed size)",
                                      names))
 
 
@@ -106,7 +106,7 @@ def stream_zip(zf: zipfile.ZipFile, shown: Path, names: dict[str, str], limit: i
         try:
             yield short, read_zip_member(zf, info.filename, limit)
         except Exception as exc:  # zipfile.BadZipFile (bad CRC), zlib.error, truncated file ...
-            raise PrepareError(f"{shown}: unpacking failed ({type(exc).__name__}: {exc})") from None
+            raise InputError(f"{shown}: unpacking failed ({type(exc).__name__}: {exc})") from None
 
 
 def stream_7z(file: Path | BinaryIO, shown: Path, names: dict[str, str], limit: int) -> Iterator[tuple[str, bytes | None]]:
@@ -126,10 +126,10 @@ def stream_7z(file: Path | BinaryIO, shown: Path, names: dict[str, str], limit: 
                 if short is None:
                     continue
                 if link:
-                    raise PrepareError(f"{shown}: member {name!r}: symbolic link")
+                    raise InputError(f"{shown}: member {name!r}: symbolic link")
                 yield short, (None if size > limit else _read_entry(reader._pointer, buffer, size))
     except ArchiveError as exc:
-        raise PrepareError(f"{shown}: unpacking failed (ArchiveError: {exc})") from None
+        raise InputError(f"{shown}: unpacking failed (ArchiveError: {exc})") from None
 
 
 def _entries(reader) -> Iterator[tuple[str, int, bool, bool]]:

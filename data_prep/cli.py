@@ -5,12 +5,12 @@ import argparse
 import signal
 import sys
 
+from contracts.errors import InputError, offenders, run_command
+from contracts.labels import parse_classes
+from contracts.schema import Parser, add_flags, resolve
 from data_prep.config import PrepareConfig
-from data_prep.errors import InputError, offenders, run_command
-from data_prep.labels import parse_classes
 from data_prep.pipeline import prepare
 from data_prep.publish import Stopped
-from data_prep.schema import Parser, add_flags, resolve
 from data_prep.store import MANIFEST, verify
 
 

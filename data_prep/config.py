@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_prep.labels import CIFAR10_CLASSES
+from contracts.labels import CIFAR10_CLASSES
 
 # one class name: no comma, path separator or control character, not only whitespace (linear to match)
 _CLASS_NAME = r"[^\S\x00-\x1f]*[^,/\\\x00-\x1f\s][^,/\\\x00-\x1f]*"

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts.errors import InputError, offenders
+from contracts.labels import CIFAR10_CLASSES, check_classes, parse_classes, read_labels, read_table
+from contracts.schema import from_mapping
 from data_prep import store
 from data_prep.archive import DISK_MARGIN_BYTES
 from data_prep.config import PrepareConfig
 from data_prep.decode import MAX_PNG_BYTES, ROW_BYTES, SIDE, ChunkResult, decode_chunk, die_with_parent
-from data_prep.errors import PrepareError, offenders
-from data_prep.labels import CIFAR10_CLASSES, check_classes, parse_classes, read_labels, read_table
 from data_prep.layout import write_folders
 from data_prep.progress import Progress
 from data_prep.publish import discard_staging, locked, publish, remove_leftovers, sigterm_raises, staging_dir
-from data_prep.schema import from_mapping
 from data_prep.source import Part, Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
 
@@ -79,7 +79,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
             if not changes:
                 print(f"{out} is up to date (same source and parameters); nothing to do", file=sys.stderr)
                 return existing
-            raise PrepareError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
+            raise InputError(offenders(f"{out} was prepared differently; pass --force to replace it", changes))
         if existing is None and os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):
             _check_replaceable(out, force)
         with sigterm_raises():
@@ -91,7 +91,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
                 discard_staging(out)
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     what = f" (writing {Path(exc.filename).name})" if exc.filename else ""
-                    raise PrepareError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "
+                    raise InputError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "
                                        f"remains: free space on {out.parent} and run again") from None
                 raise
     elapsed = time.perf_counter() - started
@@ -108,9 +108,9 @@ def _check_out_apart(out: Path, source: Path) -> None:
     """OUT may not be the source, hold it, or lie inside it (with or without --force)."""
     resolved = out.resolve()
     if resolved == source or resolved in source.parents:
-        raise PrepareError(f"--out {out} would replace the source {source}; choose another PREP")
+        raise InputError(f"--out {out} would replace the source {source}; choose another PREP")
     if source in resolved.parents:
-        raise PrepareError(f"--out {out} is inside the source {source}; choose a PREP outside it")
+        raise InputError(f"--out {out} is inside the source {source}; choose a PREP outside it")
 
 
 def _check_replaceable(out: Path, force: bool) -> None:
@@ -120,10 +120,10 @@ def _check_replaceable(out: Path, force: bool) -> None:
     except (OSError, ValueError, TypeError):
         ours = False
     if not ours:
-        raise PrepareError(f"{out}: exists and is not a prepared directory (no {store.MANIFEST} of this project); "
+        raise InputError(f"{out}: exists and is not a prepared directory (no {store.MANIFEST} of this project); "
                            "prepare replaces only what it wrote, even with --force: choose another PREP")
     if not force:
-        raise PrepareError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
+        raise InputError(f"{out}: exists and is not a prepared directory (no valid {store.MANIFEST}); "
                            "pass --force to replace it")
 
 
@@ -131,7 +131,7 @@ def _existing(out: Path) -> dict | None:
     """OUT's manifest if OUT is a complete prepared directory of this format, else None."""
     try:
         return store.read_manifest(out) if out.is_dir() else None
-    except PrepareError:
+    except InputError:
         return None
 
 
@@ -207,7 +207,7 @@ def _decode_and_hash(staged: Path, jobs: list[Job], workers: int) -> tuple[dict[
 def _checked_files(tree: SourceTree, classes: list[str]) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
     """Labels cross-checked against train/ and CLASSES, and the PNG names of train/ and test/ (id -> name).
 
-    PrepareError on any mismatch or misnamed file.
+    InputError on any mismatch or misnamed file.
     """
     rows = read_labels(tree.labels_csv)
     train_dir = tree.train.shown
@@ -228,11 +228,11 @@ def _checked_files(tree: SourceTree, classes: list[str]) -> tuple[dict[int, str]
     if no_label:
         problems.append(offenders(f"{train_dir}: PNGs with no label in {tree.labels_csv}", no_label))
     if problems:
-        raise PrepareError("\n".join(problems))
+        raise InputError("\n".join(problems))
     labels = {i: label for i, (label, _) in rows.items()}
     found = sorted(set(labels.values()))
     if len(found) < 2 and set(found) <= set(classes):
-        raise PrepareError(f"{tree.labels_csv}: {len(found)} class ({', '.join(found)}); need at least 2")
+        raise InputError(f"{tree.labels_csv}: {len(found)} class ({', '.join(found)}); need at least 2")
     check_classes(tree.shown(tree.labels_csv), rows, classes)
     if tree.test is not None and tree.sample_csv is not None:
         _check_test_ids(tree, test_files)
@@ -258,7 +258,7 @@ def _check_test_ids(tree: SourceTree, test_files: dict[int, str]) -> None:
         problems.append(f"{tree.test.shown}: {_count(len(extra), 'test PNG')} whose id is not in {shown} "
                         f"(first: {test_files[extra[0]]})")
     if problems:
-        raise PrepareError("\n".join(problems))
+        raise InputError("\n".join(problems))
 
 
 def _check_disk(staged: Path, images: int, layout: str | None, tree: SourceTree) -> None:
@@ -269,7 +269,7 @@ def _check_disk(staged: Path, images: int, layout: str | None, tree: SourceTree)
         need += images * 8192  # no hard links from an archive or across devices: budget a copy of each (small) PNG
     free = shutil.disk_usage(staged).free
     if need > free:
-        raise PrepareError(f"{staged.parent}: not enough disk space for the prepared data: "
+        raise InputError(f"{staged.parent}: not enough disk space for the prepared data: "
                            f"need {need:,} bytes, {free:,} free")
 
 
@@ -304,19 +304,19 @@ def _items(job: Job) -> Iterator[tuple[int, str, str | bytes | None, tuple[str, 
     seen: set[str] = set()
     for name, data in part.stream(set(job.rows), MAX_PNG_BYTES):
         if name in seen:
-            raise PrepareError(f"{part.shown}: unpacking failed (member {name!r} appears twice)")
+            raise InputError(f"{part.shown}: unpacking failed (member {name!r} appears twice)")
         seen.add(name)
         yield job.rows[name], prefix + name, data, job.copies.get(name, ())
     if len(seen) != len(job.rows):
         missing = sorted(job.rows.keys() - seen)
-        raise PrepareError(f"{part.shown}: unpacking failed (the archive ended without {len(missing)} of its "
+        raise InputError(f"{part.shown}: unpacking failed (the archive ended without {len(missing)} of its "
                            f"listed PNGs, first {missing[0]!r})")
 
 
 def _decode_all(jobs: list[Job], workers: int, written: Callable[[Path], None]) -> list[str]:
     """Run every job's decode tasks (in WORKERS processes) with a progress per part; return the converted files.
 
-    Calls WRITTEN(npy) once all of an .npy's rows are written. Raises PrepareError naming the
+    Calls WRITTEN(npy) once all of an .npy's rows are written. Raises InputError naming the
     unreadable files, in row order.
     """
     errors: list[tuple[int, int, str]] = []
@@ -335,7 +335,7 @@ def _decode_all(jobs: list[Job], workers: int, written: Callable[[Path], None]) 
             if not errors:
                 written(job.npy)
     if errors:
-        raise PrepareError(offenders("images that are not readable 32x32 PNGs", [m for *_, m in sorted(errors)]))
+        raise InputError(offenders("images that are not readable 32x32 PNGs", [m for *_, m in sorted(errors)]))
     return converted
 
 

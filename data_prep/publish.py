@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from data_prep import lock
-from data_prep.errors import PrepareError
-from data_prep.files import _alive
+from contracts import lock
+from contracts.errors import InputError
+from contracts.files import _alive
 
 
 class Stopped(KeyboardInterrupt):
@@ -58,7 +58,7 @@ def locked(out: Path) -> Iterator[None]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PrepareError(f"{out.parent}: cannot create the lock file {lock_path(out).name} ({exc.strerror})") from None
+        raise InputError(f"{out.parent}: cannot create the lock file {lock_path(out).name} ({exc.strerror})") from None
     with lock.acquire(lock_path(out), str(out), wait=True):
         yield
 
@@ -111,7 +111,7 @@ def staging_dir(out: Path) -> Path:
     try:
         staged = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     except OSError as exc:
-        raise PrepareError(f"{out.parent}: cannot create a build directory beside {out.name} ({exc.strerror})") from None
+        raise InputError(f"{out.parent}: cannot create a build directory beside {out.name} ({exc.strerror})") from None
     staged.chmod(0o755)
     return staged
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from contracts.errors import InputError, offenders
+from contracts.files import read_bounded
+from contracts.labels import MAX_TABLE_BYTES
 from data_prep import archive
-from data_prep.errors import PrepareError, offenders
-from data_prep.files import read_bounded
-from data_prep.labels import MAX_TABLE_BYTES
 
 LABELS_CSV = "trainLabels.csv"
 SAMPLE_CSV = "sampleSubmission.csv"  # the test ids the competition expects a submission for
@@ -101,14 +101,14 @@ class Source:
 
 
 def locate(src: Path) -> Source:
-    """Classify SRC, list its folders and start fingerprinting it; PrepareError if it cannot be the data."""
+    """Classify SRC, list its folders and start fingerprinting it; InputError if it cannot be the data."""
     src = src.resolve()
     if src.is_file():
         if not zipfile.is_zipfile(src):
-            raise PrepareError(f"{src}: not a directory or a zip file")
+            raise InputError(f"{src}: not a directory or a zip file")
         return Source(src, "zip", _in_thread(_digest, ["zip", src.name, *_stat_key(src)]))
     if not src.is_dir():
-        raise PrepareError(f"{src}: no such file or directory")
+        raise InputError(f"{src}: no such file or directory")
     parts = list(_splits(src).values())
     listings = {part: os.listdir(part) for part in parts if part.suffix != ".7z"}
     kind = "folders" if len(listings) == len(parts) else "7z"
@@ -118,7 +118,7 @@ def locate(src: Path) -> Source:
 def _splits(root: Path) -> dict[str, Path]:
     """ROOT's train (required) and test parts, each its folder if there is one, else its .7z."""
     if not (root / LABELS_CSV).exists():  # anything but a file is refused, and named, when it is read
-        raise PrepareError(f"{root}: missing {LABELS_CSV}")
+        raise InputError(f"{root}: missing {LABELS_CSV}")
     parts: dict[str, Path] = {}
     for split in ("train", "test"):
         folder, packed = root / split, root / f"{split}.7z"
@@ -127,7 +127,7 @@ def _splits(root: Path) -> dict[str, Path]:
         elif packed.is_file():
             parts[split] = packed
         elif split == "train":
-            raise PrepareError(f"{root}: missing train/ (or train.7z)")
+            raise InputError(f"{root}: missing train/ (or train.7z)")
     return parts
 
 
@@ -166,7 +166,7 @@ def list_pngs(folder: Path, names: list[str] | None = None) -> tuple[dict[int, s
 def check_names(folder: Path, bad: list[str]) -> None:
     """Raise for file names that do not follow the competition's `<id>.png`."""
     if bad:
-        raise PrepareError(offenders(f"{folder}: files not named <id>.png", bad))
+        raise InputError(offenders(f"{folder}: files not named <id>.png", bad))
 
 
 def _7z_part(file: Path | Callable[[], BinaryIO], members: list[archive.Member], shown: Path, packed: int) -> Part:
@@ -209,7 +209,7 @@ def _zip_tree(zip_path: Path, scratch: Path, stack: ExitStack) -> SourceTree:
             archive.check_members(shown, inner, files[packed].size)
             parts[split] = _7z_part(opener, inner, shown, files[packed].packed or 0)
         elif split == "train":
-            raise PrepareError(f"{zip_path / root}: missing train/ (or train.7z)")
+            raise InputError(f"{zip_path / root}: missing train/ (or train.7z)")
     return SourceTree(csv, parts["train"], parts.get("test"), sample, zip_path / root)
 
 
@@ -217,7 +217,7 @@ def _copy_csv(zf: zipfile.ZipFile, zip_path: Path, member: str, scratch: Path) -
     """The zip's MEMBER (a CSV, at most MAX_CSV_BYTES) copied into SCRATCH, for read_table."""
     data = archive.read_zip_member(zf, member, MAX_CSV_BYTES)
     if data is None or len(data) > MAX_CSV_BYTES:
-        raise PrepareError(f"{zip_path}: {member} is over {MAX_CSV_BYTES:,} bytes; not the competition's")
+        raise InputError(f"{zip_path}: {member} is over {MAX_CSV_BYTES:,} bytes; not the competition's")
     copy = scratch / Path(member).name
     copy.write_bytes(data)
     return copy
@@ -236,7 +236,7 @@ def _zip_root(zip_path: Path, files: dict[str, archive.Member]) -> str:
     tops = {name.split("/", 1)[0] for name in files if "/" in name}
     if len(tops) == 1 and f"{next(iter(tops))}/{LABELS_CSV}" in files:
         return f"{next(iter(tops))}/"
-    raise PrepareError(f"{zip_path}: holds no {LABELS_CSV} (at the top or in a single top folder)")
+    raise InputError(f"{zip_path}: holds no {LABELS_CSV} (at the top or in a single top folder)")
 
 
 def _stat_keys(folder: Path, names: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data_prep.errors import PrepareError
+from contracts.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -76,24 +76,24 @@ class Manifest(dict):
 
 
 def read_manifest(prep_dir: str | Path) -> Manifest:
-    """The manifest of a prepared directory; PrepareError if missing, unreadable or of another format."""
+    """The manifest of a prepared directory; InputError if missing, unreadable or of another format."""
     path = Path(prep_dir) / MANIFEST
     try:
         with open(path) as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise PrepareError(f"{path}: missing; run `cifar10-hvd prepare --data SRC --out {prep_dir}` first") from None
+        raise InputError(f"{path}: missing; run `cifar10-hvd prepare --data SRC --out {prep_dir}` first") from None
     except (OSError, ValueError) as exc:
-        raise PrepareError(f"{path}: unreadable ({exc})") from None
+        raise InputError(f"{path}: unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise PrepareError(f"{path}: format_version {found!r}, this code reads {FORMAT_VERSION}; prepare it again")
+        raise InputError(f"{path}: format_version {found!r}, this code reads {FORMAT_VERSION}; prepare it again")
     return Manifest(manifest)
 
 
-def _fail(prep_dir: Path, key: str, what: str) -> PrepareError:
+def _fail(prep_dir: Path, key: str, what: str) -> InputError:
     """The error for a manifest key that does not match the directory (exit 2)."""
-    return PrepareError(f"{Path(prep_dir) / MANIFEST}: key '{key}': {what}; prepare the data again")
+    return InputError(f"{Path(prep_dir) / MANIFEST}: key '{key}': {what}; prepare the data again")
 
 
 def _count(prep_dir: Path, key: str, value: object) -> int:
@@ -147,7 +147,7 @@ def _check_entry(prep_dir: Path, manifest: dict, split: str) -> tuple[np.ndarray
 
 
 def check(prep_dir: str | Path, manifest: dict) -> None:
-    """The manifest against the arrays it maps, without reading images: PrepareError naming the key.
+    """The manifest against the arrays it maps, without reading images: InputError naming the key.
 
     Checks the classes, every split's files (sizes as listed, shapes, dtypes), its rows inside the
     arrays, its labels within the classes, and that train, valid and test share no rows.

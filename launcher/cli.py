@@ -9,9 +9,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("launcher.run", "run the whole job (prepare, tune, final, predict) from a YAML config"),
     "prepare": ("data_prep.cli", "validate a Kaggle download and publish it packed (also: python -m data_prep)"),
     "train": ("trainer.train", "train ResNet-18 under horovodrun or alone (also: python -m trainer)"),
-    "predict": ("trainer.predict", "sharded inference, rank 0 writes submission.csv (also: python -m trainer.predict)"),
+    "predict": ("predictor.predict", "sharded inference, rank 0 writes submission.csv (also: python -m predictor.predict)"),
     "export": ("trainer.onnx_export", "write a run's exported model as ONNX (uint8 images in, logits out)"),
-    "score": ("trainer.score", "score a submission against a solution file"),
+    "score": ("predictor.score", "score a submission against a solution file"),
     "demo-data": ("launcher.demo_data", "write a procedural dataset laid out like the Kaggle download"),
     "doctor": ("launcher.doctor", "report Python, MXNet, Horovod, MPI and GPUs, and what is missing"),
 }

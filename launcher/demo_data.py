@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.errors import InputError, run_command
-from data_prep.labels import CIFAR10_CLASSES, write_table
-from data_prep.schema import Parser
+from contracts.errors import InputError, run_command
+from contracts.labels import CIFAR10_CLASSES, write_table
+from contracts.schema import Parser
 
 CLASSES = tuple(CIFAR10_CLASSES)
 SIZE = 32

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.files import atomic_write
+from contracts.files import atomic_write
 from trainer.curves import draw_curves
 from trainer.rundir import read_metrics
 

@@ -25,12 +25,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from data_prep import PrepareError, read_manifest
-from data_prep.errors import INPUT_ERROR_FILE, InputError, run_command
-from data_prep.files import atomic_write_text
-from data_prep.labels import read_table
-from data_prep.lock import lock_dir
-from data_prep.schema import ConfigError, Parser, add_flags, apply_flags, to_argv
+from contracts.errors import INPUT_ERROR_FILE, InputError, run_command
+from contracts.files import atomic_write_text
+from contracts.labels import read_table
+from contracts.lock import lock_dir
+from contracts.schema import Parser, add_flags, apply_flags, to_argv
+from data_prep import read_manifest
 from launcher import child, workdir
 from launcher.report import write_report
 from launcher.run_config import (
@@ -103,17 +103,17 @@ def launch_hosts(launch: LaunchConfig) -> list[tuple[str, int | None]]:
 def horovodrun_hosts(launch: LaunchConfig, hosts: list[tuple[str, int | None]]) -> str:
     """horovodrun's -H value for HOSTS ('' for none: localhost), every slot count written out (1 where none is
     given, as mpirun counts a bare host). A hostfile's hosts go as -H too: horovodrun's own hostfile reader
-    takes no comments, blank lines or HOST:SLOTS. ConfigError when horovodrun cannot place np ranks on them."""
+    takes no comments, blank lines or HOST:SLOTS. InputError when horovodrun cannot place np ranks on them."""
     if not hosts:
         return ""
     where = f"hosts {launch.hosts!r}" if launch.hosts else f"hostfile {launch.hostfile}"
     ipv6 = [name for name, _ in hosts if ":" in name]
     if ipv6:
-        raise ConfigError(f"{where}: horovodrun -H takes host names and IPv4 addresses, not the IPv6 address "
+        raise InputError(f"{where}: horovodrun -H takes host names and IPv4 addresses, not the IPv6 address "
                           f"{ipv6[0]}; give that host a name (e.g. in /etc/hosts)")
     slots = sum(n or 1 for _, n in hosts)
     if launch.np > slots:
-        raise ConfigError(f"{launch.np} ranks (np) do not fit the {slots} slots of {where}; lower np or give "
+        raise InputError(f"{launch.np} ranks (np) do not fit the {slots} slots of {where}; lower np or give "
                           "the hosts more slots (HOST:SLOTS)")
     return ",".join(f"{name}:{n or 1}" for name, n in hosts)
 
@@ -263,7 +263,7 @@ class Pipeline:
                 return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume, verify=verify,
                              allow_changes=self.resume_with_changes)
         else:
-            from trainer.predict import predict
+            from predictor.predict import predict
 
             p = self.cfg.predict
 
@@ -317,13 +317,13 @@ class Pipeline:
         training stage re-hashes the prepared files first (rank 0; sizes are checked always)."""
         if stage == "prepare":
             if not self.cfg.data:
-                raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
+                raise InputError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
             return ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared), *to_argv(self.cfg.prepare)]
         if stage in TRAIN_STAGES:
             a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir), "--phase", stage]
             resume_flag = "--resume-with-changes" if self.resume_with_changes else "--resume"
             return a + ([resume_flag] if resume else []) + (["--verify"] if verify else []) + to_argv(self.cfg.train)
-        return ["-m", "trainer.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
+        return ["-m", "predictor.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
                 "--out", str(self.workdir / "submission.csv"), *to_argv(self.cfg.predict)]
 
     def prepare(self) -> bool:
@@ -334,7 +334,7 @@ class Pipeline:
         """
         try:
             before = self.data_identity()
-        except PrepareError:
+        except InputError:
             before = None
         try:
             self.execute("prepare", self.workdir, False)
@@ -409,13 +409,13 @@ class Pipeline:
         phases = self.cfg.phases
         if "prepare" in phases:
             if not self.cfg.data:
-                raise ConfigError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
+                raise InputError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
             if not os.path.lexists(self.cfg.data):
-                raise ConfigError(f"data {self.cfg.data}: no such file or directory")
+                raise InputError(f"data {self.cfg.data}: no such file or directory")
         elif phases:
-            read_manifest(self.prepared)  # PrepareError naming PREP/manifest.json
+            read_manifest(self.prepared)  # InputError naming PREP/manifest.json
         if os.path.lexists(self.workdir) and not self.workdir.is_dir():
-            raise ConfigError(f"workdir {self.workdir}: exists and is not a directory")
+            raise InputError(f"workdir {self.workdir}: exists and is not a directory")
         for stage in TRAIN_STAGES:
             if stage in phases:
                 workdir.stage_dir(self.workdir / stage, self.resume)

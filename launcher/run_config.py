@@ -3,7 +3,7 @@
 Top-level keys: version, data, prepared, workdir, phases, and the sections prepare,
 train, predict, launch. Each section is the class of the stage that owns it:
 data_prep.config.PrepareConfig, trainer.config.TrainConfig and PredictConfig, and
-LaunchConfig here; every value goes through data_prep.schema's validators, the same
+LaunchConfig here; every value goes through contracts.schema's validators, the same
 ones the stages' own flags use. The resolved run-config.yaml is a versioned RunConfig
 record, read back with load_run_config.
 """
@@ -18,19 +18,20 @@ from typing import Any
 
 import yaml
 
-from data_prep.config import PrepareConfig
-from data_prep.files import atomic_write_text, read_bounded
-from data_prep.schema import (
+from contracts.files import atomic_write_text, read_bounded
+from contracts.schema import (
     RUN_CONFIG_KEYS,
     RUN_CONFIG_SCALARS,
     RUN_CONFIG_SECTIONS,
-    ConfigError,
+    InputError,
     StrictDumper,
     from_mapping,
     parse_yaml,
     read_yaml,
 )
-from trainer.config import PredictConfig, TrainConfig
+from data_prep.config import PrepareConfig
+from predictor.config import PredictConfig
+from trainer.config import TrainConfig
 
 PHASES = ("prepare", "tune", "final", "predict")
 RUN_CONFIG_VERSION = 1  # the `version:` of run-config.yaml; a config file may leave it out
@@ -85,11 +86,11 @@ def _read_hostfile(path: Path) -> str:
     try:
         data = read_bounded(path, HOSTFILE_MAX_BYTES, "hostfile")
     except OSError as e:
-        raise ConfigError(f"hostfile {path}: {e.strerror}") from None
+        raise InputError(f"hostfile {path}: {e.strerror}") from None
     try:
         return data.decode()
     except UnicodeDecodeError:
-        raise ConfigError(f"hostfile {path}: not UTF-8 text") from None
+        raise InputError(f"hostfile {path}: not UTF-8 text") from None
 
 
 def _hostfile_entry(text: str) -> tuple[str, int | None]:
@@ -107,7 +108,7 @@ def _hostfile_entry(text: str) -> tuple[str, int | None]:
 
 def parse_hostfile(path: str | Path) -> list[tuple[str, int | None]]:
     """The hosts of a hostfile as Open MPI and horovodrun write it: one `HOST`, `HOST:SLOTS` or `HOST slots=SLOTS`
-    a line, '#' comments and blank lines; ConfigError naming the file and line of anything else."""
+    a line, '#' comments and blank lines; InputError naming the file and line of anything else."""
     hosts = []
     for number, line in enumerate(_read_hostfile(Path(path)).splitlines(), start=1):
         text = line.split("#", 1)[0].strip()
@@ -116,9 +117,9 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int | None]]:
         try:
             hosts.append(_hostfile_entry(text))
         except ValueError as e:
-            raise ConfigError(f"hostfile {path} line {number}: {line.strip()!r}: {e}") from None
+            raise InputError(f"hostfile {path} line {number}: {line.strip()!r}: {e}") from None
     if not hosts:
-        raise ConfigError(f"hostfile {path}: lists no hosts")
+        raise InputError(f"hostfile {path}: lists no hosts")
     return hosts
 
 
@@ -166,11 +167,11 @@ def parse_phases(value: Any, source: str) -> list[str]:
     """'prepare,tune' or a YAML list -> validated phase names in pipeline order."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise ConfigError(f"{source}: key 'phases' must be a list of {', '.join(PHASES)}")
+        raise InputError(f"{source}: key 'phases' must be a list of {', '.join(PHASES)}")
     names = [str(p).strip() for p in items]
     bad = [p for p in names if p not in PHASES]
     if bad:
-        raise ConfigError(f"{source}: key 'phases' has unknown phase(s) {', '.join(bad)} (known: {', '.join(PHASES)})")
+        raise InputError(f"{source}: key 'phases' has unknown phase(s) {', '.join(bad)} (known: {', '.join(PHASES)})")
     return [p for p in PHASES if p in names]
 
 
@@ -187,17 +188,17 @@ def from_dict(data: dict, source: str) -> RunConfig:
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise ConfigError(f"{source}: key '{key}' must be a string path, got {value!r}")
+                raise InputError(f"{source}: key '{key}' must be a string path, got {value!r}")
             setattr(cfg, key, value)
         elif key == "phases":
             cfg.phases = parse_phases(value, source)
         elif key == "version":
             if type(value) is not int or value != RUN_CONFIG_VERSION:
-                raise ConfigError(f"{source}: key 'version' is {value!r}; this code reads run configs of version "
+                raise InputError(f"{source}: key 'version' is {value!r}; this code reads run configs of version "
                                   f"{RUN_CONFIG_VERSION}")
         else:
             known = ", ".join(RUN_CONFIG_KEYS)
-            raise ConfigError(f"{source}: unknown key '{key}' (known keys: {known})")
+            raise InputError(f"{source}: unknown key '{key}' (known keys: {known})")
     return cfg
 
 
@@ -207,7 +208,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. train.epochs=3")
+            raise InputError(f"override '{item}': expected key=value, e.g. train.epochs=3")
         value = parse_yaml(raw, f"override '{item}'") if raw else ""
         section, dot, name = key.partition(".")
         if not dot:
@@ -219,13 +220,13 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
                 continue
             if len(owners) != 1:
                 where = f"is in sections {', '.join(owners)}; write e.g. {owners[0]}.{name}=..." if owners else "is not a known key"
-                raise ConfigError(f"override '{item}': '{name}' {where}")
+                raise InputError(f"override '{item}': '{name}' {where}")
             section = owners[0]
         if section not in _SECTIONS:
-            raise ConfigError(f"override '{item}': unknown section '{section}' (known: {', '.join(_SECTIONS)})")
+            raise InputError(f"override '{item}': unknown section '{section}' (known: {', '.join(_SECTIONS)})")
         sub = data.get(section) or {}
         if not isinstance(sub, dict):
-            raise ConfigError(f"{path}: section '{section}' must be a mapping")
+            raise InputError(f"{path}: section '{section}' must be a mapping")
         from_mapping(_SECTIONS[section], {name: value}, f"override '{item}'")  # an error names the override
         data[section] = {**sub, name: value}
     return from_dict(data, str(path))

@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from data_prep.errors import InputError
-from data_prep.lock import DIR_LOCK, acquire
+from contracts.errors import InputError
+from contracts.lock import DIR_LOCK, acquire
 from data_prep.publish import publish, remove_leftovers
 from trainer.rundir import RUN_CONFIG
 

@@ -15,12 +15,12 @@ from conftest import ROOT, run_cli
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before mxnet is first imported in this process
 
+from contracts.schema import to_argv  # noqa: E402
 from data_prep import cli as prepare_cli  # noqa: E402
 from data_prep.config import PrepareConfig  # noqa: E402
-from data_prep.schema import to_argv  # noqa: E402
 from launcher import cli, run_config  # noqa: E402
 from launcher import run as run_mod  # noqa: E402
-from trainer import predict as predict_mod  # noqa: E402
+from predictor import predict as predict_mod  # noqa: E402
 from trainer import train as train_mod  # noqa: E402
 
 
@@ -140,7 +140,8 @@ def test_prepare_argv_is_built_from_the_class(tmp_path):
 
 def test_train_and_predict_argv_are_built_from_their_classes(tmp_path):
     # under horovodrun the stages get flags from their section's class, parsed back to the same sections
-    from trainer.config import PredictConfig, TrainConfig
+    from predictor.config import PredictConfig
+    from trainer.config import TrainConfig
 
     cfg = run_config.load_run_config(write(tmp_path / "c.yaml", "data: /src\n"),
                                      ["train.epochs=3", "train.lr=0.05", "train.label_smoothing=0.1",
@@ -152,7 +153,7 @@ def test_train_and_predict_argv_are_built_from_their_classes(tmp_path):
     assert train_mod.resolve(TrainConfig, args, None, "train") == cfg.train
     assert (args.phase, args.resume, args.out) == ("final", True, str(pipe.workdir / "final"))
     argv = pipe.argv("predict", pipe.workdir)
-    assert argv[:2] == ["-m", "trainer.predict"] and "--config" not in argv
+    assert argv[:2] == ["-m", "predictor.predict"] and "--config" not in argv
     assert predict_mod.resolve(PredictConfig, predict_mod.build_parser().parse_args(argv[2:]), None, "predict") == cfg.predict
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import horovodrun, run_cli
 
 import data_prep
-from data_prep.errors import PrepareError
+from contracts.errors import InputError
 
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1"]
 
@@ -70,7 +70,7 @@ def test_open_split_checks_the_manifest_against_the_arrays(prepared, tmp_path, c
     prep = copy_prepared(prepared, tmp_path / "prep")
     corrupt, expect = MANIFEST_CASES[case]
     corrupt(prep)
-    with pytest.raises(PrepareError, match="manifest.json: key ") as err:
+    with pytest.raises(InputError, match="manifest.json: key ") as err:
         data_prep.open_split(prep, "train")
     assert expect in str(err.value)
 

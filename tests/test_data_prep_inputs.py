@@ -25,6 +25,7 @@ from data_prep_sources import (
 from PIL import Image
 
 import data_prep
+from contracts.errors import InputError
 from data_prep import cli
 
 pipeline = sys.modules["data_prep.pipeline"]
@@ -233,7 +234,7 @@ def test_grayscale_rgba_and_palette_are_converted_with_a_warning(tmp_path, capsy
 
 
 def test_reading_an_unprepared_directory_names_the_fix(tmp_path):
-    with pytest.raises(data_prep.PrepareError, match="manifest.json: missing; run `cifar10-hvd prepare"):
+    with pytest.raises(InputError, match="manifest.json: missing; run `cifar10-hvd prepare"):
         data_prep.open_split(tmp_path, "train")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         data_prep.open_split(tmp_path, "dev")

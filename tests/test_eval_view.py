@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.config import ConfigError, TrainConfig, from_mapping
+from contracts.errors import InputError
+from trainer.config import TrainConfig, from_mapping
 from trainer.presets import MEAN, STD, eval_transform, normalize
 
 
@@ -37,5 +38,5 @@ def test_crop_changes_the_view(images):
 
 def test_eval_crop_is_validated():
     assert from_mapping(TrainConfig, {"eval_crop": 36}, "x").eval_crop == 36
-    with pytest.raises(ConfigError, match="key 'eval_crop' must be one of"):
+    with pytest.raises(InputError, match="key 'eval_crop' must be one of"):
         from_mapping(TrainConfig, {"eval_crop": 20}, "cfg.yaml")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import BIN, horovodrun, run_cli
 
+from contracts.errors import InputError
 from launcher.doctor import gpu_report
 from trainer import rundir
-from trainer.config import ConfigError, TrainConfig, from_mapping
+from trainer.config import TrainConfig, from_mapping
 from trainer.cuda_arch import KNOWN_BUILDS, NO_KERNEL, kernel_for, support_problem
 from trainer.inference import ACTIVATION_BUDGET, device_budget, forward_rows
 from trainer.precision import amp_error, loss_scale_state, restore_loss_scale
@@ -138,7 +139,7 @@ def test_compression_key():
 
     assert TrainConfig().compression == "none"
     assert from_mapping(TrainConfig, {"compression": "fp16"}, "x.yaml").compression == "fp16"
-    with pytest.raises(ConfigError, match="'compression'.*x.yaml|x.yaml.*'compression'"):
+    with pytest.raises(InputError, match="'compression'.*x.yaml|x.yaml.*'compression'"):
         from_mapping(TrainConfig, {"compression": "fp8"}, "x.yaml")
     assert compressor("fp16") is COMPRESSIONS["fp16"] and compressor("none") is COMPRESSIONS["none"]
 

@@ -110,8 +110,8 @@ def test_predict_out_never_replaces_a_device_or_fifo_and_is_checked_before_infer
 
 
 def test_atomic_write_refuses_a_directory_and_leaves_a_regular_file_replaceable(tmp_path):
-    from data_prep.errors import InputError
-    from data_prep.files import atomic_write_text
+    from contracts.errors import InputError
+    from contracts.files import atomic_write_text
 
     (tmp_path / "d").mkdir()
     with pytest.raises(InputError, match=r"d: output is not a regular file \(a directory\)"):

@@ -100,7 +100,7 @@ def test_onnxruntime_engine_writes_the_same_submission_as_mxnet(run, prepared, t
     proc = run_cli(["predict", *args, "--engine", "onnxruntime", "--out", str(tmp_path / "ort.csv")], check=True)
     assert "(float32, onnxruntime)" in proc.stdout and f"read {run / 'model.onnx'}" in proc.stdout
     assert (tmp_path / "ort.csv").read_bytes() == (run / "submission.csv").read_bytes()
-    horovodrun(2, ["python", "-m", "trainer.predict", *args, "--engine", "onnxruntime",
+    horovodrun(2, ["python", "-m", "predictor.predict", *args, "--engine", "onnxruntime",
                    "--out", str(tmp_path / "ort-np2.csv")])
     assert (tmp_path / "ort-np2.csv").read_bytes() == (run / "submission.csv").read_bytes()
     for engine in ("mxnet", "onnxruntime"):
@@ -148,7 +148,7 @@ def test_int8_on_both_engines_agrees_with_the_float32_client(run, prepared, clie
         got = np.array([submission(out)[i] for i in client["ids"]])[clear]
         assert (got == want).mean() >= 0.999, (engine, int((got != want).sum()), len(want))
     # every rank quantizes alike (same calibration images), so the ranks' labels are those of one process
-    horovodrun(2, ["python", "-m", "trainer.predict", "--prepared", str(prepared), "--model", str(run), "--engine",
+    horovodrun(2, ["python", "-m", "predictor.predict", "--prepared", str(prepared), "--model", str(run), "--engine",
                    "onnxruntime", "--precision", "int8", "--out", str(tmp_path / "np2.csv")])
     assert (tmp_path / "np2.csv").read_bytes() == (tmp_path / "onnxruntime-int8.csv").read_bytes()
 
@@ -157,7 +157,7 @@ def test_export_refuses_an_int8_mkldnn_graph_by_its_operators(run, prepared, tmp
     import mxnet as mx
 
     import data_prep
-    from trainer.predict import load_model
+    from predictor.predict import load_model
 
     q = shutil.copytree(run, tmp_path / "q")
     calib = np.asarray(data_prep.open_split(prepared, "train").images[:64])

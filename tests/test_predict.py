@@ -1,4 +1,4 @@
-"""trainer.predict: ids 1..N once and ascending, each paired with its own image's prediction,
+"""predictor.predict: ids 1..N once and ascending, each paired with its own image's prediction,
 byte-identical under 1 and 2 real Horovod ranks, uneven and tiny shards, TTA, input errors.
 
 The models here are untrained ResNet-18s (width 4) whose last layer is re-centred on demo
@@ -124,7 +124,7 @@ def test_ids_numeric_order_each_with_its_own_image(twelve, tmp_path):
 
 
 def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
-    from trainer.predict import predict
+    from predictor.predict import predict
 
     src, prep, run = twelve
     res = predict(prep, run, tmp_path / "tta.csv", batch_size=4, tta="flip", quiet=True)
@@ -140,8 +140,8 @@ def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
 
 def test_eval_crop_reaches_predict_through_the_run_record(twelve, tmp_path):
     """The run record written by training (trainer.train.write_run_record) carries eval_crop to predict."""
+    from predictor.predict import predict
     from trainer.config import TrainConfig
-    from trainer.predict import predict
     from trainer.train import write_run_record
 
     src, prep, _ = twelve
@@ -155,7 +155,7 @@ def test_eval_crop_reaches_predict_through_the_run_record(twelve, tmp_path):
 
 
 def test_run_without_final_model_uses_newest_checkpoint(twelve, tmp_path):
-    from trainer.predict import predict
+    from predictor.predict import predict
 
     src, prep, run = twelve
     ckpt_run = tmp_path / "ckpt-run"
@@ -176,7 +176,7 @@ def test_run_without_final_model_uses_newest_checkpoint(twelve, tmp_path):
 def test_np1_and_np2_byte_identical(prepared, tmp_path):
     """97 test rows on 2 ranks (48 + 49) with batch 16: uneven shards and padded last batches."""
     run = make_run(tmp_path / "run", seed=2)
-    args = ["-m", "trainer.predict", "--prepared", str(prepared), "--model", str(run), "--batch-size", "16"]
+    args = ["-m", "predictor.predict", "--prepared", str(prepared), "--model", str(run), "--batch-size", "16"]
     horovodrun(1, ["python", *args, "--out", str(tmp_path / "np1.csv")])
     proc = horovodrun(2, ["python", *args, "--out", str(tmp_path / "np2.csv")])
     assert "on 2 rank(s)" in proc.stdout
@@ -197,7 +197,7 @@ def test_int8_np1_and_np2_byte_identical(prepared, tmp_path):
     run = make_run(tmp_path / "run", seed=4)
     args = ["--prepared", str(prepared), "--model", str(run), "--batch-size", "16", "--precision", "int8"]
     run_cli(["predict", *args, "--out", str(tmp_path / "np1.csv")], check=True)
-    proc = horovodrun(2, ["python", "-m", "trainer.predict", *args, "--out", str(tmp_path / "np2.csv")])
+    proc = horovodrun(2, ["python", "-m", "predictor.predict", *args, "--out", str(tmp_path / "np2.csv")])
     assert "on 2 rank(s) (int8)" in proc.stdout
     assert (tmp_path / "np1.csv").read_bytes() == (tmp_path / "np2.csv").read_bytes()
     _, ids, labels = read_submission(tmp_path / "np1.csv")
@@ -211,7 +211,7 @@ def test_tiny_and_prime_test_sets_on_two_ranks(tmp_path, n_test):
     src, prep = make_prepared(tmp_path, n_test)
     run = make_run(tmp_path / "run", seed=3)
     out = tmp_path / "sub.csv"
-    horovodrun(2, ["python", "-m", "trainer.predict", "--prepared", str(prep), "--model", str(run),
+    horovodrun(2, ["python", "-m", "predictor.predict", "--prepared", str(prep), "--model", str(run),
                    "--out", str(out), "--batch-size", "4"])
     _, ids, labels = read_submission(out)
     assert ids == list(range(1, n_test + 1))
@@ -220,7 +220,7 @@ def test_tiny_and_prime_test_sets_on_two_ranks(tmp_path, n_test):
 
 
 def test_input_errors_exit_2(twelve, tmp_path, capsys):
-    from trainer.predict import main
+    from predictor.predict import main
 
     src, prep, run = twelve
     cases = [
@@ -242,7 +242,7 @@ def test_input_errors_exit_2(twelve, tmp_path, capsys):
 
 def test_out_that_is_a_directory_is_an_input_error(twelve, tmp_path, capsys):
     # issue 14 item 10: was exit 1 after inference, with a raw IsADirectoryError
-    from trainer.predict import main
+    from predictor.predict import main
 
     src, prep, run = twelve
     target = tmp_path / "subdir"

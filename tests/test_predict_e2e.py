@@ -13,7 +13,7 @@ def test_trained_model_scores_well_above_chance(prepared, demo_src, tmp_path):
     run_cli(["train", "--prepared", str(prepared), "--out", str(run), "--phase", "final", "--width", "8",
              "--epochs", "10", "--batch-size", "32", "--lr", "0.05", "--lr-period", "8", "--threads", "1"], check=True)
     sub = tmp_path / "submission.csv"
-    horovodrun(2, ["python", "-m", "trainer.predict", "--prepared", str(prepared), "--model", str(run),
+    horovodrun(2, ["python", "-m", "predictor.predict", "--prepared", str(prepared), "--model", str(run),
                    "--out", str(sub), "--batch-size", "32", "--tta", "flip"])
     with open(sub, newline="") as f:
         ids = [int(r["id"]) for r in csv.DictReader(f)]

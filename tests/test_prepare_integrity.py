@@ -14,7 +14,7 @@ from conftest import BIN, ROOT, run_cli, tool_env
 from data_prep_sources import leftovers, seven_zip_folder, write_csv, write_source, zip_tree
 
 import data_prep
-from data_prep.labels import CIFAR10_CLASSES
+from contracts.labels import CIFAR10_CLASSES
 from launcher import run_config
 
 TEN = {name: 2 for name in CIFAR10_CLASSES}  # ids 1..20; trainLabels.csv holds id N on line N + 1

@@ -225,9 +225,9 @@ def _final(out: Path) -> dict:
 def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     import mxnet as mx
 
+    from predictor.predict import load_model
     from trainer import rundir
     from trainer.evaluate import evaluate
-    from trainer.predict import load_model
 
     whole, part = tmp_path / "whole", tmp_path / "part"
     proc = _train(prepared, whole, "--epochs", "2")

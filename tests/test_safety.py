@@ -233,7 +233,7 @@ def test_a_lock_taken_a_moment_ago_names_its_holder(tmp_path, before):
     # CI saw the loser of two simultaneous trainers report "in use by another process": it read the
     # lock file after the winner's flock and before the winner had written its pid and host into it
     # (a file left by a dead writer still names that writer in the same moment)
-    from data_prep.lock import Busy, acquire
+    from contracts.lock import Busy, acquire
 
     path = tmp_path / LOCK
     if before != "new file":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import score as score_mod
+from predictor import score as score_mod
 
 CLASSES = score_mod.CIFAR10_CLASSES
 
@@ -103,7 +103,7 @@ def test_score_bad_bytes_and_ids_exit_2_naming_the_line(tmp_path, capfd, line3, 
 
 def test_score_and_prepare_share_one_bom_and_crlf_policy(tmp_path, capsys):
     """Issue 14 item 10: a BOM and CRLF line ends, which prepare accepts in trainLabels.csv, are accepted by score."""
-    from data_prep.labels import read_labels
+    from contracts.labels import read_labels
 
     bom = b"\xef\xbb\xbfid,label\r\n1,cat\r\n2,dog\r\n"
     (tmp_path / "submission.csv").write_bytes(bom)
@@ -118,7 +118,7 @@ def test_id_label_module_round_trip_and_writer_policy(tmp_path):
     """The one id,label module: what it writes it reads back (300,000 rows); it refuses to write ids it would reject."""
     import numpy as np
 
-    from data_prep.labels import read_table, write_table
+    from contracts.labels import read_table, write_table
 
     rng = np.random.default_rng(0)
     ids = rng.permutation(300_000) + 1

@@ -127,7 +127,7 @@ def _tiny_net_and_trainer():
 
 
 def test_checkpoints_are_complete_pruned_and_found(tmp_path):
-    with pytest.raises(rundir.RunDirError, match="no model-final.params"):
+    with pytest.raises(rundir.InputError, match="no model-final.params"):
         rundir.find_model_params(tmp_path)
     net, trainer = _tiny_net_and_trainer()
     for epoch in (1, 2, 3, 4):
@@ -148,10 +148,10 @@ def test_checkpoints_are_complete_pruned_and_found(tmp_path):
 
 
 def test_read_run_config_names_the_file(tmp_path):
-    with pytest.raises(rundir.RunDirError, match="config.json"):
+    with pytest.raises(rundir.InputError, match="config.json"):
         rundir.read_run_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(rundir.RunDirError, match="not valid JSON"):
+    with pytest.raises(rundir.InputError, match="not valid JSON"):
         rundir.read_run_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"classes": ["a"]}))
     assert rundir.read_run_config(tmp_path)["classes"] == ["a"]

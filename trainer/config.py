@@ -3,8 +3,8 @@
 Precedence is defaults < YAML file < command-line flags. A YAML file is either a
 flat mapping of these keys or a full run config (configs/*.yaml) whose `train:`
 and `predict:` sections are read here. Reading, validation and flags are
-data_prep.schema's (re-exported here for existing imports); unknown keys, wrong
-types and impossible values raise ConfigError (data_prep.errors.InputError) naming
+contracts.schema's (re-exported here for existing imports); unknown keys, wrong
+types and impossible values raise InputError (contracts.errors.InputError) naming
 the key and the file.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.schema import (  # noqa: F401 - re-exported: trainer and launcher callers import them from here
+from contracts.schema import (  # noqa: F401 - re-exported: trainer and launcher callers import them from here
     RUN_CONFIG_KEYS,
     RUN_CONFIG_SCALARS,
     RUN_CONFIG_SECTIONS,
-    ConfigError,
+    InputError,
     add_flags,
     check_value,
     from_mapping,
@@ -69,19 +69,6 @@ class TrainConfig:
     tta: str = field(default="none", metadata={"help": "validation view: flip = the average of the image's and its mirror's logits, as predict --tta flip (the plain view's accuracy is recorded beside it)", "choices": ("none", "flip")})
     low_res: int = field(default=0, metadata={"help": "progressive resizing: the first low_res_epochs epochs train on batches downscaled to low_res x low_res (area average; 0 = off, the seed's 32)", "choices": (0, *range(8, 32))})
     low_res_epochs: int = field(default=0, metadata={"help": "progressive resizing: epochs at low_res before training at 32x32", "min": 0})
-
-
-@dataclass
-class PredictConfig:
-    """Inference options for trainer.predict."""
-
-    batch_size: int = field(default=512, metadata={"help": "per-rank inference batch size", "min": 1})
-    tta: str = field(default="none", metadata={"help": "test-time augmentation", "choices": ("none", "flip")})
-    precision: str = field(default="float32", metadata={"help": "int8: MKLDNN-quantized CPU inference, calibrated on 512 training images (benchmarks/bench_predict.py gate)", "choices": ("float32", "int8")})
-    threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
-    engine: str = field(default="mxnet", metadata={"help": "inference engine: mxnet, or onnxruntime (RUN/model.onnx on the CPU; int8 by onnxruntime's static quantization; pip install '.[onnx]')", "choices": ("mxnet", "onnxruntime")})
-
-
 
 
 CHANGE_KEYS = {"epoch", "key", "old", "new"}
@@ -136,26 +123,26 @@ class RunRecord:
 
 
 def run_record(data: Any, source: str) -> RunRecord:
-    """Validate config.json's parsed JSON into a RunRecord; ConfigError names the key and source."""
+    """Validate config.json's parsed JSON into a RunRecord; InputError names the key and source."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{source}: expected a JSON object, got {type(data).__name__}")
     rest = dict(data)
     train = from_mapping(TrainConfig, rest.pop("train", {}), f"{source} (train)")
     classes = rest.pop("classes", None)
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise ConfigError(f"{source}: key 'classes' must be a non-empty list of class names, got {classes!r}")
+        raise InputError(f"{source}: key 'classes' must be a non-empty list of class names, got {classes!r}")
     versions = rest.pop("versions", {})
     if not isinstance(versions, dict):
-        raise ConfigError(f"{source}: key 'versions' must be a mapping, got {versions!r}")
+        raise InputError(f"{source}: key 'versions' must be a mapping, got {versions!r}")
     changes = rest.pop("changes", [])
     if not isinstance(changes, list) or not all(isinstance(c, dict) and set(c) == CHANGE_KEYS for c in changes):
-        raise ConfigError(f"{source}: key 'changes' must be a list of {{epoch, key, old, new}} entries")
+        raise InputError(f"{source}: key 'changes' must be a list of {{epoch, key, old, new}} entries")
     return from_mapping(RunRecord, rest, source,
                         RunRecord(train=train, classes=classes, versions=versions, changes=changes))
 
 
 def read_run_record(run_dir: str | Path) -> RunRecord:
-    """RUN/config.json read back through the schema (RunDirError if missing or not JSON)."""
+    """RUN/config.json read back through the schema (InputError if missing or not JSON)."""
     from trainer.rundir import RUN_CONFIG, read_run_config
 
     return run_record(read_run_config(run_dir), str(Path(run_dir) / RUN_CONFIG))

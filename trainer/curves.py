@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.files import atomic_write
+from contracts.files import atomic_write
 from trainer.rundir import CURVES
 
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.errors import PrepareError
+from contracts.errors import InputError
 
 
 def verify_prepared(hvd, prepared: str | Path, hashes: bool) -> None:
     """Rank 0 checks the prepared dir (manifest against arrays and sizes; sha256 too with hashes) before
-    any rank reads it; every rank raises the same PrepareError, so none is left waiting in a collective."""
+    any rank reads it; every rank raises the same InputError, so none is left waiting in a collective."""
     from data_prep.store import check, read_manifest, verify
 
     problem = ""
@@ -18,7 +18,7 @@ def verify_prepared(hvd, prepared: str | Path, hashes: bool) -> None:
             differ = verify(prepared) if hashes else []
             if differ:
                 problem = f"{prepared}: sha256 differs from the manifest for {', '.join(differ)}"
-        except PrepareError as e:
+        except InputError as e:
             problem = str(e)
     if hvd.size() > 1:
         import mxnet as mx
@@ -27,4 +27,4 @@ def verify_prepared(hvd, prepared: str | Path, hashes: bool) -> None:
         # wait until every rank has the verdict (collectives are asynchronous): a rank that leaves ends Horovod
         hvd.allreduce(mx.nd.zeros(1), name="prepared.verified").wait_to_read()
     if problem:
-        raise PrepareError(problem)
+        raise InputError(problem)

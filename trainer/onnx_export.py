@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError, run_command
+from contracts.errors import InputError, run_command
 
 ONNX_MODEL = "model.onnx"
 OPSET = 13  # MXNet 1.9.1's translators go up to 13; fixed so the file does not change with the onnx package
@@ -240,7 +240,7 @@ def export_final(run_dir: str | Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_prep.schema import Parser
+    from contracts.schema import Parser
 
     p = Parser(prog="cifar10-hvd export", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="trainer run dir with the final phase's export (e.g. WORKDIR/final)")

@@ -30,8 +30,8 @@ import numpy as np
 MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 STD = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32)
 # ToTensor divides by 255, then Normalize: (x/255 - mean)/std == x*scale + shift.
-_SCALE = (1.0 / (255.0 * STD)).astype(np.float32)
-_SHIFT = (-MEAN / STD).astype(np.float32)
+NORM_SCALE = (1.0 / (255.0 * STD)).astype(np.float32)
+NORM_SHIFT = (-MEAN / STD).astype(np.float32)
 SIZE = 32
 RESIZE = 40
 SCALE = (0.64, 1.0)
@@ -75,8 +75,8 @@ def _crop_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 ROWS, COLS_T, INDEX = _crop_tables()
-_SCALE_NCHW = _SCALE[None, :, None, None]
-_SHIFT_NCHW = _SHIFT[None, :, None, None]
+_SCALE_NCHW = NORM_SCALE[None, :, None, None]
+_SHIFT_NCHW = NORM_SHIFT[None, :, None, None]
 
 
 def draw_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,8 +194,8 @@ def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty((n, c, h, w), dtype=np.float32)
     for ch in range(c):
-        np.multiply(images[..., ch], _SCALE[ch], out=out[:, ch], casting="unsafe")
-        out[:, ch] += _SHIFT[ch]
+        np.multiply(images[..., ch], NORM_SCALE[ch], out=out[:, ch], casting="unsafe")
+        out[:, ch] += NORM_SHIFT[ch]
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from data_prep.errors import InputError
+from contracts.errors import InputError
 from trainer.config import TrainConfig
 
 

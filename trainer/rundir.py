@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import InputError
-from data_prep.files import atomic_write, atomic_write_text, remove_stale_temps
+from contracts.errors import InputError
+from contracts.files import atomic_write, atomic_write_text, remove_stale_temps
 from data_prep.store import sha256_file
 
 RUN_CONFIG = "config.json"
@@ -47,7 +47,6 @@ MAX_RECORD_BYTES = 1 << 20  # a checkpoint's .json is a few KiB; anything far la
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-RunDirError = InputError  # a run directory lacks what was asked of it; the message names the path (exit 2)
 
 
 def start(run_dir: str | Path) -> list[Path]:
@@ -67,13 +66,13 @@ def holds_run(run_dir: str | Path) -> bool:
 
 @contextlib.contextmanager
 def writing(path: str | Path):
-    """A full disk (or quota) while writing path: RunDirError naming path (exit 2), not a bare errno."""
+    """A full disk (or quota) while writing path: InputError naming path (exit 2), not a bare errno."""
     try:
         yield
     except OSError as e:
         if e.errno not in _FULL:
             raise
-        raise RunDirError(f"{path}: {e.strerror}; the run's files before it are intact: free space on "
+        raise InputError(f"{path}: {e.strerror}; the run's files before it are intact: free space on "
                           f"{Path(path).parent} and continue with --resume") from None
 
 
@@ -120,9 +119,9 @@ def read_run_config(run_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise RunDirError(f"{path}: no run config (is {run_dir} a trainer run directory?)") from e
+        raise InputError(f"{path}: no run config (is {run_dir} a trainer run directory?)") from e
     except json.JSONDecodeError as e:
-        raise RunDirError(f"{path}: not valid JSON: {e}") from e
+        raise InputError(f"{path}: not valid JSON: {e}") from e
 
 
 # --- metrics.jsonl ------------------------------------------------------------------------------------
@@ -172,7 +171,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def find_model_params(run_dir: str | Path) -> Path:
-    """RUN/model-final.params, else the newest complete checkpoint's .params, else RunDirError."""
+    """RUN/model-final.params, else the newest complete checkpoint's .params, else InputError."""
     run_dir = Path(run_dir)
     final = run_dir / FINAL_PARAMS
     if final.exists():
@@ -180,7 +179,7 @@ def find_model_params(run_dir: str | Path) -> Path:
     ckpts = list_checkpoints(run_dir)
     if ckpts:
         return ckpts[-1][1].with_suffix(".params")
-    raise RunDirError(f"{run_dir}: no {FINAL_PARAMS} and no complete checkpoint in {run_dir / CHECKPOINT_DIR}")
+    raise InputError(f"{run_dir}: no {FINAL_PARAMS} and no complete checkpoint in {run_dir / CHECKPOINT_DIR}")
 
 
 def checkpoint_stem(run_dir: str | Path, epoch: int) -> Path:
@@ -375,7 +374,7 @@ def fresh_optimizer_state(trainer) -> dict[int, Any]:
 
 def fill_optimizer_state(states: dict[int, Any], ck: Checkpoint) -> tuple[int, dict[int, int]]:
     """Copy ck's optimizer state into states (fresh_optimizer_state's; the indices it has no state for, never
-    updated, are dropped) and return its (num_update, per-index update counts); RunDirError naming the
+    updated, are dropped) and return its (num_update, per-index update counts); InputError naming the
     .states file when it does not fit this model and optimizer."""
     path = ck.path(".states")
     saved = ck.record["optimizer"]
@@ -389,7 +388,7 @@ def fill_optimizer_state(states: dict[int, Any], ck: Checkpoint) -> tuple[int, d
             ck.states[k].shape == a.shape and ck.states[k].dtype == a.dtype for k, a in arrays.items()) and all(
             k in layout and type(n) is int and n >= 0 for k, n in counts.items())
     if not fits:
-        raise RunDirError(f"{path}: the optimizer state does not fit this model and optimizer "
+        raise InputError(f"{path}: the optimizer state does not fit this model and optimizer "
                           "(another width, momentum or optimizer than the run's?)")
     for key, a in arrays.items():
         ck.states[key].copyto(a)
@@ -413,65 +412,3 @@ def load_optimizer_state(trainer, ck: Checkpoint) -> None:
     """ck's optimizer state into trainer (one process; train.py shares rank 0's with the other ranks)."""
     states = fresh_optimizer_state(trainer)
     install_optimizer_state(trainer, states, *fill_optimizer_state(states, ck))
-
-
-# --- the final model and its export -------------------------------------------------------------------
-
-def _raw_image_block(net, crop: int):
-    """net behind the evaluation view (trainer.presets.eval_transform): uint8 NHWC in, the `crop` resample
-    and the normalization as graph constants, logits out."""
-    import mxnet as mx
-    from mxnet import gluon
-
-    from trainer.presets import _SCALE, _SHIFT, INDEX, RESIZE, ROWS
-
-    class RawImages(gluon.HybridBlock):
-        def __init__(self):
-            super().__init__(prefix="eval_view_")
-            with self.name_scope():
-                self.scale = self.params.get_constant("scale", mx.nd.array(_SCALE.reshape(1, 3, 1, 1)))
-                self.shift = self.params.get_constant("shift", mx.nd.array(_SHIFT.reshape(1, 3, 1, 1)))
-                if crop:
-                    self.resample = self.params.get_constant("resample",
-                                                             mx.nd.array(ROWS[INDEX[crop, (RESIZE - crop) // 2]]))
-            self.net = net
-
-        def hybrid_forward(self, F, x, scale, shift, resample=None):
-            x = F.transpose(F.cast(x, "float32"), axes=(0, 3, 1, 2))
-            if crop:  # A @ x @ A.T per channel: columns, then rows through a swap
-                x = F.dot(x, resample, transpose_b=True)
-                x = F.swapaxes(F.dot(F.swapaxes(x, 2, 3), resample, transpose_b=True), 2, 3)
-            return self.net(F.broadcast_add(F.broadcast_mul(x, scale), shift))
-
-    return RawImages()
-
-
-def write_final_model(run_dir: str | Path, net, classes: list[str], crop: int) -> None:
-    """RUN/model-final.params, then the self-contained export and model-meta.json, each published by rename."""
-    import mxnet as mx
-
-    from trainer.presets import MEAN, STD
-
-    run_dir = Path(run_dir)
-    write_file(run_dir / FINAL_PARAMS, net.save_parameters)
-    ctx = next(iter(net.collect_params().values())).list_ctx()[0]
-    block = _raw_image_block(net, crop)
-    block.collect_params("eval_view_.*").initialize(ctx=ctx)
-    block.hybridize()
-    block(mx.nd.zeros((1, *INPUT_SHAPE), dtype="uint8", ctx=ctx))
-    tmp = run_dir / f".export.tmp{os.getpid()}"
-    tmp.mkdir()
-    try:
-        with writing(run_dir / MODEL_PARAMS), mxnet_writes(tmp / MODEL_PARAMS):
-            block.export(str(tmp / "model"))
-        for name in (MODEL_SYMBOL, MODEL_PARAMS):
-            os.replace(tmp / name, run_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    meta = {"version": META_VERSION, "symbol": MODEL_SYMBOL, "params": MODEL_PARAMS, "classes": list(classes),
-            "input": {"name": "data", "dtype": "uint8", "layout": "NHWC", "shape": [None, *INPUT_SHAPE],
-                      "channels": "RGB", "range": [0, 255]},
-            "output": {"shape": [None, len(classes)], "meaning": "logits; argmax indexes classes"},
-            "inside": {"normalize": {"mean": MEAN.tolist(), "std": STD.tolist()}, "eval_crop": crop},
-            "load": "mxnet.gluon.SymbolBlock.imports(symbol, ['data'], params)"}
-    write_text(run_dir / MODEL_META, json.dumps(meta, indent=1) + "\n")

@@ -19,20 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError, run_command
-from data_prep.lock import DIR_LOCK, Lock, lock_dir
-from data_prep.schema import Parser, add_flags, resolve
+from contracts.errors import InputError, run_command
+from contracts.lock import DIR_LOCK, Lock, lock_dir
+from contracts.schema import Parser, add_flags, resolve
 from trainer import curves, rundir
 from trainer.config import RunRecord, TrainConfig, from_mapping, resume_changes
 from trainer.device import device_problem, set_cpu_threads
 from trainer.ema import EMA_SUFFIX, WeightAverage, averaged, checkpoint_files
+from trainer.export import write_final_model
 from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
 from trainer.recipe import check_recipe, optimizer_spec, prepare_net, train_size
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
-
-TrainError = InputError  # bad input the user must fix (a missing prepared dir, an occupied RUN): exit status 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,19 +169,19 @@ def init_world() -> World:
 def load_data(prepared: Path, phase: str, cfg: TrainConfig, size: int) -> Data:
     """The prepared splits for this phase and the class names, checked before RUN is touched."""
     import data_prep
-    from data_prep.errors import PrepareError
+    from contracts.errors import InputError
 
     try:
         manifest = data_prep.read_manifest(prepared)
         classes = list(manifest["classes"])
         train_split = data_prep.open_split(prepared, "train" if phase == "tune" else "train_valid", manifest)
         valid_split = data_prep.open_split(prepared, "valid", manifest) if phase == "tune" else None
-    except (OSError, ValueError, KeyError, PrepareError) as e:
-        raise TrainError(f"{prepared}: cannot read the prepared data: {e}") from e
+    except (OSError, ValueError, KeyError, InputError) as e:
+        raise InputError(f"{prepared}: cannot read the prepared data: {e}") from e
     n = len(train_split.images)
     steps = steps_per_epoch(n, cfg.batch_size, size)
     if steps == 0:
-        raise TrainError(f"{prepared}: {n} training images are fewer than one global batch "
+        raise InputError(f"{prepared}: {n} training images are fewer than one global batch "
                          f"({cfg.batch_size} x {size} ranks); lower --batch-size")
     return Data(classes, train_split, valid_split, steps)
 
@@ -201,9 +200,9 @@ def check_out_dir(out: Path, resume: bool, world: World) -> Lock:
     if verdict:
         lock.release()
     if verdict == 2:
-        raise TrainError(busy or f"{out}: rank 0 could not take the run directory's lock")
+        raise InputError(busy or f"{out}: rank 0 could not take the run directory's lock")
     if verdict:
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     return lock
 
 
@@ -245,7 +244,7 @@ class Resume:
 def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_changes: bool, net,
                  states: dict | None) -> Resume:
     """Rank 0 picks the newest intact checkpoint, checks that it may continue this run and loads it; every rank
-    learns the epoch to start at, or the refusal (TrainError on every rank, rank 0's naming the reason)."""
+    learns the epoch to start at, or the refusal (InputError on every rank, rank 0's naming the reason)."""
     point, problem = Resume(), ""
     if states is not None and world.rank == 0:
         try:
@@ -254,23 +253,23 @@ def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_ch
             problem = str(e)
     start = broadcast_scalar(world, -1 if problem else point.epoch, "resume_epoch")
     if start < 0:
-        raise TrainError(problem or f"{out}: rank 0 could not resume this run (its message says why)")
+        raise InputError(problem or f"{out}: rank 0 could not resume this run (its message says why)")
     return point if world.rank == 0 else Resume(int(start))
 
 
 def pick_checkpoint(out: Path, phase: str) -> rundir.Checkpoint | None:
     """The newest intact checkpoint (None in a run without any); each damaged newer one is named on stderr, and
-    none intact is a TrainError naming them all."""
+    none intact is a InputError naming them all."""
     ck, damaged = rundir.intact_checkpoint(out)
     if damaged and ck is None:
-        raise TrainError(f"{out}: no intact checkpoint to resume from:\n  " + "\n  ".join(damaged))
+        raise InputError(f"{out}: no intact checkpoint to resume from:\n  " + "\n  ".join(damaged))
     for why in damaged:
         print(f"cifar10-hvd train: damaged checkpoint: {why}", file=sys.stderr)
     if damaged:
         print(f"cifar10-hvd train: falling back to {ck.stem.name}, the newest intact checkpoint "
               f"(resuming at epoch {ck.epoch + 1})", file=sys.stderr, flush=True)
     if ck is not None and ck.record.get("phase", phase) != phase:
-        raise TrainError(f"{out}: its checkpoints are not from --phase {phase}; use one --out per phase")
+        raise InputError(f"{out}: its checkpoints are not from --phase {phase}; use one --out per phase")
     return ck
 
 
@@ -298,23 +297,23 @@ def describe_change(change: dict, cfg: TrainConfig) -> str:
 
 
 def training_changes(out: Path, ck: rundir.Checkpoint, cfg: TrainConfig, size: int, allow_changes: bool) -> list[dict]:
-    """The run's change history for config.json once it continues from ck as cfg on size ranks; a TrainError
+    """The run's change history for config.json once it continues from ck as cfg on size ranks; a InputError
     naming the keys this resume would change, unless allow_changes."""
     source = str(ck.path(".json"))
     old = from_mapping(TrainConfig, ck.record.get("train"), f"{source} (train)")
     old_size = ck.record.get("world_size")
     if type(old_size) is not int or old_size < 1:
-        raise TrainError(f"{source}: key 'world_size' must be a positive integer, got {old_size!r}")
+        raise InputError(f"{source}: key 'world_size' must be a positive integer, got {old_size!r}")
     if (old.width, old.stage_mult) != (cfg.width, cfg.stage_mult):
-        raise TrainError(f"{ck.path('.params')}: cannot resume from it with width {cfg.width}, stage_mult "
+        raise InputError(f"{ck.path('.params')}: cannot resume from it with width {cfg.width}, stage_mult "
                          f"{cfg.stage_mult}: its model has width {old.width}, stage_mult {old.stage_mult} "
                          "(no resume changes the model's shape)")
     if cfg.epochs < ck.epoch:
-        raise TrainError(f"{out}: key 'epochs' {cfg.epochs} is fewer than the {ck.epoch} epochs its checkpoint "
+        raise InputError(f"{out}: key 'epochs' {cfg.epochs} is fewer than the {ck.epoch} epochs its checkpoint "
                          f"{ck.stem.name} has done")
     new = resume_changes(old, old_size, cfg, size)
     if new and not allow_changes:
-        raise TrainError(f"{out}: resuming would change the training of epochs {ck.epoch + 1} on from the values "
+        raise InputError(f"{out}: resuming would change the training of epochs {ck.epoch + 1} on from the values "
                          f"epochs 1-{ck.epoch} ran with ({ck.stem.name}): "
                          + "; ".join(describe_change(c, cfg) for c in new)
                          + ". Resume with the run's own values, or pass --resume-with-changes to continue with "
@@ -334,13 +333,13 @@ def earlier_changes(out: Path, before_epoch: int) -> list[dict]:
 
 
 def load_checkpoint_params(net, stem: Path, cfg: TrainConfig, ctx) -> None:
-    """The checkpoint's parameters into net, or a TrainError naming the file."""
+    """The checkpoint's parameters into net, or a InputError naming the file."""
     import mxnet as mx
 
     try:
         net.load_parameters(str(stem.with_suffix(".params")), ctx=ctx)
     except (OSError, mx.base.MXNetError, AssertionError) as e:
-        raise TrainError(f"{stem}.params: cannot resume from it with width {cfg.width}, stage_mult {cfg.stage_mult}: {e}") from e
+        raise InputError(f"{stem}.params: cannot resume from it with width {cfg.width}, stage_mult {cfg.stage_mult}: {e}") from e
 
 
 def read_average(net, cfg: TrainConfig, ck: rundir.Checkpoint):
@@ -353,7 +352,7 @@ def read_average(net, cfg: TrainConfig, ck: rundir.Checkpoint):
     try:
         ema.load(path)
     except ValueError as e:
-        raise TrainError(f"{e}; resume with the run's own width, or start a new --out") from e
+        raise InputError(f"{e}; resume with the run's own width, or start a new --out") from e
     return ema
 
 
@@ -634,17 +633,17 @@ def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = 
     Inputs are checked before anything is written to out; rank 0 alone writes. threads: the
     per-rank CPU thread count already set (None: set it now from cfg.threads). verify: re-hash the prepared
     files (rank 0) before any rank reads them. allow_changes: a resume may change training keys (recorded in
-    config.json's changes); without it such a resume is a TrainError naming them.
+    config.json's changes); without it such a resume is a InputError naming them.
     """
     prepared, out = Path(prepared), Path(out)
     if out.exists() and not out.is_dir():
-        raise TrainError(f"{out}: --out exists and is not a directory; choose a run directory path")
+        raise InputError(f"{out}: --out exists and is not a directory; choose a run directory path")
     threads = set_cpu_threads(cfg.threads) if threads is None else threads
     check_recipe(cfg)
     world = init_world()
     problem = device_problem(cfg.amp, world.ctx)
     if problem:
-        raise TrainError(problem)
+        raise InputError(problem)
     verify_prepared(world.hvd, prepared, verify)
     data = load_data(prepared, phase, cfg, world.size)
     lock = check_out_dir(out, resume, world)  # rank 0 holds RUN's writer lock until train returns
@@ -676,7 +675,7 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
         model.ema.apply()  # the final model is the weight average
     check_same_model(model.net, world)
     if world.rank == 0:
-        rundir.write_final_model(out, model.net, data.classes, cfg.eval_crop)
+        write_final_model(out, model.net, data.classes, cfg.eval_crop)
         world.log(f"wrote {out / rundir.FINAL_PARAMS} and {out / rundir.MODEL_SYMBOL}")
         from trainer.onnx_export import export_final
 

@@ -3,7 +3,7 @@
 Bad input the user must fix is an InputError: the command prints
 `cifar10-hvd <stage>: <message>` (the message names the file, line or key) and exits 2.
 Anything else is a failure: a traceback, then `[rank N] cifar10-hvd <stage>: error: ...`, exit 1.
-PrepareError (and trainer's ConfigError, TrainError, PredictError, ScoreError) are this same class.
+Every stage raises this one class; nothing else is an input error.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ class InputError(ValueError):
     exit_status = 2
 
 
-PrepareError = InputError  # the name data_prep's callers and tests import
 
 
 def offenders(what: str, items: Sequence[str]) -> str:

@@ -6,7 +6,7 @@ which orders them by numeric id (ids travel with their predictions, so the seed'
 string-sorted-ids mix-up cannot happen), checks every test id is there exactly once, and
 streams the CSV to a temporary sibling that is renamed into place.
 
-    python -m trainer.predict --prepared PREP --model RUN [--out RUN/submission.csv]
+    python -m predictor.predict --prepared PREP --model RUN [--out RUN/submission.csv]
                               [--batch-size 512] [--tta flip] [--precision int8] [--engine onnxruntime]
 """
 from __future__ import annotations
@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError, run_command
-from data_prep.files import check_output, remove_stale_temps
-from data_prep.schema import Parser, add_flags, resolve
-from trainer.config import PredictConfig
+from contracts.errors import InputError, run_command
+from contracts.files import check_output, remove_stale_temps
+from contracts.schema import Parser, add_flags, resolve
+from predictor.config import PredictConfig
 from trainer.device import set_cpu_threads
 from trainer.inference import context_budget, forward_rows, logit_batches
 from trainer.sharding import eval_slice
-
-PredictError = InputError  # bad input to predict (missing prepared dir, model or output folder; class mismatch)
 
 
 def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_images: np.ndarray | None = None):
@@ -47,14 +45,14 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
         record = read_run_record(model_dir)
         params = find_model_params(model_dir)
     except (OSError, ValueError) as e:
-        raise PredictError(f"{model_dir}: not a usable trainer run dir: {e}") from e
+        raise InputError(f"{model_dir}: not a usable trainer run dir: {e}") from e
     classes, width, crop = record.classes, record.train.width, record.train.eval_crop
     mult = record.train.stage_mult
     net = resnet18(len(classes), width=width, stage_mult=mult)
     try:
         net.load_parameters(str(params), ctx=ctx)
     except (mx.MXNetError, AssertionError, ValueError) as e:
-        raise PredictError(f"{params}: cannot load into resnet18(width={width}, stage_mult={mult}, classes={len(classes)}): {e}") from e
+        raise InputError(f"{params}: cannot load into resnet18(width={width}, stage_mult={mult}, classes={len(classes)}): {e}") from e
     if precision == "int8":
         net = quantize_int8(net, calib_images, ctx, crop)
     # not static_alloc: it keeps every intermediate buffer (2.6 GB at width 64, batch 512)
@@ -74,9 +72,9 @@ def quantize_int8(net, calib_images: np.ndarray | None, ctx, crop: int = 0):
     from trainer.presets import eval_transform
 
     if calib_images is None or len(calib_images) == 0:
-        raise PredictError("int8 precision needs calibration images (the prepared train split is empty)")
+        raise InputError("int8 precision needs calibration images (the prepared train split is empty)")
     if ctx.device_type != "cpu":
-        raise PredictError("int8 precision is for CPU (MKLDNN) inference only")
+        raise InputError("int8 precision is for CPU (MKLDNN) inference only")
     net.hybridize()
     data = mx.nd.array(eval_transform(np.asarray(calib_images), crop), ctx=ctx)
     calib = mx.io.NDArrayIter(data, batch_size=min(64, len(data)))
@@ -117,8 +115,8 @@ def order_and_check(pairs: np.ndarray, expected_ids: np.ndarray) -> tuple[np.nda
 
 
 def write_submission(path: str | Path, ids: np.ndarray, preds: np.ndarray, classes: list[str]) -> Path:
-    """submission.csv through the id,label contract (data_prep.labels): written beside, then renamed to path."""
-    from data_prep.labels import write_table
+    """submission.csv through the id,label contract (contracts.labels): written beside, then renamed to path."""
+    from contracts.labels import write_table
 
     return write_table(path, ids, np.array(classes, dtype=object)[preds])
 
@@ -126,13 +124,13 @@ def write_submission(path: str | Path, ids: np.ndarray, preds: np.ndarray, class
 def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:
     """Fail early, on every rank alike, before any collective: missing dirs are input errors."""
     if not prepared.is_dir():
-        raise PredictError(f"{prepared}: prepared data dir not found (run `cifar10-hvd prepare` first)")
+        raise InputError(f"{prepared}: prepared data dir not found (run `cifar10-hvd prepare` first)")
     if not model_dir.is_dir():
-        raise PredictError(f"{model_dir}: model run dir not found")
+        raise InputError(f"{model_dir}: model run dir not found")
     if out.is_dir():
-        raise PredictError(f"{out}: --out is a directory; give the submission's file path, e.g. {out / 'submission.csv'}")
+        raise InputError(f"{out}: --out is a directory; give the submission's file path, e.g. {out / 'submission.csv'}")
     if not out.parent.is_dir():
-        raise PredictError(f"{out}: output folder {out.parent} does not exist")
+        raise InputError(f"{out}: output folder {out.parent} does not exist")
     check_output(out, "--out")
 
 
@@ -161,7 +159,7 @@ class SubmissionSummary:
 def open_test_split(prepared: Path, precision: str):
     """(test split, manifest classes, int8 calibration images or None) from the prepared dir."""
     import data_prep
-    from data_prep.errors import PrepareError
+    from contracts.errors import InputError
 
     try:
         manifest = data_prep.read_manifest(prepared)
@@ -170,8 +168,8 @@ def open_test_split(prepared: Path, precision: str):
         if precision == "int8":
             train = data_prep.open_split(prepared, "train", manifest)
             calib = np.asarray(train.images[: min(512, len(train.images))])
-    except (PrepareError, OSError, ValueError, KeyError) as e:
-        raise PredictError(f"{prepared}: cannot open the prepared test split: {e}") from e
+    except (InputError, OSError, ValueError, KeyError) as e:
+        raise InputError(f"{prepared}: cannot open the prepared test split: {e}") from e
     return split, list(manifest["classes"]), calib
 
 
@@ -200,7 +198,7 @@ def progress_bar(bar: str | None, total: int):
 
 def onnx_engine(model_dir: Path, precision: str, calib, threads: int, verbose: bool, batch_size: int, tta: str):
     """(infer(images, shard, bar) -> predictions, class names) on onnxruntime, from RUN/model.onnx."""
-    from trainer import onnx_predict
+    from predictor import onnx_predict
     from trainer.config import read_run_record
     from trainer.inference import ACTIVATION_BUDGET, forward_rows
 
@@ -243,7 +241,7 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     Call it on every rank. images_per_sec counts all ranks' images over the wall time from first
     batch to file written. precision: float32 or int8 (the CLI's choices); bfloat16 only for the
     benchmark's gate (slower on CPU here). engine: mxnet, or onnxruntime (RUN/model.onnx on the CPU;
-    trainer.onnx_predict).
+    predictor.onnx_predict).
     """
     cpu_threads = set_cpu_threads(threads)
     from trainer.cuda_arch import gpu_problem
@@ -263,13 +261,13 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
         ctx = context(hvd)
         problem = gpu_problem(ctx)
         if problem:
-            raise PredictError(problem)
+            raise InputError(problem)
         split, manifest_classes, calib = open_test_split(prepared, precision)
         net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
         infer = lambda images, shard, bar: infer_shard(  # noqa: E731
             net, images, shard, ctx, batch_size, width, tta, crop, bar)
     if classes != manifest_classes:
-        raise PredictError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
+        raise InputError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
     n = len(split.ids)
     shard = eval_slice(n, hvd.rank(), hvd.size())  # contiguous; sizes differ by at most one, some may be empty
     t0 = time.perf_counter()

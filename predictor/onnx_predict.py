@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError
+from contracts.errors import InputError
 from trainer import onnx_export
 from trainer.onnx_export import INPUT_NAME, ONNX_MODEL
 

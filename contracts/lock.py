@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.errors import PrepareError
+from contracts.errors import InputError
 
 
-class Busy(PrepareError):
+class Busy(InputError):
     """Another live process holds the lock; the message names its pid and host (exit status 2)."""
 
 
@@ -101,13 +101,13 @@ def acquire(path: str | Path, what: str, wait: bool = False, patience: float = 0
 
     Held by another live process: wait for it when WAIT (saying so on stderr), else give it PATIENCE
     seconds to end (a writer that is being stopped) and then raise Busy naming WHAT and the holder.
-    PrepareError if the lock file cannot be created.
+    InputError if the lock file cannot be created.
     """
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise PrepareError(f"{path}: cannot create the lock file for {what} ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot create the lock file for {what} ({exc.strerror})") from None
     try:
         if not _try(fd, 0 if wait else patience):
             busy = f"{what} is in use by {holder(path)} (lock {path})"
@@ -132,5 +132,5 @@ def lock_dir(directory: str | Path, what: str) -> Lock:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PrepareError(f"{directory}: cannot create the {what} ({exc.strerror})") from None
+        raise InputError(f"{directory}: cannot create the {what} ({exc.strerror})") from None
     return acquire(directory / DIR_LOCK, f"{what} {directory}")

@@ -23,10 +23,8 @@ from typing import Any
 
 import yaml
 
-from data_prep.errors import InputError
-from data_prep.files import read_bounded
-
-ConfigError = InputError  # the name trainer/launcher callers import
+from contracts.errors import InputError
+from contracts.files import read_bounded
 
 # the top-level keys of a run config (launcher.run_config); a YAML file with any of them is one
 RUN_CONFIG_SCALARS = ("data", "prepared", "workdir")
@@ -46,52 +44,52 @@ class Parser(argparse.ArgumentParser):
 
 
 def _check_type(typ: Any, name: str, value: Any, source: str) -> Any:
-    """value as the field's type (an int is a valid float), or ConfigError naming name and source."""
+    """value as the field's type (an int is a valid float), or InputError naming name and source."""
     if typ is bool and not isinstance(value, bool):
-        raise ConfigError(f"{source}: key '{name}' must be true or false, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be true or false, got {value!r}")
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{source}: key '{name}' must be an integer, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be an integer, got {value!r}")
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: key '{name}' must be a number, got {value!r}")
+            raise InputError(f"{source}: key '{name}' must be a number, got {value!r}")
         if not math.isfinite(value):
-            raise ConfigError(f"{source}: key '{name}' must be a finite number (from -{sys.float_info.max:.1e} to "
+            raise InputError(f"{source}: key '{name}' must be a finite number (from -{sys.float_info.max:.1e} to "
                               f"{sys.float_info.max:.1e}), got {value!r}")
         return float(value)
     if typ is str and not isinstance(value, str):
-        raise ConfigError(f"{source}: key '{name}' must be a string, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be a string, got {value!r}")
     return value
 
 
 def check_value(cls: type, name: str, value: Any, source: str) -> Any:
-    """Return value coerced to the field's type, or raise ConfigError naming name and source."""
+    """Return value coerced to the field's type, or raise InputError naming name and source."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if name not in fields:
-        raise ConfigError(f"{source}: unknown key '{name}' (known keys: {', '.join(sorted(fields))})")
+        raise InputError(f"{source}: unknown key '{name}' (known keys: {', '.join(sorted(fields))})")
     meta = fields[name].metadata
     value = _check_type(typing.get_type_hints(cls)[name], name, value, source)
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
-        raise ConfigError(f"{source}: key '{name}' must be {meta['pattern_help']}, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be {meta['pattern_help']}, got {value!r}")
     if "check" in meta:  # a function that raises ValueError saying what is wrong (a list's bad entry)
         try:
             meta["check"](value)
         except ValueError as e:
-            raise ConfigError(f"{source}: key '{name}': {e}") from None
+            raise InputError(f"{source}: key '{name}': {e}") from None
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
     if "min_excl" in meta and value <= meta["min_excl"]:
-        raise ConfigError(f"{source}: key '{name}' must be > {meta['min_excl']}, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be > {meta['min_excl']}, got {value!r}")
     if "max_excl" in meta and value >= meta["max_excl"]:
-        raise ConfigError(f"{source}: key '{name}' must be < {meta['max_excl']}, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be < {meta['max_excl']}, got {value!r}")
     return value
 
 
 def from_mapping(cls: type, mapping: Mapping[str, Any], source: str, base: Any = None) -> Any:
     """Build (or update a copy of base) a config dataclass from a mapping, validating every key."""
     if not isinstance(mapping, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(mapping).__name__}")
+        raise InputError(f"{source}: expected a mapping of keys to values, got {type(mapping).__name__}")
     obj = dataclasses.replace(base) if base is not None else cls()
     for key, value in mapping.items():
         setattr(obj, str(key), check_value(cls, str(key), value, source))
@@ -152,15 +150,15 @@ for _cls in (StrictLoader, StrictDumper):
 
 def parse_yaml(text: str, source: str) -> Any:
     """The YAML text loaded by StrictLoader; a syntax error, a tag (!!python/...), a duplicate key, an alias or
-    deep nesting is a ConfigError naming source (and the line)."""
+    deep nesting is a InputError naming source (and the line)."""
     try:
         return yaml.load(text, Loader=StrictLoader)  # a SafeLoader: no tags that build Python objects
     except _Refused as e:
-        raise ConfigError(f"{source}:{e.line}: {e.what}") from None
+        raise InputError(f"{source}:{e.line}: {e.what}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        raise InputError(f"{source}: not valid YAML: {e}") from None
     except RecursionError:
-        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+        raise InputError(f"{source}: not valid YAML: nested too deeply") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -169,12 +167,12 @@ def read_yaml(path: str | Path) -> dict:
     try:
         text = read_bounded(path, MAX_CONFIG_BYTES, "config").decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
+        raise InputError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
     data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -184,7 +182,7 @@ def section(data: dict, name: str, path: str | Path) -> dict:
         return data
     sub = data.get(name) or {}
     if not isinstance(sub, dict):
-        raise ConfigError(f"{path}: section '{name}' must be a mapping")
+        raise InputError(f"{path}: section '{name}' must be a mapping")
     return sub
 
 

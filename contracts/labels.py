@@ -3,7 +3,7 @@
 One policy for every such file: UTF-8 (a byte-order mark and CRLF line ends accepted, as Windows
 tools write them), the header `id,label`, ids positive integers (no sign, no leading zero) each
 once, labels non-empty and usable as one path component, and with `classes` given, one of them.
-Every problem is reported as `FILE:LINE: what`, the first MAX_SHOWN of them in one PrepareError.
+Every problem is reported as `FILE:LINE: what`, the first MAX_SHOWN of them in one InputError.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from data_prep.errors import PrepareError, offenders
-from data_prep.files import atomic_write, read_bounded
+from contracts.errors import InputError, offenders
+from contracts.files import atomic_write, read_bounded
 
 # The Kaggle CIFAR-10 class names, sorted (a prepared manifest's order): the default of demo data and score.
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -50,19 +50,19 @@ def _short(value: str) -> str:
 
 
 def _text(path: Path, missing_hint: str, what: str) -> str:
-    """The file as text without its byte-order mark; PrepareError naming the line of a non-UTF-8 byte,
+    """The file as text without its byte-order mark; InputError naming the line of a non-UTF-8 byte,
     or the file if it is not a regular file of at most MAX_TABLE_BYTES."""
     try:
         data = read_bounded(path, MAX_TABLE_BYTES, what)
     except FileNotFoundError:
-        raise PrepareError(f"{path}: cannot read: missing{missing_hint}") from None
+        raise InputError(f"{path}: cannot read: missing{missing_hint}") from None
     except OSError as exc:
-        raise PrepareError(f"{path}: cannot read: {exc.strerror}") from None
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise PrepareError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
 def _check_header(path: Path, text: str) -> None:
@@ -70,7 +70,7 @@ def _check_header(path: Path, text: str) -> None:
     first = text.split("\n", 1)[0].rstrip("\r")
     header = next(csv.reader([first]), [])
     if [cell.strip() for cell in header] != HEADER:
-        raise PrepareError(f"{path}:1: header must be 'id,label', found {_short(first) if text else 'an empty file'}")
+        raise InputError(f"{path}:1: header must be 'id,label', found {_short(first) if text else 'an empty file'}")
 
 
 def _frame(path: Path, text: str, id_dtype: type) -> pd.DataFrame:
@@ -81,14 +81,14 @@ def _frame(path: Path, text: str, id_dtype: type) -> pd.DataFrame:
     except pd.errors.ParserError as exc:
         # "... Expected 2 fields in line N, saw M"
         where = str(exc).rsplit("line ", 1)[-1]
-        raise PrepareError(f"{path}:{where.replace(', saw', ': expected 2 fields (id,label), found')}") from None
+        raise InputError(f"{path}:{where.replace(', saw', ': expected 2 fields (id,label), found')}") from None
     except pd.errors.EmptyDataError:
         df = pd.DataFrame({"id": [], "label": []}, dtype=str)
     df.index = np.arange(2, len(df) + 2)
     spans = df["label"].str.contains("\n") if '"' in text else None  # only a quoted field can span lines
     if spans is not None and spans.any():  # it would shift the line number of every row after it
         line = int(df.index[spans][0])
-        raise PrepareError(f"{path}:{line}: a label spans lines")
+        raise InputError(f"{path}:{line}: a label spans lines")
     return df
 
 
@@ -121,7 +121,7 @@ def _fast(path: Path, text: str, classes: list[str] | None) -> LabelTable | None
 
 
 def _slow(path: Path, text: str, classes: list[str] | None) -> LabelTable:
-    """The table after stripping cells and skipping blank lines; PrepareError listing every FILE:LINE problem."""
+    """The table after stripping cells and skipping blank lines; InputError listing every FILE:LINE problem."""
     df = _frame(path, text, str)
     raw_id = df["id"].str.strip()
     codes, uniques = pd.factorize(df["label"])
@@ -140,7 +140,7 @@ def _slow(path: Path, text: str, classes: list[str] | None) -> LabelTable:
     found += [(n, f"duplicate id {v} (first on line {first_line[v]})") for n, v in raw_id[dup].items()
               if first_line[v] != n]
     if found:
-        raise PrepareError(offenders(f"{path}: bad rows", [f"{path}:{n}: {what}" for n, what in sorted(found)]))
+        raise InputError(offenders(f"{path}: bad rows", [f"{path}:{n}: {what}" for n, what in sorted(found)]))
     keep = ~blank
     return LabelTable(raw_id[keep].astype(np.int64).to_numpy(), label[keep].to_numpy(dtype=object),
                       df.index[keep].to_numpy(dtype=np.int64))
@@ -148,7 +148,7 @@ def _slow(path: Path, text: str, classes: list[str] | None) -> LabelTable:
 
 def read_table(path: str | Path, classes: list[str] | None = None, missing_hint: str = "",
                what: str = "id,label file") -> LabelTable:
-    """Every row of an id,label file, checked against the policy; PrepareError listing FILE:LINE problems."""
+    """Every row of an id,label file, checked against the policy; InputError listing FILE:LINE problems."""
     path = Path(path)
     text = _text(path, missing_hint, what)
     _check_header(path, text)
@@ -156,28 +156,28 @@ def read_table(path: str | Path, classes: list[str] | None = None, missing_hint:
 
 
 def read_labels(path: Path) -> dict[int, tuple[str, int]]:
-    """trainLabels.csv as {id: (label, line number)}; PrepareError if it breaks the policy or has no rows."""
+    """trainLabels.csv as {id: (label, line number)}; InputError if it breaks the policy or has no rows."""
     table = read_table(path, missing_hint=" (the Kaggle download has trainLabels.csv beside train/)")
     if not len(table.ids):
-        raise PrepareError(f"{path}: no labelled rows after the header")
+        raise InputError(f"{path}: no labelled rows after the header")
     return dict(zip(table.ids.tolist(), zip(table.labels.tolist(), table.lines.tolist(), strict=True), strict=True))
 
 
 def parse_classes(value: str | list[str], source: str) -> list[str]:
     """The class names of a comma-separated `classes` value (or a list), stripped, in the order given.
 
-    PrepareError naming SOURCE (the flag or the config key) for an empty, unusable or repeated name, or fewer than 2.
+    InputError naming SOURCE (the flag or the config key) for an empty, unusable or repeated name, or fewer than 2.
     """
     names = [name.strip() for name in (value.split(",") if isinstance(value, str) else value)]
     for name in names:
         if (problem := _label_problem(name, None)) is not None:
-            raise PrepareError(f"{source}: {problem or 'a class name is empty'}")
+            raise InputError(f"{source}: {problem or 'a class name is empty'}")
     repeated = sorted(name for name, n in Counter(names).items() if n > 1)
     if repeated:
-        raise PrepareError(f"{source}: {', '.join(map(repr, repeated))} {'is' if len(repeated) == 1 else 'are'} "
+        raise InputError(f"{source}: {', '.join(map(repr, repeated))} {'is' if len(repeated) == 1 else 'are'} "
                            "listed more than once")
     if len(names) < 2:
-        raise PrepareError(f"{source}: {len(names)} class ({', '.join(names)}); need at least 2")
+        raise InputError(f"{source}: {len(names)} class ({', '.join(names)}); need at least 2")
     return names
 
 
@@ -195,7 +195,7 @@ def _not_a_class(label: str, folded: dict[str, str]) -> str:
 
 
 def check_classes(shown: Path, rows: dict[int, tuple[str, int]], classes: list[str]) -> None:
-    """Every label of ROWS ({id: (label, line)}) is one of CLASSES and every class has a row; else PrepareError.
+    """Every label of ROWS ({id: (label, line)}) is one of CLASSES and every class has a row; else InputError.
 
     A wrong label is named once, on its first line, with the number of other lines holding it.
     """
@@ -210,12 +210,12 @@ def check_classes(shown: Path, rows: dict[int, tuple[str, int]], classes: list[s
         for label, found in sorted(lines.items(), key=lambda item: min(item[1])):
             more = f" (and {len(found) - 1:,} more lines)" if len(found) > 1 else ""
             items.append(f"line {min(found)}: {_not_a_class(label, folded)}{more}")
-        raise PrepareError(offenders(f"{shown}: labels that are not among the classes", items) + "\n"
+        raise InputError(offenders(f"{shown}: labels that are not among the classes", items) + "\n"
                            + _classes_hint(classes))
     missing = expected - {label for label, _ in rows.values()}
     if missing:
         names = [name for name in classes if name in missing]
-        raise PrepareError(f"classes with no training image in {shown} ({len(names)}): "
+        raise InputError(f"classes with no training image in {shown} ({len(names)}): "
                            f"{', '.join(map(repr, names))}\n{_classes_hint(classes)}")
 
 

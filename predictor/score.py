@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError, run_command
-from data_prep.files import atomic_write, check_output
-from data_prep.labels import CIFAR10_CLASSES, read_table
-from data_prep.schema import Parser
-
-ScoreError = InputError  # a submission or solution file is malformed; the message names the file and line
+from contracts.errors import InputError, run_command
+from contracts.files import atomic_write, check_output
+from contracts.labels import CIFAR10_CLASSES, read_table
+from contracts.schema import Parser
 
 
 def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -70,13 +68,13 @@ def score(submission: str | Path, solution: str | Path, classes: list[str] | Non
     check_output(plot_path, plot_what)  # before any work
     truth = read_table(solution, classes, what="solution")
     if not len(truth.ids):
-        raise ScoreError(f"{solution}: no rows to score")
+        raise InputError(f"{solution}: no rows to score")
     sub = read_table(submission, classes, what="submission")
     index = {c: i for i, c in enumerate(classes)}
     preds = dict(zip(sub.ids.tolist(), sub.labels.tolist(), strict=True))
     missing = [(i, n) for i, n in zip(truth.ids.tolist(), truth.lines.tolist(), strict=True) if i not in preds]
     if missing:
-        raise ScoreError(f"{solution}:{missing[0][1]}: id {missing[0][0]} is not in {submission} "
+        raise InputError(f"{solution}:{missing[0][1]}: id {missing[0][0]} is not in {submission} "
                          f"({len(missing)} solution id(s) missing)")
     order = np.argsort(truth.ids)
     ids = truth.ids[order].tolist()
@@ -114,7 +112,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             classes = list(data_prep.read_manifest(args.prepared)["classes"])
         except (OSError, ValueError, KeyError) as e:
-            raise ScoreError(f"{args.prepared}: cannot read the manifest's classes: {e}") from e
+            raise InputError(f"{args.prepared}: cannot read the manifest's classes: {e}") from e
     result = score(args.submission, args.solution, classes, args.plot)
     print(f"accuracy: {result['accuracy']:.4f} ({result['count']} ids)")
     for c, acc in result["per_class"].items():

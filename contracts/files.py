@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import InputError
+from contracts.errors import InputError
 
 # the name atomic_write gives its temporary: .NAME.tmpPID beside NAME
 TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
