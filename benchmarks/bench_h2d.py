@@ -3,7 +3,7 @@
 Side by side in one process, on whatever device is present (mx.gpu(0) if MXNet sees one, else the CPU),
 interleaved repeats so a shared machine's noise hits both alike; wall-clock and CPU-time figures:
   train  sync:   mx.nd.array(x, ctx) per step (the copy blocks Python; from pageable memory on GPU)
-         staged: trainer.staging (pinned ring, batch k+1's copy queued before batch k's step)
+         staged: trainer.prefetch (pinned ring, batch k+1's copy queued before batch k's step)
   infer  sync:   transform, mx.nd.array, forward, wait, per batch (the loop before staging)
          staged: trainer.inference.logit_batches (batch k+1 transformed and copied during batch k's forward)
   copy   the copy alone, waited for (us per batch; on CPU staged does two memcpys, the sync path one)
@@ -102,13 +102,13 @@ class Setup:
 
         import mxnet as mx
 
-        from trainer.staging import StagingRing, staged
+        from trainer.prefetch import CopyRing, prefetched
 
         mx.nd.waitall()
         start, cpu = time.perf_counter(), time.process_time()
         in_flight: collections.deque = collections.deque()
         if staged_copy:
-            stream = staged(self.batches(1), StagingRing(self.ctx))
+            stream = prefetched(self.batches(1), CopyRing(self.ctx))
         else:
             stream = ((mx.nd.array(x, ctx=self.ctx), mx.nd.array(y, ctx=self.ctx)) for x, y in self.batches(1))
         for X, Y in stream:
@@ -143,9 +143,9 @@ class Setup:
         """Microseconds per batch for the copy alone (x and y to the device, waited for), over one epoch's batches."""
         import mxnet as mx
 
-        from trainer.staging import StagingRing
+        from trainer.prefetch import CopyRing
 
-        ring = StagingRing(self.ctx)
+        ring = CopyRing(self.ctx)
         batches = list(self.batches(2))[:8]
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(10):

@@ -196,7 +196,7 @@ def main() -> int:
         measure(args.measure, args.src, args.out, args.workers)
         return 0
     if not args.workers:  # imported here, not at the top: the seed side's memory is measured without data_prep
-        from data_prep.pipeline import default_workers
+        from data_prep.preparation import default_workers
 
         args.workers = default_workers()
     if not args.generator.is_file():

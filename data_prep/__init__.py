@@ -3,7 +3,7 @@
 Public API: prepare(src, out, ...) -> Manifest, open_split(prep_dir, split) -> Split, read_manifest(prep_dir).
 """
 from contracts.errors import InputError
-from data_prep.pipeline import prepare
+from data_prep.preparation import prepare
 from data_prep.store import SPLITS, Manifest, Split, open_split, read_manifest
 
 __all__ = ["SPLITS", "InputError", "Manifest", "Split", "open_split", "prepare", "read_manifest"]

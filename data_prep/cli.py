@@ -9,7 +9,7 @@ from contracts.errors import InputError, offenders, run_command
 from contracts.labels import parse_classes
 from contracts.schema import Parser, add_flags, resolve
 from data_prep.config import PrepareConfig
-from data_prep.pipeline import prepare
+from data_prep.preparation import prepare
 from data_prep.publish import Stopped
 from data_prep.store import MANIFEST, verify
 

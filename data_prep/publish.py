@@ -95,7 +95,7 @@ def remove_leftovers(out: Path) -> list[Path]:
     return removed
 
 
-def discard_staging(out: Path) -> None:
+def discard_build(out: Path) -> None:
     """Delete this process's build directories beside OUT, found by name: a stop may come between
     mkdtemp creating one and the caller learning its path."""
     for path, kind, pid in _temps(out):
@@ -103,28 +103,28 @@ def discard_staging(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def staging_dir(out: Path) -> Path:
+def build_dir(out: Path) -> Path:
     """A fresh temporary sibling of PREP, on the same file system so publishing is a rename.
 
     Readable by all (mkdtemp makes it private): ranks may run as other users.
     """
     try:
-        staged = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
+        built = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     except OSError as exc:
         raise InputError(f"{out.parent}: cannot create a build directory beside {out.name} ({exc.strerror})") from None
-    staged.chmod(0o755)
-    return staged
+    built.chmod(0o755)
+    return built
 
 
-def publish(staged: Path, out: Path) -> None:
+def publish(built: Path, out: Path) -> None:
     """Move STAGED to OUT; an existing OUT is swapped out and removed only once STAGED is in place."""
     if not os.path.lexists(out):
-        os.rename(staged, out)
+        os.rename(built, out)
         return
     old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent)) / "prev"
     os.rename(out, old)
     try:
-        os.rename(staged, out)
+        os.rename(built, out)
     except BaseException:
         os.rename(old, out)
         raise

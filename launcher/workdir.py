@@ -38,30 +38,30 @@ def _empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def staging(target: Path) -> Path:
+def replacement(target: Path) -> Path:
     """Where a run that replaces TARGET is built: WORKDIR/.<stage>.next."""
     return target.with_name(f".{target.name}.next")
 
 
 def stage_dir(target: Path, resume: bool) -> Path:
-    """The directory a train stage writes now: TARGET, or staging(TARGET) when TARGET holds a run to replace.
+    """The directory a train stage writes now: TARGET, or replacement(TARGET) when TARGET holds a run to replace.
 
     With RESUME, a replacement that was cut off is continued before TARGET itself. Reads only:
-    WorkdirError when TARGET or its staging sibling exists and is not this project's.
+    WorkdirError when TARGET or its replacement sibling exists and is not this project's.
     """
-    staged = staging(target)
-    if os.path.lexists(staged) and not (is_run_dir(staged) or _empty_dir(staged)):
-        raise WorkdirError(f"{staged}: exists and is not a run directory of cifar10-hvd; move it away "
+    replacing = replacement(target)
+    if os.path.lexists(replacing) and not (is_run_dir(replacing) or _empty_dir(replacing)):
+        raise WorkdirError(f"{replacing}: exists and is not a run directory of cifar10-hvd; move it away "
                            "(nothing was changed)")
-    if resume and os.path.lexists(staged):
-        return staged
+    if resume and os.path.lexists(replacing):
+        return replacing
     if not os.path.lexists(target) or _empty_dir(target):
         return target
     if not target.is_dir() or not is_run_dir(target):
         raise WorkdirError(f"{target}: exists and is not a run directory of cifar10-hvd (no {RUN_CONFIG} "
                            f"or {DIR_LOCK} written by `cifar10-hvd train`); move it away or choose another "
                            "--workdir (nothing was changed)")
-    return target if resume else staged
+    return target if resume else replacing
 
 
 STOPPING_SECONDS = 10.0  # how long a writer that is being stopped (its launcher just ended) may take to go

@@ -21,7 +21,7 @@ from data_prep_sources import leftovers, snapshot, write_source
 import data_prep
 from data_prep import cli
 
-pipeline = sys.modules["data_prep.pipeline"]
+pipeline = sys.modules["data_prep.preparation"]
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
 
 

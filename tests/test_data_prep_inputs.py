@@ -28,7 +28,7 @@ import data_prep
 from contracts.errors import InputError
 from data_prep import cli
 
-pipeline = sys.modules["data_prep.pipeline"]
+pipeline = sys.modules["data_prep.preparation"]
 SIZES = {"cat": 6, "dog": 5}  # ids 1..11, sorted in trainLabels.csv: id N is on line N + 1
 CLASSES = ["--classes", ",".join(SIZES)]
 

@@ -1,4 +1,4 @@
-"""The GPU path's logic, checked on CPU: staging ring, amp per device, gradient path and compression,
+"""The GPU path's logic, checked on CPU: copy ring, amp per device, gradient path and compression,
 the AMP loss scale through a checkpoint, predict's per-device budget and the compute-capability check."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from trainer.precision import amp_error, loss_scale_state, restore_loss_scale
 CU117 = KNOWN_BUILDS["mxnet-cu117"]
 
 
-# --- staging ring -------------------------------------------------------------------------------------
+# --- copy ring -------------------------------------------------------------------------------------
 
 def test_cpu_pinned_exists_on_cpu_builds():
     import mxnet as mx
@@ -38,9 +38,9 @@ def test_ring_returns_batches_in_order_and_cycles_its_slots(pinned):
     """pinned=True is the GPU's two-stage path (pinned slot, then a copy to ctx), run here with ctx = cpu."""
     import mxnet as mx
 
-    from trainer.staging import StagingRing
+    from trainer.prefetch import CopyRing
 
-    ring = StagingRing(mx.cpu(), slots=3, pinned=pinned)
+    ring = CopyRing(mx.cpu(), slots=3, pinned=pinned)
     src = np.empty((4, 3, 2, 2), dtype=np.float32)  # one source buffer, rewritten per batch
     out, slots = [], []
     for k in range(8):
@@ -63,9 +63,9 @@ def test_slot_is_not_rewritten_while_a_read_of_it_is_in_flight(pinned):
     """Slow engine ops read slot 0 (as its copy to the device, or on CPU the step, does); reuse must wait for them."""
     import mxnet as mx
 
-    from trainer.staging import StagingRing
+    from trainer.prefetch import CopyRing
 
-    ring = StagingRing(mx.cpu(), slots=2, pinned=pinned)
+    ring = CopyRing(mx.cpu(), slots=2, pinned=pinned)
     rng = np.random.default_rng(0)
     a, b, c = (rng.standard_normal((64, 3072)).astype(np.float32) for _ in range(3))
     w = rng.standard_normal((3072, 1024)).astype(np.float32) / 64
@@ -87,9 +87,9 @@ def test_slot_is_not_rewritten_while_a_read_of_it_is_in_flight(pinned):
 def test_staged_queues_batch_k_plus_1_before_yielding_batch_k():
     import mxnet as mx
 
-    from trainer.staging import StagingRing, staged
+    from trainer.prefetch import CopyRing, prefetched
 
-    ring = StagingRing(mx.cpu())
+    ring = CopyRing(mx.cpu())
     buf = np.empty((2, 3), dtype=np.float32)
 
     def batches():
@@ -98,21 +98,21 @@ def test_staged_queues_batch_k_plus_1_before_yielding_batch_k():
             yield buf, np.full(2, k, dtype=np.float32)
 
     seen = []
-    for k, (x, y) in enumerate(staged(batches(), ring)):
+    for k, (x, y) in enumerate(prefetched(batches(), ring)):
         assert ring.count == min(k + 2, 5)  # batch k+1 already copied and queued
         seen.append((x.asnumpy()[0, 0], y.asnumpy()[0]))
     assert seen == [(k, k) for k in range(5)]
     nd = [(mx.nd.full((2,), k), mx.nd.full((2,), k)) for k in range(3)]  # the seed's DataLoader batches
-    assert [x.asnumpy()[0] for x, _ in staged(nd, StagingRing(mx.cpu()))] == [0, 1, 2]
+    assert [x.asnumpy()[0] for x, _ in prefetched(nd, CopyRing(mx.cpu()))] == [0, 1, 2]
 
 
 def test_ring_needs_two_slots():
     import mxnet as mx
 
-    from trainer.staging import StagingRing
+    from trainer.prefetch import CopyRing
 
     with pytest.raises(ValueError, match="2 slots"):
-        StagingRing(mx.cpu(), slots=1)
+        CopyRing(mx.cpu(), slots=1)
 
 
 # --- config: amp per device, compression ------------------------------------------------------------

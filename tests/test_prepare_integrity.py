@@ -183,7 +183,7 @@ def slow_source(tmp_path: Path) -> Path:
     return src
 
 
-def staging(out: Path) -> list[Path]:
+def build_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.tmp-*"))
 
 
@@ -192,9 +192,9 @@ def start_and_stop(src: Path, out: Path, signum: int) -> subprocess.Popen:
     args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2", "--classes", "a,b"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=tool_env(), cwd=ROOT)
     deadline = time.monotonic() + 120
-    while not staging(out) and proc.poll() is None and time.monotonic() < deadline:
+    while not build_dirs(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert staging(out) and proc.poll() is None, f"no build directory seen; exit {proc.poll()}"
+    assert build_dirs(out) and proc.poll() is None, f"no build directory seen; exit {proc.poll()}"
     os.kill(proc.pid, signum)
     proc.wait(timeout=120)
     return proc
@@ -214,7 +214,7 @@ def test_the_build_directory_of_a_killed_prepare_is_removed_by_the_next(tmp_path
     src, out = slow_source(tmp_path), tmp_path / "prep"
     proc = start_and_stop(src, out, signal.SIGKILL)
     proc.stderr.close()
-    (stale,) = staging(out)
+    (stale,) = build_dirs(out)
     assert re.fullmatch(rf"\.prep\.tmp-{proc.pid}-\w+", stale.name), stale.name
     alive = tmp_path / f".prep.tmp-{os.getpid()}-abcd1234"  # its writer (this test) still runs
     foreign = tmp_path / ".prep.tmp-notes"  # not a name prepare writes

@@ -64,16 +64,16 @@ def forward_rows(batch_size: int, width: int, budget: int = ACTIVATION_BUDGET) -
 def forward_batches(fn, images: np.ndarray, ctx, batch_size: int, crop: int = 0) -> Iterator[tuple[int, int, object]]:
     """(start, stop, fn(x)) for images (uint8 N x 32 x 32 x 3) seen through eval_transform(crop), x a
     batch on ctx whose rows beyond stop - start are stale. fn(x) is queued first, then batch k+1 is
-    transformed and its device copy queued (trainer.staging), so both overlap batch k's forward.
+    transformed and its device copy queued (trainer.prefetch), so both overlap batch k's forward.
     Pages of a memory-mapped input are released as the stream passes them."""
-    from trainer.staging import StagingRing
+    from trainer.prefetch import CopyRing
 
     n = len(images)
     if n == 0:
         return
     bs = min(batch_size, n)
     buf = np.zeros((bs, 3) + images.shape[1:3], dtype=np.float32)
-    ring = StagingRing(ctx, slots=2)
+    ring = CopyRing(ctx, slots=2)
     release, released = page_releaser(images), 0
 
     def stage(start: int):

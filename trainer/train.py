@@ -522,15 +522,15 @@ def train_one_epoch(model: Model, data: Data, cfg: TrainConfig, epoch: int, worl
     """One pass over this rank's shard; returns the global loss, accuracy and speed."""
     import mxnet as mx
 
-    from trainer.staging import StagingRing, staged
+    from trainer.prefetch import CopyRing, prefetched
 
     loss_sum = mx.nd.zeros(1, ctx=world.ctx)
     correct = mx.nd.zeros(1, ctx=world.ctx)
     in_flight: collections.deque = collections.deque()
     bar = progress_bar(world, data.steps, epoch)
     start = time.perf_counter()
-    # batch k+1's copy to the device is queued before batch k's step (trainer.staging)
-    batches = staged(epoch_batches(data.train, cfg, epoch, world.rank, world.size), StagingRing(world.ctx))
+    # batch k+1's copy to the device is queued before batch k's step (trainer.prefetch)
+    batches = prefetched(epoch_batches(data.train, cfg, epoch, world.rank, world.size), CopyRing(world.ctx))
     for step, (X, Y) in enumerate(batches):
         model.trainer.set_learning_rate(lr_at(cfg, epoch + step / data.steps, world.size))
         out, loss = train_step(model, X, Y, cfg.batch_size)

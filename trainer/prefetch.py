@@ -1,4 +1,4 @@
-"""Host-to-device staging: batch k+1's copy to the device is queued before batch k's step runs.
+"""Host-to-device prefetch: batch k+1's copy to the device is queued before batch k's step runs.
 
 `mx.nd.array(x, ctx=gpu)` copies from pageable memory and blocks Python until the copy is
 done, so the GPU idles while the host copies. Here a batch is first copied on the host into
@@ -19,15 +19,15 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-DEFAULT_SLOTS = 4  # one-ahead staging plus the trainer's two steps in flight, and one spare
+DEFAULT_SLOTS = 4  # one-ahead copies plus the trainer's two steps in flight, and one spare
 
 
-class StagingRing:
+class CopyRing:
     """`slots` pinned host buffers per array position, reused in turn; put() returns device arrays."""
 
     def __init__(self, ctx, slots: int = DEFAULT_SLOTS, pinned: bool | None = None):
         if slots < 2:
-            raise ValueError(f"a staging ring needs at least 2 slots to overlap copies, got {slots}")
+            raise ValueError(f"a copy ring needs at least 2 slots to overlap copies, got {slots}")
         self.ctx = ctx
         self.pinned = ctx.device_type != "cpu" if pinned is None else pinned
         self.host: list[tuple | None] = [None] * slots  # per slot: one pinned NDArray per array position
@@ -62,7 +62,7 @@ class StagingRing:
         return tuple(out)
 
 
-def staged(batches: Iterable[tuple], ring: StagingRing) -> Iterator[tuple]:
+def prefetched(batches: Iterable[tuple], ring: CopyRing) -> Iterator[tuple]:
     """Device copies of each (x, y) batch, one batch ahead: batch k+1's copy is queued before batch k is yielded.
 
     numpy batches go through the ring; NDArray batches (the seed's DataLoader) are moved with

@@ -27,7 +27,7 @@ from data_prep.config import PrepareConfig
 from data_prep.decode import MAX_PNG_BYTES, ROW_BYTES, SIDE, ChunkResult, decode_chunk, die_with_parent
 from data_prep.layout import write_folders
 from data_prep.progress import Progress
-from data_prep.publish import discard_staging, locked, publish, remove_leftovers, sigterm_raises, staging_dir
+from data_prep.publish import build_dir, discard_build, locked, publish, remove_leftovers, sigterm_raises
 from data_prep.source import Part, Source, SourceTree, check_names, list_pngs, locate
 from data_prep.split import Assignment, assign
 
@@ -84,11 +84,11 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
             _check_replaceable(out, force)
         with sigterm_raises():
             try:
-                staged = staging_dir(out)
-                manifest = _build(source, staged, params, workers or default_workers())
-                publish(staged, out)
+                built = build_dir(out)
+                manifest = _build(source, built, params, workers or default_workers())
+                publish(built, out)
             except BaseException as exc:
-                discard_staging(out)
+                discard_build(out)
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     what = f" (writing {Path(exc.filename).name})" if exc.filename else ""
                     raise InputError(f"{out}: {exc.strerror}{what}; {out} was left as it was, nothing half-written "
@@ -156,36 +156,36 @@ class Job:
     copies: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _build(source: Source, staged: Path, params: dict, workers: int) -> dict:
+def _build(source: Source, built: Path, params: dict, workers: int) -> dict:
     """Everything short of publishing: check, split, decode, lay out, hash, write the manifest."""
-    scratch = staged / ".scratch"
+    scratch = built / ".scratch"
     with ExitStack() as stack:
         tree = source.materialize(scratch, stack)
         labels, train_files, test_files = _checked_files(tree, params["classes"])
         assignment = assign(labels, params["valid_ratio"], params["seed"])
         trainval_rows = assignment.valid + assignment.train
         test_ids = sorted(test_files)
-        _check_disk(staged, len(trainval_rows) + len(test_ids), params["layout"], tree)
-        np.save(staged / store.TRAINVAL_LABELS, np.asarray([c for _, c in trainval_rows], dtype=np.int64))
-        np.save(staged / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
-        np.save(staged / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
-        jobs = [Job(tree.train, staged / store.TRAINVAL_IMAGES, {train_files[i]: row for row, (i, _) in enumerate(trainval_rows)})]
+        _check_disk(built, len(trainval_rows) + len(test_ids), params["layout"], tree)
+        np.save(built / store.TRAINVAL_LABELS, np.asarray([c for _, c in trainval_rows], dtype=np.int64))
+        np.save(built / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
+        np.save(built / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
+        jobs = [Job(tree.train, built / store.TRAINVAL_IMAGES, {train_files[i]: row for row, (i, _) in enumerate(trainval_rows)})]
         if tree.test is not None:
-            jobs.append(Job(tree.test, staged / store.TEST_IMAGES, {test_files[i]: row for row, i in enumerate(test_ids)}))
+            jobs.append(Job(tree.test, built / store.TEST_IMAGES, {test_files[i]: row for row, i in enumerate(test_ids)}))
         if params["layout"] == "folders" and tree.train.folder is None:
-            _plan_copies(staged / store.FOLDERS, jobs, assignment, trainval_rows)
-        hashes, converted = _decode_and_hash(staged, jobs, workers)
+            _plan_copies(built / store.FOLDERS, jobs, assignment, trainval_rows)
+        hashes, converted = _decode_and_hash(built, jobs, workers)
         if params["layout"] == "folders" and tree.train.folder is not None:
-            _write_folders(staged, assignment, trainval_rows, jobs)
+            _write_folders(built, assignment, trainval_rows, jobs)
     shutil.rmtree(scratch, ignore_errors=True)
-    return _finish_manifest(staged, source, params, assignment, len(test_ids), len(converted), hashes)
+    return _finish_manifest(built, source, params, assignment, len(test_ids), len(converted), hashes)
 
 
-def _decode_and_hash(staged: Path, jobs: list[Job], workers: int) -> tuple[dict[str, str], list[str]]:
+def _decode_and_hash(built: Path, jobs: list[Job], workers: int) -> tuple[dict[str, str], list[str]]:
     """Decode every job; each file is hashed in a thread as soon as its last row is written."""
     hasher = ThreadPoolExecutor(2, thread_name_prefix="sha256")
     try:
-        digests = {name: hasher.submit(store.sha256_file, staged / name)
+        digests = {name: hasher.submit(store.sha256_file, built / name)
                    for name in (store.TRAINVAL_LABELS, store.TRAINVAL_IDS, store.TEST_IDS)}
 
         def written(npy: Path) -> None:
@@ -194,8 +194,8 @@ def _decode_and_hash(staged: Path, jobs: list[Job], workers: int) -> tuple[dict[
         converted = _decode_all(jobs, workers, written)
         for npy in (store.TRAINVAL_IMAGES, store.TEST_IMAGES):
             if npy not in digests:  # no test part: an empty array
-                _preallocate(staged / npy, 0)
-                written(staged / npy)
+                _preallocate(built / npy, 0)
+                written(built / npy)
         if converted:
             print(f"warning: {len(converted)} images were grayscale, RGBA or palette PNGs and were converted to RGB "
                   f"(first: {converted[0]})", file=sys.stderr)
@@ -261,15 +261,15 @@ def _check_test_ids(tree: SourceTree, test_files: dict[int, str]) -> None:
         raise InputError("\n".join(problems))
 
 
-def _check_disk(staged: Path, images: int, layout: str | None, tree: SourceTree) -> None:
+def _check_disk(built: Path, images: int, layout: str | None, tree: SourceTree) -> None:
     """Refuse before writing if the packed arrays (and copies the folder layout may need) cannot fit."""
     need = images * (ROW_BYTES + 16) + DISK_MARGIN_BYTES
     folder = tree.train.folder
-    if layout == "folders" and (folder is None or folder.stat().st_dev != staged.stat().st_dev):
+    if layout == "folders" and (folder is None or folder.stat().st_dev != built.stat().st_dev):
         need += images * 8192  # no hard links from an archive or across devices: budget a copy of each (small) PNG
-    free = shutil.disk_usage(staged).free
+    free = shutil.disk_usage(built).free
     if need > free:
-        raise InputError(f"{staged.parent}: not enough disk space for the prepared data: "
+        raise InputError(f"{built.parent}: not enough disk space for the prepared data: "
                            f"need {need:,} bytes, {free:,} free")
 
 
@@ -382,7 +382,7 @@ def _plan_copies(root: Path, jobs: list[Job], assignment: Assignment, trainval_r
         jobs[1].copies.update({name: (f"{root}/test/unknown/{name}",) for name in jobs[1].rows})
 
 
-def _write_folders(staged: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]], jobs: list[Job]) -> None:
+def _write_folders(built: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]], jobs: list[Job]) -> None:
     """The seed's train_valid_test/ tree inside STAGED, hard-linked to the source PNGs (rows: valid, then train)."""
     n_valid = len(assignment.valid)
     classes = assignment.classes
@@ -397,13 +397,13 @@ def _write_folders(staged: Path, assignment: Assignment, trainval_rows: list[tup
             for name in job.rows:
                 yield "test", "unknown", test_prefix + name
 
-    linked, copied = write_folders(staged / store.FOLDERS, entries())
+    linked, copied = write_folders(built / store.FOLDERS, entries())
     if copied:
         print(f"warning: {copied} of {linked + copied} files in {store.FOLDERS}/ were copied, "
               "not hard-linked (another device or no permission)", file=sys.stderr)
 
 
-def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Assignment, n_test: int,
+def _finish_manifest(built: Path, source: Source, params: dict, assignment: Assignment, n_test: int,
                      n_converted: int, hashes: dict[str, str]) -> dict:
     """Write manifest.json, last."""
     n_classes = len(assignment.classes)
@@ -422,7 +422,7 @@ def _finish_manifest(staged: Path, source: Source, params: dict, assignment: Ass
         "class_counts": per_class,
         "converted_to_rgb": n_converted,
         "source": {"path": str(source.path), "kind": source.kind, "fingerprint": source.fingerprint},
-        "files": {name: {"sha256": hashes[name], "bytes": (staged / name).stat().st_size} for name in files},
+        "files": {name: {"sha256": hashes[name], "bytes": (built / name).stat().st_size} for name in files},
     }
-    store.write_manifest(staged, manifest)
+    store.write_manifest(built, manifest)
     return manifest
