@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +96,10 @@ def test_demo_data_refuses_an_existing_directory(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--train", "10"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cifar10-hvd demo-data: ") and "already exists" in err
+
+
+@pytest.mark.parametrize("module", ["trainer.predict", "predictor.predict", "predictor", "trainer", "data_prep"])
+def test_each_stage_runs_as_a_python_module_under_its_documented_name(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: cifar10-hvd ")
