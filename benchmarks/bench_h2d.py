@@ -4,7 +4,7 @@ Side by side in one process, on whatever device is present (mx.gpu(0) if MXNet s
 interleaved repeats so a shared machine's noise hits both alike; wall-clock and CPU-time figures:
   train  sync:   mx.nd.array(x, ctx) per step (the copy blocks Python; from pageable memory on GPU)
          staged: trainer.prefetch (pinned ring, batch k+1's copy queued before batch k's step)
-  infer  sync:   transform, mx.nd.array, forward, wait, per batch (the loop before staging)
+  infer  sync:   transform, mx.nd.array, forward, wait, per batch (no overlap)
          staged: trainer.inference.logit_batches (batch k+1 transformed and copied during batch k's forward)
   copy   the copy alone, waited for (us per batch; on CPU staged does two memcpys, the sync path one)
 On CPU the step ratio shows that the staged path costs nothing; on a GPU it shows the gain.

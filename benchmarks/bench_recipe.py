@@ -1,4 +1,4 @@
-"""Time to accuracy, side by side: valid accuracy against wall-clock seconds, one curve per recipe (issue 16).
+"""Time to accuracy, side by side: valid accuracy against wall-clock seconds, one curve per recipe.
 
 Each recipe is a run config plus overrides, trained with `cifar10-hvd run --phases tune` on the same
 prepared data, one after another. Wall-clock time starts when the command starts (horovodrun, imports
@@ -12,7 +12,7 @@ minus each ingredient one at a time (OUT/ablation.png, OUT/ablation.md).
         --ablate-set train.low_res_epochs=4
 
 Default recipes: seed-w16 (configs/seed.yaml at width 16, batched pipeline: the seed's augmentation
-drawn identically), cpu-small-before (cpu-small as it was before issue 16,
+drawn identically), cpu-small-before (a 20-epoch baseline,
 benchmarks/recipes/cpu-small-2026-11-25.yaml) and cpu-small (configs/cpu-small.yaml, the recipe; the
 ablation takes the last recipe). --recipe NAME=CONFIG[,key=value...] replaces them. Timings are only
 comparable on an idle machine: the report records the load average before and after each run, and

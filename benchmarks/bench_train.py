@@ -8,7 +8,7 @@ Trainer figures are epoch 2's images/s from metrics.jsonl (epoch 1 includes warm
     .venv/bin/python benchmarks/bench_train.py [--widths 16 64] [--batch-size 128] [--threads 1] [--repeats N]
                                                [--skip-amp] [--skip-scaling] [--skip-step]
 
-The issue's reference figures for the seed (305 img/s at width 16) used 2 threads: --threads 2.
+To compare with figures taken at 2 threads per process (e.g. 305 img/s at width 16): --threads 2.
 Scaling always uses one thread per rank: -np 2 vs -np 1, vs two independent np-1 trainers at once (the
 machine's own ceiling for two processes), and with Horovod's default cycle time vs the CPU default.
 """

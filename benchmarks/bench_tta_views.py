@@ -1,6 +1,6 @@
 """Benchmark: valid accuracy of trained models under more test-time views, and what each view costs.
 
-Issue 16 asked whether more views than flip (the recipe's `tta: flip`) buy the last point to 90%.
+Whether more views than flip (the recipe's `tta: flip`) buy accuracy worth their predict time.
 For each tune run dir given, its final model scores the prepared valid split with the views
 - plain; flip (plain + mirror, the recipe's); 6 views (airbench's weighting: 1/2 for plain + mirror,
   1/4 each for the image shifted one pixel up-left and down-right, each with its mirror);

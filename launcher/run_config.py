@@ -134,7 +134,7 @@ class LaunchConfig:
     controller: str = field(default="gloo", metadata={"help": "Horovod controller", "choices": ("gloo", "mpi")})
 
 
-PrepareSection, LaunchSection = PrepareConfig, LaunchConfig  # the names this module had before
+PrepareSection, LaunchSection = PrepareConfig, LaunchConfig  # kept importable for scripts that use these names
 
 
 @dataclass

@@ -232,7 +232,7 @@ def timed_wait(proc: subprocess.Popen, limit: float) -> float:
     return time.time() - start
 
 
-FAULT_TIMES: dict[str, float] = {}  # printed at the end of the module (pytest -s) for the note
+FAULT_TIMES: dict[str, float] = {}  # printed at the end of the module (pytest -s), the figures in benchmarks/RESULTS.md
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])

@@ -67,7 +67,7 @@ def test_config_errors_name_the_key_and_file(tmp_path, capsys, text, expect):
     ("trian.epochs=3", "unknown section 'trian'"),
 ])
 def test_override_errors_name_the_key(tmp_path, capsys, override, expect):
-    # issue 14 item 10: a YAML tag or malformed value was a raw traceback, exit 1
+    # a malformed override is exit 2 naming it, never a traceback
     cfg = write(tmp_path / "ok.yaml", "train: {width: 4}\n")
     status, err = run_main(capsys, ["run", "--config", str(cfg), "--workdir", str(tmp_path / "w"), override])
     assert status == 2, err
@@ -126,7 +126,7 @@ def test_values_one_entry_point_took_are_taken_by_all(tmp_path):
 
 
 def test_prepare_argv_is_built_from_the_class(tmp_path):
-    # the launcher no longer spells prepare's flags by hand: its argv parses back to the same section
+    # the launcher's prepare argv comes from PrepareConfig, so it parses back to the same section
     cfg = run_config.load_run_config(write(tmp_path / "c.yaml", "data: /src\n"),
                                      ["prepare.valid_ratio=0.25", "prepare.seed=7", "prepare.workers=3",
                                       "prepare.layout=folders"])
@@ -180,7 +180,7 @@ def test_bad_flags_in_process_return_2_not_system_exit(tmp_path, capsys):
 
 
 def test_train_out_that_is_a_file_is_an_input_error(tmp_path, capsys):
-    # issue 14 item 10: was exit 1 with a raw FileExistsError
+    # exit 2 naming --out, never a raw FileExistsError
     out = write(tmp_path / "notadir", "mine\n")
     status, err = run_main(capsys, ["train", "--prepared", str(tmp_path), "--out", str(out)])
     assert status == 2 and err.startswith("cifar10-hvd train: ") and f"{out}: --out exists and is not a directory" in err
@@ -189,8 +189,8 @@ def test_train_out_that_is_a_file_is_an_input_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("damage", ["16x16 images", "short labels"])
 def test_bad_prepared_arrays_leave_no_run_dir(prepared, tmp_path, capsys, damage):
-    # issue 14 item 6: the failure came after config.json and metrics.jsonl were written, and the
-    # run dir then demanded --resume
+    # the arrays are checked before config.json or metrics.jsonl is written, so no half-made run dir
+    # demands --resume afterwards
     import shutil
 
     prep = tmp_path / "prep"

@@ -1,5 +1,5 @@
-"""The file contracts: the prepared directory checked against its manifest (issue 14 item 4), the run
-directory's start after a kill (item 10), and the exported model usable with no project code."""
+"""The file contracts: the prepared directory checked against its manifest, the run directory's start
+after a kill, and the exported model usable with no project code."""
 from __future__ import annotations
 
 import json
@@ -66,7 +66,7 @@ MANIFEST_CASES = {
 
 @pytest.mark.parametrize("case", MANIFEST_CASES)
 def test_open_split_checks_the_manifest_against_the_arrays(prepared, tmp_path, case):
-    """Issue 14 item 4: a manifest that does not match its arrays is refused, naming the key, for every split."""
+    """A manifest that does not match its arrays is refused, naming the key, for every split."""
     prep = copy_prepared(prepared, tmp_path / "prep")
     corrupt, expect = MANIFEST_CASES[case]
     corrupt(prep)
@@ -76,7 +76,7 @@ def test_open_split_checks_the_manifest_against_the_arrays(prepared, tmp_path, c
 
 
 def test_prepare_verify_rehashes_against_the_manifest(prepared, tmp_path):
-    """Issue 14 item 4: `prepare --verify PREP` passes a faithful copy and names a file whose bytes changed."""
+    """`prepare --verify PREP` passes a faithful copy and names a file whose bytes changed."""
     prep = copy_prepared(prepared, tmp_path / "prep")
     ok = run_cli(["prepare", "--verify", str(prep)])
     assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr
@@ -87,7 +87,7 @@ def test_prepare_verify_rehashes_against_the_manifest(prepared, tmp_path):
 
 
 def test_train_verify_on_two_ranks_refuses_changed_bytes(prepared, tmp_path):
-    """Issue 14 item 4: `train --verify` re-hashes on rank 0 before any rank reads; both ranks exit 2, no hang."""
+    """`train --verify` re-hashes on rank 0 before any rank reads; both ranks exit 2, no hang."""
     prep = copy_prepared(prepared, tmp_path / "prep")
     run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "ok"), "--epochs", "1", "--verify", *TINY],
             check=True)  # a faithful copy passes
@@ -112,7 +112,7 @@ def crop_run(prepared, tmp_path_factory):
 
 
 def test_train_and_predict_refuse_a_bad_manifest_with_exit_2(prepared, crop_run, tmp_path):
-    """Issue 14 item 4 through the CLIs: exit 2 with the key named, no traceback, nothing trained."""
+    """A manifest that does not match its arrays, through the CLIs: exit 2 with the key named, no traceback, nothing trained."""
     prep = copy_prepared(prepared, tmp_path / "prep")
     edit_manifest(prep, set_split("train", "count", "486"))
     proc = run_cli(["train", "--prepared", str(prep), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY])
@@ -127,7 +127,7 @@ def test_train_and_predict_refuse_a_bad_manifest_with_exit_2(prepared, crop_run,
 
 
 def test_start_removes_temporaries_a_kill_left(prepared, crop_run, tmp_path):
-    """Issue 14 item 10: empty .tmp files of a killed writer are removed by the next start; other files stay."""
+    """Empty .tmp files of a killed writer are removed by the next start; other files stay."""
     run = shutil.copytree(crop_run, tmp_path / "run")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -160,7 +160,7 @@ print(json.dumps({"ids": ids.tolist(), "labels": [meta["classes"][k] for k in lo
 
 
 def test_exported_model_alone_reproduces_predict(prepared, crop_run, tmp_path):
-    """Issue 12: model-symbol.json + params take raw uint8 NHWC images and carry the eval view, so a plain
+    """model-symbol.json + params take raw uint8 NHWC images and carry the eval view, so a plain
     SymbolBlock client (mxnet and numpy only) labels the demo test images exactly as `cifar10-hvd predict`."""
     (tmp_path / "client.py").write_text(CLIENT)
     proc = subprocess.run([sys.executable, "-I", str(tmp_path / "client.py"), str(crop_run), str(prepared)],

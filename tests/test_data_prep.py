@@ -200,7 +200,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_three_input_forms_publish_byte_identical_dirs(uneven, tmp_path, capsys):
-    """Issue 15: folders, train.7z/test.7z and the zip (streamed, 2 workers) give the same arrays and the same layout."""
+    """Folders, train.7z/test.7z and the zip (streamed, 2 workers) give the same arrays and the same layout."""
     src, _ = uneven
     packed = pack_like_kaggle(src, tmp_path)
     files, trees = [], []

@@ -1,4 +1,4 @@
-"""data_prep edge cases of issue 14: every PNG colour type and bit depth, files that are not files,
+"""data_prep edge cases: every PNG colour type and bit depth, files that are not files,
 a killed prepare's workers, a disk that fills up during the decode."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ CASES = [(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2
 
 @pytest.mark.parametrize("pyspng", ["installed", "absent"])
 def test_every_png_colour_type_and_bit_depth(tmp_path, capsys, monkeypatch, pyspng):
-    """Issue 14 item 7: 16-bit grayscale was clipped (40000 -> 255); every type and depth now decodes as specified.
+    """Every PNG colour type and bit depth decodes as specified (16-bit grayscale 40000 is not clipped to 255).
 
     Without pyspng, Pillow keeps only the high byte of 16-bit colour and gray+alpha samples: those cases
     are checked with pyspng only.
@@ -101,7 +101,8 @@ def limited_memory() -> None:
 
 
 def test_fifo_and_link_to_a_device_are_refused_without_blocking(tmp_path):
-    """Issue 14 item 8: train/7.png a FIFO blocked forever; a link to /dev/zero was read without bound."""
+    """A FIFO at train/7.png and a link to /dev/zero are refused at once: prepare neither blocks nor reads
+    without bound."""
     src, out = tmp_path / "kaggle", tmp_path / "prep"
     write_source(src, {"cat": 6, "dog": 5}, n_test=2)
     (src / "train" / "7.png").unlink()
@@ -143,7 +144,7 @@ def alive(pid: int) -> bool:
 
 
 def test_workers_die_with_a_killed_prepare(tmp_path):
-    """Issue 14 item 9: after SIGKILL of `prepare --workers 2`, its workers and resource tracker stayed alive."""
+    """After SIGKILL of `prepare --workers 2`, its workers and resource tracker end too."""
     src, out = tmp_path / "kaggle", tmp_path / "prep"
     write_source(src, {"a": 4000, "b": 4000}, n_test=4000)
     args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2", "--classes", "a,b"]
@@ -177,7 +178,8 @@ def tiny_disk(tmp_path):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_disk_full_during_decode(tmp_path, tiny_disk, capsys, monkeypatch, workers):
-    """Issue 14 item 10: a disk that fills during the decode gave a raw `OSError: [Errno 28]`.
+    """A disk that fills during the decode is exit 2 naming the output and the file being written, not a
+    raw `OSError: [Errno 28]`; the output is left as it was.
 
     The space check before writing is told the disk has room (as when another process fills it
     meanwhile); the 1 MiB tmpfs then runs out for real while the workers write ~2 MB of rows.

@@ -242,7 +242,7 @@ def test_reading_an_unprepared_directory_names_the_fix(tmp_path):
 
 
 def test_out_that_is_not_a_prepared_directory_is_never_replaced(good, tmp_path, capsys):
-    """--force replaces only a directory holding this project's manifest (issue 14, item 2)."""
+    """--force replaces only a directory holding this project's manifest."""
     src, _ = good
     other = tmp_path / "notes"
     other.mkdir()
@@ -263,7 +263,7 @@ def test_out_that_is_not_a_prepared_directory_is_never_replaced(good, tmp_path, 
 
 
 def test_out_must_not_be_hold_or_lie_inside_the_source(good, capsys):
-    """OUT == SRC, OUT above SRC, OUT inside SRC (SRC/train): refused with or without --force (issue 14, item 2)."""
+    """OUT == SRC, OUT above SRC, OUT inside SRC (SRC/train): refused with or without --force."""
     src, _ = good
     before = snapshot(src)
     for target, why in ((src, "would replace the source"), (src.parent, "would replace the source"),

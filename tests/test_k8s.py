@@ -1091,7 +1091,7 @@ def test_every_pod_passes_the_restricted_pod_security_profile(rendered, with_com
             assert found == ["hostNetwork: true"], found
         else:
             assert found == [], f"{role}: {found}"
-    # The check itself can fail: the capability the rdma component used to add is refused.
+    # The check itself can fail: a worker that adds IPC_LOCK is refused.
     worker = copy.deepcopy(pod_templates(objs)["worker"]["spec"])
     worker["containers"][0]["securityContext"]["capabilities"]["add"] = ["IPC_LOCK"]
     assert "worker: adds capabilities ['IPC_LOCK']" in restricted_violations(worker)

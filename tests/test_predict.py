@@ -241,7 +241,7 @@ def test_input_errors_exit_2(twelve, tmp_path, capsys):
 
 
 def test_out_that_is_a_directory_is_an_input_error(twelve, tmp_path, capsys):
-    # issue 14 item 10: was exit 1 after inference, with a raw IsADirectoryError
+    # exit 2 naming --out, never a raw IsADirectoryError
     from predictor.predict import main
 
     src, prep, run = twelve

@@ -1,4 +1,4 @@
-"""Issue 14 items 1, 3 and 5 on real processes, signals and files: run never removes what it did not write,
+"""Safety on real processes, signals and files: run never removes what it did not write,
 a signal to the launcher ends every rank, a run directory has one writer, a changed source re-runs all."""
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_run_never_removes_what_it_did_not_write(prepared, tmp_path):
     photo = work / "tune" / "photos" / "a.jpg"
     photo.parent.mkdir(parents=True)
     photo.write_text("x")
-    # the issue's repro: a missing prepared dir was found only after W/tune had been removed
+    # a missing prepared dir must be found before W/tune is touched
     proc = run_cli(["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--prepared", "/does/not/exist",
                     "--workdir", str(work), "--phases", "tune"])
     assert proc.returncode == 2 and "/does/not/exist" in proc.stderr, proc.stderr

@@ -81,13 +81,13 @@ def test_score_missing_file_is_input_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line3, expect", [
-    (b"3," + b"a" * 300_000 + b"\n", "submission.csv:4: label 'aaaaaaaa"),  # csv's 128 KB field limit used to raise
+    (b"3," + b"a" * 300_000 + b"\n", "submission.csv:4: label 'aaaaaaaa"),  # beyond csv's 128 KB field limit
     (b"3,d\xffg\n", "submission.csv:4: not UTF-8 text"),
     (b"0,cat\n", "submission.csv:4: id '0' is not a positive integer"),
     (b"-3,cat\n", "submission.csv:4: id '-3' is not a positive integer"),
 ])
 def test_score_bad_bytes_and_ids_exit_2_naming_the_line(tmp_path, capfd, line3, expect):
-    """Issue 14 item 10: a 300 KB line or a non-UTF-8 byte is a short input error (exit 2) naming FILE:LINE,
+    """A 300 KB line or a non-UTF-8 byte is a short input error (exit 2) naming FILE:LINE,
     and ids follow prepare's policy (positive integers), through the real CLI."""
     from conftest import run_cli
 
@@ -102,7 +102,7 @@ def test_score_bad_bytes_and_ids_exit_2_naming_the_line(tmp_path, capfd, line3, 
 
 
 def test_score_and_prepare_share_one_bom_and_crlf_policy(tmp_path, capsys):
-    """Issue 14 item 10: a BOM and CRLF line ends, which prepare accepts in trainLabels.csv, are accepted by score."""
+    """A BOM and CRLF line ends, which prepare accepts in trainLabels.csv, are accepted by score."""
     from contracts.labels import read_labels
 
     bom = b"\xef\xbb\xbfid,label\r\n1,cat\r\n2,dog\r\n"
