@@ -95,7 +95,7 @@ def measure(side: str, src: Path, out: Path, workers: int) -> None:
     else:
         import data_prep
 
-        manifest = data_prep.prepare(src, out, workers=workers)
+        manifest = data_prep.prepare(src, out, data_prep.PrepareConfig(workers=workers))
         hashes = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     seconds = time.perf_counter() - started
     usage = {"self": resource.getrusage(resource.RUSAGE_SELF), "children": resource.getrusage(resource.RUSAGE_CHILDREN)}

@@ -4,7 +4,8 @@ Each stage owns one dataclass for its section of a run config (data_prep.config.
 trainer.config.TrainConfig and PredictConfig, launcher.run_config.LaunchConfig). A field's
 metadata holds its help text and its one validator ("min", "min_excl", "max_excl", "choices",
 "pattern": a regular expression a str value must match whole, described by "pattern_help", or
-"check": a function that raises ValueError naming what is wrong);
+"check": a function that raises ValueError naming what is wrong, or "check_named": a function of the
+value and its source that raises its own InputError, for a check other callers share);
 the same check_value runs for a YAML key, a run override and a command-line flag, so a value
 accepted by one entry point is accepted by all, and rejected with the same message naming the
 key and the file. Precedence: defaults < YAML file < flags. It lives here, in the lowest package.
@@ -77,6 +78,8 @@ def check_value(cls: type, name: str, value: Any, source: str) -> Any:
             meta["check"](value)
         except ValueError as e:
             raise InputError(f"{source}: key '{name}': {e}") from None
+    if "check_named" in meta:  # a function(value, source) raising an InputError of its own that names source
+        meta["check_named"](value, source)
     if "min" in meta and value < meta["min"]:
         raise InputError(f"{source}: key '{name}' must be >= {meta['min']}, got {value!r}")
     if "min_excl" in meta and value <= meta["min_excl"]:

@@ -6,7 +6,6 @@ import signal
 import sys
 
 from contracts.errors import InputError, offenders, run_command
-from contracts.labels import parse_classes
 from contracts.schema import Parser, add_flags, resolve
 from data_prep.config import PrepareConfig
 from data_prep.preparation import prepare
@@ -49,11 +48,8 @@ def _main(argv: list[str] | None) -> int:
     if not (args.data and args.out):
         parser.error("--data and --out are required (or --verify PREP)")
     cfg = resolve(PrepareConfig, args, args.config, "prepare")
-    classes_from = "--classes" if args.classes is not None else f"{args.config} (prepare)" if args.config else "classes"
-    classes = parse_classes(cfg.classes, classes_from)
     try:
-        prepare(args.data, args.out, valid_ratio=cfg.valid_ratio, seed=cfg.seed, workers=cfg.workers,
-                layout=cfg.layout, force=args.force, classes=classes)
+        prepare(args.data, args.out, cfg, force=args.force)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped)
         stopped = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         print(f"{'interrupted' if stopped == signal.SIGINT else signal.Signals(stopped).name}; "

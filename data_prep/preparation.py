@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.errors import InputError, offenders
-from contracts.labels import CIFAR10_CLASSES, check_classes, parse_classes, read_labels, read_table
-from contracts.schema import from_mapping
+from contracts.labels import check_classes, read_labels, read_table
 from data_prep import store
 from data_prep.archive import DISK_MARGIN_BYTES
 from data_prep.config import PrepareConfig
@@ -33,7 +32,13 @@ from data_prep.split import Assignment, assign
 
 STREAM_WORKER_NICENESS = 5  # decode workers yield to the LZMA core when a machine is contended
 CHUNK_ROWS = 512           # images per decode task: small enough to balance, large enough to amortize
-PARAMS = ("valid_ratio", "seed", "layout", "classes")
+PARAMS = ("valid_ratio", "seed", "layout", "classes")  # the keys of PrepareConfig a manifest records
+
+
+def recorded(cfg: PrepareConfig) -> dict:
+    """PARAMS as the manifest records them: the packed layout as null, the classes sorted."""
+    return {"valid_ratio": cfg.valid_ratio, "seed": cfg.seed, "layout": None if cfg.layout == "packed" else cfg.layout,
+            "classes": cfg.class_names()}
 
 
 def default_workers() -> int:
@@ -48,26 +53,18 @@ def default_workers() -> int:
     return cores
 
 
-def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: int = 0,
-            workers: int | None = None, layout: str | None = None, force: bool = False,
-            classes: str | list[str] | None = None) -> store.Manifest:
+def prepare(src: str | Path, out: str | Path, cfg: PrepareConfig, *, force: bool = False) -> store.Manifest:
     """Validate SRC, decode it once into OUT (published by one rename) and return OUT's manifest.
 
-    CLASSES (a list, or names separated by commas; default the competition's ten) are the labels
-    trainLabels.csv must use, each on at least one row; the manifest lists them sorted.
+    CFG is a PrepareConfig the schema has validated (contracts.schema.resolve or from_mapping): its
+    classes are the labels trainLabels.csv must use, each on at least one row; workers 0 means all cores.
 
     Same source and parameters as the existing OUT: nothing is done ("up to date"). Different ones:
     refused. FORCE rebuilds and replaces OUT, but only a directory holding this project's manifest;
     OUT may never be, hold or lie inside SRC. Any error (disk full included) leaves OUT exactly as it was.
     """
-    # the validators of the `prepare:` section and of the CLI's flags (workers 0/None: all cores)
-    from_mapping(PrepareConfig, {"valid_ratio": valid_ratio, "seed": seed, "workers": workers or 0,
-                                 "layout": layout or "packed"}, "prepare()")
-    layout = None if layout == "packed" else layout
     started = time.perf_counter()
     out = Path(os.path.abspath(out))
-    params = {"valid_ratio": valid_ratio, "seed": seed, "layout": layout,
-              "classes": sorted(parse_classes(CIFAR10_CLASSES if classes is None else classes, "classes"))}
     source_path = Path(src).resolve()
     _check_out_apart(out, source_path)
     source = locate(source_path)
@@ -75,7 +72,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
         remove_leftovers(out)
         existing = _existing(out)
         if existing is not None and not force:
-            changes = _changes(existing, params, source)
+            changes = _changes(existing, recorded(cfg), source)
             if not changes:
                 print(f"{out} is up to date (same source and parameters); nothing to do", file=sys.stderr)
                 return existing
@@ -85,7 +82,7 @@ def prepare(src: str | Path, out: str | Path, valid_ratio: float = 0.1, seed: in
         with sigterm_raises():
             try:
                 built = build_dir(out)
-                manifest = _build(source, built, params, workers or default_workers())
+                manifest = _build(source, built, cfg)
                 publish(built, out)
             except BaseException as exc:
                 discard_build(out)
@@ -135,10 +132,10 @@ def _existing(out: Path) -> dict | None:
         return None
 
 
-def _changes(existing: dict, params: dict, source: Source) -> list[str]:
-    """How the requested run differs from what OUT holds, one line per difference."""
-    changes = [f"{key}: {existing.get(key)!r} in {store.MANIFEST}, {params[key]!r} requested"
-               for key in PARAMS if existing.get(key) != params[key]]
+def _changes(existing: dict, requested: dict, source: Source) -> list[str]:
+    """How the requested run (REQUESTED: recorded(cfg)) differs from what OUT holds, one line per difference."""
+    changes = [f"{key}: {existing.get(key)!r} in {store.MANIFEST}, {requested[key]!r} requested"
+               for key in PARAMS if existing.get(key) != requested[key]]
     if existing.get("source", {}).get("fingerprint") != source.fingerprint:
         changes.append(f"source: {existing.get('source', {}).get('path')} (fingerprint "
                        f"{str(existing.get('source', {}).get('fingerprint'))[:12]}) differs from {source.path} "
@@ -156,29 +153,30 @@ class Job:
     copies: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _build(source: Source, built: Path, params: dict, workers: int) -> dict:
+def _build(source: Source, built: Path, cfg: PrepareConfig) -> dict:
     """Everything short of publishing: check, split, decode, lay out, hash, write the manifest."""
     scratch = built / ".scratch"
+    folders = cfg.layout == "folders"
     with ExitStack() as stack:
         tree = source.materialize(scratch, stack)
-        labels, train_files, test_files = _checked_files(tree, params["classes"])
-        assignment = assign(labels, params["valid_ratio"], params["seed"])
+        labels, train_files, test_files = _checked_files(tree, cfg.class_names())
+        assignment = assign(labels, cfg)
         trainval_rows = assignment.valid + assignment.train
         test_ids = sorted(test_files)
-        _check_disk(built, len(trainval_rows) + len(test_ids), params["layout"], tree)
+        _check_disk(built, len(trainval_rows) + len(test_ids), folders, tree)
         np.save(built / store.TRAINVAL_LABELS, np.asarray([c for _, c in trainval_rows], dtype=np.int64))
         np.save(built / store.TRAINVAL_IDS, np.asarray([i for i, _ in trainval_rows], dtype=np.int64))
         np.save(built / store.TEST_IDS, np.asarray(test_ids, dtype=np.int64))
         jobs = [Job(tree.train, built / store.TRAINVAL_IMAGES, {train_files[i]: row for row, (i, _) in enumerate(trainval_rows)})]
         if tree.test is not None:
             jobs.append(Job(tree.test, built / store.TEST_IMAGES, {test_files[i]: row for row, i in enumerate(test_ids)}))
-        if params["layout"] == "folders" and tree.train.folder is None:
+        if folders and tree.train.folder is None:
             _plan_copies(built / store.FOLDERS, jobs, assignment, trainval_rows)
-        hashes, converted = _decode_and_hash(built, jobs, workers)
-        if params["layout"] == "folders" and tree.train.folder is not None:
+        hashes, converted = _decode_and_hash(built, jobs, cfg.workers or default_workers())
+        if folders and tree.train.folder is not None:
             _write_folders(built, assignment, trainval_rows, jobs)
     shutil.rmtree(scratch, ignore_errors=True)
-    return _finish_manifest(built, source, params, assignment, len(test_ids), len(converted), hashes)
+    return _finish_manifest(built, source, cfg, assignment, len(test_ids), len(converted), hashes)
 
 
 def _decode_and_hash(built: Path, jobs: list[Job], workers: int) -> tuple[dict[str, str], list[str]]:
@@ -261,11 +259,11 @@ def _check_test_ids(tree: SourceTree, test_files: dict[int, str]) -> None:
         raise InputError("\n".join(problems))
 
 
-def _check_disk(built: Path, images: int, layout: str | None, tree: SourceTree) -> None:
+def _check_disk(built: Path, images: int, folders: bool, tree: SourceTree) -> None:
     """Refuse before writing if the packed arrays (and copies the folder layout may need) cannot fit."""
     need = images * (ROW_BYTES + 16) + DISK_MARGIN_BYTES
     folder = tree.train.folder
-    if layout == "folders" and (folder is None or folder.stat().st_dev != built.stat().st_dev):
+    if folders and (folder is None or folder.stat().st_dev != built.stat().st_dev):
         need += images * 8192  # no hard links from an archive or across devices: budget a copy of each (small) PNG
     free = shutil.disk_usage(built).free
     if need > free:
@@ -383,7 +381,7 @@ def _plan_copies(root: Path, jobs: list[Job], assignment: Assignment, trainval_r
 
 
 def _write_folders(built: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]], jobs: list[Job]) -> None:
-    """The seed's train_valid_test/ tree inside STAGED, hard-linked to the source PNGs (rows: valid, then train)."""
+    """The seed's train_valid_test/ tree inside BUILT, hard-linked to the source PNGs (rows: valid, then train)."""
     n_valid = len(assignment.valid)
     classes = assignment.classes
     train_prefix = f"{jobs[0].part.shown}{os.sep}"
@@ -403,7 +401,7 @@ def _write_folders(built: Path, assignment: Assignment, trainval_rows: list[tupl
               "not hard-linked (another device or no permission)", file=sys.stderr)
 
 
-def _finish_manifest(built: Path, source: Source, params: dict, assignment: Assignment, n_test: int,
+def _finish_manifest(built: Path, source: Source, cfg: PrepareConfig, assignment: Assignment, n_test: int,
                      n_converted: int, hashes: dict[str, str]) -> dict:
     """Write manifest.json, last."""
     n_classes = len(assignment.classes)
@@ -416,7 +414,7 @@ def _finish_manifest(built: Path, source: Source, params: dict, assignment: Assi
         "format_version": store.FORMAT_VERSION,
         "classes": assignment.classes,
         "image_shape": [SIDE, SIDE, 3],
-        **params,
+        **recorded(cfg),
         "n_valid_per_label": assignment.n_valid_per_label,
         "splits": store.split_table(len(assignment.valid), len(assignment.train), n_test),
         "class_counts": per_class,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_prep.config import PrepareConfig
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -26,19 +28,19 @@ def n_valid_per_label(class_sizes: list[int], valid_ratio: float) -> int:
     return max(1, math.floor(min(class_sizes) * valid_ratio))
 
 
-def assign(labels: dict[int, str], valid_ratio: float, seed: int) -> Assignment:
-    """Split labelled ids into valid and train per the seed's rule, deterministically."""
+def assign(labels: dict[int, str], cfg: PrepareConfig) -> Assignment:
+    """Split labelled ids into valid and train per the seed's rule (cfg.valid_ratio, cfg.seed), deterministically."""
     classes = sorted(set(labels.values()))
     by_class: dict[str, list[int]] = {name: [] for name in classes}
     for image_id in sorted(labels):
         by_class[labels[image_id]].append(image_id)
-    k = n_valid_per_label([len(ids) for ids in by_class.values()], valid_ratio)
+    k = n_valid_per_label([len(ids) for ids in by_class.values()], cfg.valid_ratio)
     valid: list[tuple[int, int]] = []
     train: list[tuple[int, int]] = []
     for index, name in enumerate(classes):
         ids = np.asarray(by_class[name], dtype=np.int64)
         # One generator per class, keyed by (seed, class index): a class's choice does not depend on others.
-        order = np.random.default_rng((seed, index)).permutation(len(ids))
+        order = np.random.default_rng((cfg.seed, index)).permutation(len(ids))
         chosen = set(ids[order[:k]].tolist())
         valid += [(i, index) for i in ids.tolist() if i in chosen]
         train += [(i, index) for i in ids.tolist() if i not in chosen]

@@ -80,6 +80,7 @@ def test_override_errors_name_the_key(tmp_path, capsys, override, expect):
 SAME_VERDICT = [
     ("prepare", "valid_ratio", 1.0, "key 'valid_ratio' must be < 1.0"),
     ("prepare", "seed", -1, "key 'seed' must be >= 0"),
+    ("prepare", "classes", "cat,dog,cat", "'cat' is listed more than once"),
     ("train", "eval_crop", 31, "key 'eval_crop' must be one of"),
     ("train", "label_smoothing", 1.0, "key 'label_smoothing' must be < 1.0"),
     ("predict", "batch_size", 0, "key 'batch_size' must be >= 1"),

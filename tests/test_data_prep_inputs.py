@@ -198,7 +198,7 @@ def test_failure_mid_write_leaves_no_prep(good, capsys, monkeypatch):
     for target, force in ((out, True), (out.parent / "fresh", False)):
         calls.clear()
         with pytest.raises(OSError, match="Input/output error"):
-            data_prep.prepare(src.parent / "big", target, workers=1, force=force, classes=["a", "b"])
+            data_prep.prepare(src.parent / "big", target, data_prep.PrepareConfig(workers=1, classes="a,b"), force=force)
         assert calls == [0, 512]  # the real writer wrote the first chunk's rows before the failure
     assert snapshot(out) == before
     assert not (out.parent / "fresh").exists()

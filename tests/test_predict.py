@@ -29,7 +29,7 @@ def make_prepared(root: Path, n_test: int, n_train: int = 40) -> tuple[Path, Pat
     """(Kaggle-layout source, prepared dir) with n_test test images."""
     src, prep = root / f"src{n_test}", root / f"prep{n_test}"
     assert demo_data.main(["--out", str(src), "--train", str(n_train), "--test", str(n_test), "--seed", str(n_test)]) == 0
-    data_prep.prepare(src, prep, workers=1)
+    data_prep.prepare(src, prep, data_prep.PrepareConfig(workers=1))
     return src, prep
 
 
