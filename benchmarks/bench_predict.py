@@ -158,10 +158,11 @@ def worker_init(args) -> None:
 
 def worker_predict(args) -> None:
     """predictor.predict.predict as the launcher calls it, then this rank's figures."""
+    from predictor.config import PredictConfig
     from predictor.predict import predict
 
-    res = predict(args.prepared, args.model, args.out, batch_size=args.batch_size, tta=args.tta,
-                  precision=args.precision, quiet=True, engine=args.engine)
+    cfg = PredictConfig(batch_size=args.batch_size, tta=args.tta, precision=args.precision, engine=args.engine)
+    res = predict(args.prepared, args.model, args.out, cfg, quiet=True)
     print("BENCH " + json.dumps({**res.__dict__, "rank_peak_mb": peak_mb(), "threads": int(os.environ["OMP_NUM_THREADS"])}), flush=True)
 
 

@@ -265,12 +265,8 @@ class Pipeline:
         else:
             from predictor.predict import predict
 
-            p = self.cfg.predict
-
             def body():
-                return predict(self.prepared, self.workdir / "final", self.workdir / "submission.csv",
-                               batch_size=p.batch_size, tta=p.tta, precision=p.precision, threads=p.threads,
-                               engine=p.engine)
+                return predict(self.prepared, self.workdir / "final", self.workdir / "submission.csv", self.cfg.predict)
         results: list = []
         code = run_command(IN_PROCESS[stage], lambda: results.append(body()) or 0)
         if code:

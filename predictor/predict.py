@@ -136,7 +136,7 @@ def _check_inputs(prepared: Path, model_dir: Path, out: Path) -> None:
 
 @dataclass
 class SubmissionSummary:
-    """What `predict` returns on every rank. Also readable as a mapping (res["count"]), as its dict used to be."""
+    """What `predict` returns on every rank; also readable as a mapping (res["count"])."""
 
     path: str
     count: int
@@ -196,19 +196,29 @@ def progress_bar(bar: str | None, total: int):
         progress.close()
 
 
-def onnx_engine(model_dir: Path, precision: str, calib, threads: int, verbose: bool, batch_size: int, tta: str):
+def mxnet_engine(model_dir: Path, cfg: PredictConfig, ctx, calib):
+    """(infer(images, shard, bar) -> predictions, class names) on MXNet, from the run's model (load_model)."""
+    net, classes, width, crop = load_model(model_dir, ctx, cfg.precision, calib)
+
+    def infer(images: np.ndarray, shard: slice, bar: str | None) -> np.ndarray:
+        return infer_shard(net, images, shard, ctx, cfg.batch_size, width, cfg.tta, crop, bar)
+
+    return infer, classes
+
+
+def onnx_engine(model_dir: Path, cfg: PredictConfig, calib, threads: int, verbose: bool):
     """(infer(images, shard, bar) -> predictions, class names) on onnxruntime, from RUN/model.onnx."""
     from predictor import onnx_predict
     from trainer.config import read_run_record
     from trainer.inference import ACTIVATION_BUDGET, forward_rows
 
-    session, classes = onnx_predict.load(model_dir, precision, calib, threads,
+    session, classes = onnx_predict.load(model_dir, cfg.precision, calib, threads,
                                          log=(lambda line: print(line, flush=True)) if verbose else None)
-    rows = forward_rows(batch_size, read_run_record(model_dir).train.width, ACTIVATION_BUDGET)
+    rows = forward_rows(cfg.batch_size, read_run_record(model_dir).train.width, ACTIVATION_BUDGET)
 
     def infer(images: np.ndarray, shard: slice, bar: str | None) -> np.ndarray:
         with progress_bar(bar, shard.stop - shard.start) as progress:
-            return onnx_predict.predict_rows(session, images[shard], rows, tta, progress)
+            return onnx_predict.predict_rows(session, images[shard], rows, cfg.tta, progress)
 
     return infer, classes
 
@@ -233,39 +243,36 @@ def write_on_rank0(hvd, pairs: np.ndarray, expected_ids: np.ndarray, out: Path, 
         raise RuntimeError(failure)
 
 
-def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None = None, batch_size: int = 512,
-            tta: str = "none", precision: str = "float32", threads: int = 0, quiet: bool = False,
-            engine: str = "mxnet") -> SubmissionSummary:
-    """Predict the prepared test split with the run's model; rank 0 writes out (default RUN/submission.csv).
+def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None, cfg: PredictConfig, *,
+            quiet: bool = False) -> SubmissionSummary:
+    """Predict the prepared test split with the run's model; rank 0 writes out (None: RUN/submission.csv).
 
-    Call it on every rank. images_per_sec counts all ranks' images over the wall time from first
-    batch to file written. precision: float32 or int8 (the CLI's choices); bfloat16 only for the
-    benchmark's gate (slower on CPU here). engine: mxnet, or onnxruntime (RUN/model.onnx on the CPU;
-    predictor.onnx_predict).
+    Call it on every rank, with a PredictConfig the schema has validated (contracts.schema.resolve).
+    images_per_sec counts all ranks' images over the wall time from first batch to file written.
+    cfg.precision: float32 or int8 (the schema's choices); bfloat16 only for the benchmark's gate (slower
+    on CPU here). cfg.engine: mxnet, or onnxruntime (RUN/model.onnx on the CPU; predictor.onnx_predict).
+    quiet: no progress bar or closing line.
     """
-    cpu_threads = set_cpu_threads(threads)
+    cpu_threads = set_cpu_threads(cfg.threads)
     from trainer.cuda_arch import gpu_problem
     from trainer.device import context, init_horovod
 
     prepared, model_dir = Path(prepared), Path(model_dir)
     out = Path(out) if out is not None else model_dir / "submission.csv"
     _check_inputs(prepared, model_dir, out)
-    hvd = init_horovod()
+    hvd = init_horovod("predict")
     if hvd.rank() == 0:  # a rank 0 killed mid-write left its temporary beside out
         remove_stale_temps(out.parent, of=out.name)
-    if engine == "onnxruntime":
-        split, manifest_classes, calib = open_test_split(prepared, precision)
-        infer, classes = onnx_engine(model_dir, precision, calib, cpu_threads, hvd.rank() == 0 and not quiet,
-                                     batch_size, tta)
+    if cfg.engine == "onnxruntime":
+        split, manifest_classes, calib = open_test_split(prepared, cfg.precision)
+        infer, classes = onnx_engine(model_dir, cfg, calib, cpu_threads, hvd.rank() == 0 and not quiet)
     else:
         ctx = context(hvd)
         problem = gpu_problem(ctx)
         if problem:
             raise InputError(problem)
-        split, manifest_classes, calib = open_test_split(prepared, precision)
-        net, classes, width, crop = load_model(model_dir, ctx, precision, calib)
-        infer = lambda images, shard, bar: infer_shard(  # noqa: E731
-            net, images, shard, ctx, batch_size, width, tta, crop, bar)
+        split, manifest_classes, calib = open_test_split(prepared, cfg.precision)
+        infer, classes = mxnet_engine(model_dir, cfg, ctx, calib)
     if classes != manifest_classes:
         raise InputError(f"{model_dir}: model classes {classes} differ from {prepared} manifest classes {manifest_classes}")
     n = len(split.ids)
@@ -279,7 +286,7 @@ def predict(prepared: str | Path, model_dir: str | Path, out: str | Path | None 
     result = SubmissionSummary(str(out), int(n), round(seconds, 3), round(n / seconds, 1) if seconds > 0 else 0.0,
                                hvd.size(), [int(shard.start), int(shard.stop)])
     if hvd.rank() == 0 and not quiet:
-        how = precision if engine == "mxnet" else f"{precision}, {engine}"
+        how = cfg.precision if cfg.engine == "mxnet" else f"{cfg.precision}, {cfg.engine}"
         print(f"predict: {n} images on {hvd.size()} rank(s) ({how}) in {seconds:.1f}s, "
               f"{result.images_per_sec:.0f} images/s, wrote {out}", flush=True)
     return result
@@ -299,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(PredictConfig, args, args.config, "predict")
-    predict(args.prepared, args.model, args.out, batch_size=cfg.batch_size, tta=cfg.tta,
-            precision=cfg.precision, threads=cfg.threads, engine=cfg.engine)
+    predict(args.prepared, args.model, args.out, cfg)
     return 0
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before mxnet is first imported 
 
 import data_prep  # noqa: E402
 from launcher import demo_data  # noqa: E402
+from predictor.config import PredictConfig  # noqa: E402
 
 CLASSES = list(demo_data.CLASSES)
 WIDTH = 4
@@ -127,14 +128,14 @@ def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
     from predictor.predict import predict
 
     src, prep, run = twelve
-    res = predict(prep, run, tmp_path / "tta.csv", batch_size=4, tta="flip", quiet=True)
+    res = predict(prep, run, tmp_path / "tta.csv", PredictConfig(batch_size=4, tta="flip"), quiet=True)
     assert res["count"] == 12 and res["path"] == str(tmp_path / "tta.csv") and res["images_per_sec"] > 0
     _, ids, labels = read_submission(tmp_path / "tta.csv")
     assert ids == list(range(1, 13))
     assert_matches_reference(labels, reference_logits(run, src, ids, flip=True))
     # default output path is RUN/submission.csv, and a second run replaces it whole
     for _ in range(2):
-        predict(prep, run, None, batch_size=512, quiet=True)
+        predict(prep, run, None, PredictConfig(batch_size=512), quiet=True)
     assert read_submission(run / "submission.csv")[1] == list(range(1, 13))
 
 
@@ -147,7 +148,7 @@ def test_eval_crop_reaches_predict_through_the_run_record(twelve, tmp_path):
     src, prep, _ = twelve
     run = make_run(tmp_path / "crop-run", seed=1)
     write_run_record(run, TrainConfig(width=WIDTH, eval_crop=36), CLASSES, "final", prep, 1, 0.1, 1)
-    predict(prep, run, tmp_path / "crop.csv", quiet=True)
+    predict(prep, run, tmp_path / "crop.csv", PredictConfig(), quiet=True)
     _, ids, labels = read_submission(tmp_path / "crop.csv")
     at36, at0 = reference_logits(run, src, ids, crop=36), reference_logits(run, src, ids)
     assert mismatches([CLASSES[k] for k in at0.argmax(1)], at36), "the crop should change some confident prediction"
@@ -167,8 +168,8 @@ def test_run_without_final_model_uses_newest_checkpoint(twelve, tmp_path):
         stem.with_suffix(".params").write_bytes(params.read_bytes())
         stem.with_suffix(".states").write_bytes(b"")
         stem.with_suffix(".json").write_text(json.dumps({"epoch": epoch}))
-    predict(prep, ckpt_run, tmp_path / "a.csv", quiet=True)
-    predict(prep, run, tmp_path / "b.csv", quiet=True)
+    predict(prep, ckpt_run, tmp_path / "a.csv", PredictConfig(), quiet=True)
+    predict(prep, run, tmp_path / "b.csv", PredictConfig(), quiet=True)
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
 

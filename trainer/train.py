@@ -626,7 +626,7 @@ def start_line(data: Data, cfg: TrainConfig, phase: str, model: Model, world: Wo
             f"pipeline {cfg.pipeline}, amp {cfg.amp}")
 
 
-def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, phase: str = "tune", resume: bool = False,
+def train(prepared: str | Path, out: str | Path, cfg: TrainConfig, *, phase: str = "tune", resume: bool = False,
           threads: int | None = None, verify: bool = False, allow_changes: bool = False) -> RunSummary:
     """Train cfg's model on the prepared dir's phase split into the run dir out; call it on every rank.
 
