@@ -34,8 +34,9 @@ def set_cpu_threads(threads: int = 0) -> int:
 CPU_CYCLE_TIME_MS = "10"
 
 
-def init_horovod():
-    """Initialise Horovod and return the module (hvd.rank(), hvd.size(), ...).
+def init_horovod(stage: str = "train"):
+    """Initialise Horovod and return the module (hvd.rank(), hvd.size(), ...), with this rank's peer
+    failure detector running (trainer.watchdog; STAGE: the command its messages name).
 
     CPU ranks default HOROVOD_CYCLE_TIME to CPU_CYCLE_TIME_MS; a value set by the user
     (or by `horovodrun --cycle-time-ms`) wins.
@@ -46,6 +47,9 @@ def init_horovod():
     if mx.context.num_gpus() == 0:
         os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
     hvd.init()
+    from trainer import watchdog
+
+    watchdog.start(hvd, stage)
     return hvd
 
 
