@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.pipeline import batched_stream, seed_stream  # noqa: E402
+from trainer.pipeline import batched_stream, d2l_stream  # noqa: E402
 from trainer.presets import augment  # noqa: E402
 from trainer.sharding import train_shard  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         direct = max(direct, rate(direct_stream(), bs, args.seconds))
         streamed = max(streamed, rate(batched_stream(images, labels, shard, np.random.default_rng(0)), bs, args.seconds))
-        seed = max(seed, rate(seed_stream(images, labels, shard), bs, args.seconds))
+        seed = max(seed, rate(d2l_stream(images, labels, shard), bs, args.seconds))
 
     print(f"one core, batch {bs}, best of {args.rounds}, {len(images)} images ({'prepared ' + args.prepared if args.prepared else 'random'})")
     print(f"{'':38}{'img/s':>10} {'img/CPU-s':>10}")

@@ -131,10 +131,10 @@ def seed_loop(folder: str, width: int, batch: int, steps: int) -> float:
     from mxnet import autograd, gluon
 
     from trainer.model import resnet18
-    from trainer.pipeline import seed_transform
+    from trainer.presets import d2l_transform
 
     ds = gluon.data.vision.ImageFolderDataset(folder, flag=1)
-    it = gluon.data.DataLoader(ds.transform_first(seed_transform()), batch, shuffle=True, last_batch="discard")
+    it = gluon.data.DataLoader(ds.transform_first(d2l_transform()), batch, shuffle=True, last_batch="discard")
     net = resnet18(10, width)
     net.initialize(mx.init.Xavier())
     net.hybridize()
@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
                 m = max(m, alone(width, bs, steps, th))
                 t = max(t, trainer_ips(prep, width, bs, th, 1))
-                s = max(s, trainer_ips(prep, width, bs, th, 1, "--pipeline", "seed"))
+                s = max(s, trainer_ips(prep, width, bs, th, 1, "--pipeline", "d2l"))
                 f = max(f, float(run([str(BIN / "python"), __file__, "--seed-loop", str(prep / "train_valid_test" / "train"),
                                       "--width", str(width), "--batch-size", str(bs), "--steps", str(steps)],
                                      th).strip().splitlines()[-1]))
             print(f"width {width:3d}: model alone {m:8.1f} img/s | trainer {t:8.1f} img/s ({t / m:.2f} of model alone)"
-                  f" | trainer with pipeline=seed (in-memory) {s:8.1f} img/s ({t / s:.2f}x)"
+                  f" | trainer with pipeline=d2l (in-memory) {s:8.1f} img/s ({t / s:.2f}x)"
                   f" | the seed's loop (ImageFolderDataset PNGs) {f:8.1f} img/s (trainer = {t / f:.2f}x seed)")
             if not args.skip_amp:
                 mb = alone(width, bs, steps, th, "bfloat16")

@@ -5,7 +5,9 @@ trainer.config.TrainConfig and PredictConfig, launcher.run_config.LaunchConfig).
 metadata holds its help text and its one validator ("min", "min_excl", "max_excl", "choices",
 "pattern": a regular expression a str value must match whole, described by "pattern_help", or
 "check": a function that raises ValueError naming what is wrong, or "check_named": a function of the
-value and its source that raises its own InputError, for a check other callers share);
+value and its source that raises its own InputError, for a check other callers share). "aliases" maps
+an old spelling of a choice to its name ({"seed": "d2l"}): check_value returns the name, so a config
+object holds only names, and an old spelling keeps working wherever a value is read;
 the same check_value runs for a YAML key, a run override and a command-line flag, so a value
 accepted by one entry point is accepted by all, and rejected with the same message naming the
 key and the file. Precedence: defaults < YAML file < flags. It lives here, in the lowest package.
@@ -69,8 +71,10 @@ def check_value(cls: type, name: str, value: Any, source: str) -> Any:
         raise InputError(f"{source}: unknown key '{name}' (known keys: {', '.join(sorted(fields))})")
     meta = fields[name].metadata
     value = _check_type(typing.get_type_hints(cls)[name], name, value, source)
+    if "aliases" in meta:  # an old spelling of a choice becomes its name (an aliased field's value is a str here)
+        value = meta["aliases"].get(value, value)
     if "choices" in meta and value not in meta["choices"]:
-        raise InputError(f"{source}: key '{name}' must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        raise InputError(f"{source}: key '{name}' must be {choices_text(meta)}, got {value!r}")
     if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
         raise InputError(f"{source}: key '{name}' must be {meta['pattern_help']}, got {value!r}")
     if "check" in meta:  # a function that raises ValueError saying what is wrong (a list's bad entry)
@@ -87,6 +91,32 @@ def check_value(cls: type, name: str, value: Any, source: str) -> Any:
     if "max_excl" in meta and value >= meta["max_excl"]:
         raise InputError(f"{source}: key '{name}' must be < {meta['max_excl']}, got {value!r}")
     return value
+
+
+def choices_text(meta: Mapping[str, Any]) -> str:
+    """'one of batched, d2l (seed: an alias of d2l)': a field's choices and the aliases it accepts."""
+    aliases = "; ".join(f"{old}: an alias of {new}" for old, new in meta.get("aliases", {}).items())
+    return f"one of {', '.join(map(str, meta['choices']))}" + (f" ({aliases})" if aliases else "")
+
+
+def apply_aliases(obj: Any) -> None:
+    """Replace each aliased value in the dataclass obj by its name: for objects built in code, not by check_value."""
+    for f in dataclasses.fields(obj):
+        aliases = f.metadata.get("aliases", {})
+        value = getattr(obj, f.name)
+        if isinstance(value, str) and value in aliases:
+            setattr(obj, f.name, aliases[value])
+
+
+def alias_spelled(obj: Any) -> dict[str, Any]:
+    """The dataclass obj's fields as a dict, each value that has an alias written as that alias (its spelling
+    before it was renamed), so that a digest of it recorded then (a stage key) equals one computed now."""
+    spelled = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        old = {new: alias for alias, new in f.metadata.get("aliases", {}).items()}
+        if isinstance(spelled[f.name], str) and spelled[f.name] in old:
+            spelled[f.name] = old[spelled[f.name]]
+    return spelled
 
 
 def from_mapping(cls: type, mapping: Mapping[str, Any], source: str, base: Any = None) -> Any:
@@ -198,8 +228,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + prefix + f.name.replace("_", "-")
-        choices = f.metadata.get("choices")
-        one_of = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        one_of = f"; {choices_text(f.metadata)}" if "choices" in f.metadata else ""
         helptext = f"{f.metadata.get('help', '')}{one_of} (default: {f.default!r})"
         dest = prefix.replace("-", "_") + f.name
         if hints[f.name] is bool:

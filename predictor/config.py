@@ -1,4 +1,4 @@
-"""predict's section of the configuration schema (`predict:`), its defaults the seed's."""
+"""predict's section of the configuration schema (`predict:`), its defaults the d2l chapter's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""The evaluation view: eval_crop 0 is the seed's transform; eval_crop S matches MXNet's resize + centre crop."""
+"""The evaluation view: eval_crop 0 is d2l's transform; eval_crop S matches MXNet's resize + centre crop."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +14,7 @@ def images() -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
 
 
-def test_crop_zero_is_the_seed_transform(images):
+def test_crop_zero_is_the_d2l_transform(images):
     assert np.array_equal(eval_transform(images, 0), normalize(images))
 
 

@@ -1,4 +1,4 @@
-"""Issue 16's recipe keys, each checked on the code path training uses, and their seed defaults."""
+"""The recipe keys, each checked on the code path training uses, and their d2l defaults."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 from trainer import presets
 from trainer.config import TrainConfig
 
-RECIPE_KEYS = {"augment": "seed", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
+RECIPE_KEYS = {"augment": "d2l", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
                "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
                "low_res_epochs": 0, "stage_mult": "1,2,4,8"}
 
@@ -25,14 +25,14 @@ def _pixels(x: np.ndarray) -> np.ndarray:
     return ((x - presets._SHIFT_NCHW) / presets._SCALE_NCHW).transpose(0, 2, 3, 1)
 
 
-def test_recipe_keys_default_to_the_seed_and_seed_yaml_keeps_them():
+def test_recipe_keys_default_to_d2l_and_seed_yaml_keeps_them():
     from launcher.run_config import load_run_config
 
     defaults = TrainConfig()
     assert {k: getattr(defaults, k) for k in RECIPE_KEYS} == RECIPE_KEYS
-    seed = load_run_config(ROOT / "configs" / "seed.yaml").train
-    assert {k: getattr(seed, k) for k in RECIPE_KEYS} == RECIPE_KEYS
-    # the default transform is the seed's augment, draw for draw
+    d2l = load_run_config(ROOT / "configs" / "seed.yaml").train
+    assert {k: getattr(d2l, k) for k in RECIPE_KEYS} == RECIPE_KEYS
+    # the default transform is d2l's augment, draw for draw
     imgs = _images()
     got = presets.train_transform()(imgs, np.random.default_rng(5))
     assert np.array_equal(got, presets.augment(imgs, np.random.default_rng(5)))
@@ -170,7 +170,7 @@ def test_nesterov_changes_the_update_as_computed_by_hand(nesterov):
             gw = g + wd * w
             v = m * v - lr * gw
             w = w + m * v - lr * gw
-        else:  # the seed's sgd: v = m v - lr (g + wd w); w += v
+        else:  # d2l's sgd: v = m v - lr (g + wd w); w += v
             v = m * v - lr * (g + wd * w)
             w = w + v
         np.testing.assert_allclose(p.data().asnumpy(), w, rtol=1e-5)
@@ -261,7 +261,7 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     assert proc.returncode == 2 and "epoch-0002.ema" in proc.stderr
 
 
-def test_recipe_flags_parse_and_the_seed_pipeline_refuses_padcrop(prepared, tmp_path):
+def test_recipe_flags_parse_and_the_d2l_pipeline_spelled_seed_refuses_padcrop(prepared, tmp_path):
     from trainer.train import build_parser, resolve
 
     args = build_parser().parse_args(["--prepared", "p", "--out", "o", *TINY])
@@ -270,7 +270,7 @@ def test_recipe_flags_parse_and_the_seed_pipeline_refuses_padcrop(prepared, tmp_
     assert set(RECIPE_KEYS) - {"pad", "pad_mode"} <= changed
     proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--pipeline", "seed",
                     "--augment", "padcrop"])
-    assert proc.returncode == 2 and "pipeline" in proc.stderr and not (tmp_path / "r").exists()
+    assert proc.returncode == 2 and "key 'pipeline': d2l" in proc.stderr and not (tmp_path / "r").exists()
 
 
 def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prepared, tmp_path):
@@ -281,12 +281,12 @@ def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prep
     def channels(net) -> list[int]:
         return [stage[1].conv2.weight.shape[0] for stage in list(net)[3:7]]
 
-    seed, wide = resnet18(10, 4), resnet18(10, 4, "1,2,4,16")
-    for net in (seed, wide):
+    d2l, wide = resnet18(10, 4), resnet18(10, 4, "1,2,4,16")
+    for net in (d2l, wide):
         net.initialize()
         net(mx.nd.zeros((2, 3, 32, 32)))
-    assert channels(seed) == [4, 8, 16, 32] and channels(wide) == [4, 8, 16, 64]
-    assert [p.shape for p in seed[0].collect_params().values()] == [p.shape for p in wide[0].collect_params().values()]
+    assert channels(d2l) == [4, 8, 16, 32] and channels(wide) == [4, 8, 16, 64]
+    assert [p.shape for p in d2l[0].collect_params().values()] == [p.shape for p in wide[0].collect_params().values()]
     for bad in ("2,2,4,8", "1,2,4", "1,2,x,8", "1,2,4,0"):
         proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--stage-mult", bad])
         assert proc.returncode == 2 and "stage_mult" in proc.stderr and not (tmp_path / "r").exists(), bad

@@ -17,7 +17,7 @@ from trainer.schedule import base_lr, lr_at
 from trainer.sharding import epoch_permutation, eval_slice, steps_per_epoch, train_shard
 
 
-def test_augment_matches_the_seed_transform_per_image():
+def test_augment_matches_the_d2l_transform_per_image():
     """Batched result == mxnet's Resize(40) + fixed_crop + flip + ToTensor/Normalize for the same crop."""
     import mxnet as mx
     from mxnet.gluon.data.vision import transforms
@@ -27,7 +27,7 @@ def test_augment_matches_the_seed_transform_per_image():
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN.tolist(), STD.tolist())])
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
-    # smooth images too: the seed rounds its 40x40 intermediate to uint8, noise magnifies that
+    # smooth images too: d2l rounds its 40x40 intermediate to uint8, noise magnifies that
     images[12:] = np.clip(np.cumsum(images[12:] // 16, axis=1), 0, 255)
     rows_k, cols_k = augment.draw_params(rng, len(images))
     got = augment.apply_params(images, rows_k, cols_k)
@@ -43,11 +43,11 @@ def test_augment_matches_the_seed_transform_per_image():
         if flip:
             ref = mx.nd.flip(ref, axis=1)
         ref = to_tensor(ref).asnumpy()
-        # within 1.5 grey levels (the seed's uint8 rounding of the 40x40 image), in normalized units
+        # within 1.5 grey levels (d2l's uint8 rounding of the 40x40 image), in normalized units
         assert np.abs(ref - got[i]).max() <= 1.5 / 255 / STD.min(), i
 
 
-def test_augment_draws_the_seed_distribution():
+def test_augment_draws_the_d2l_distribution():
     rng = np.random.default_rng(0)
     rows_k, cols_k = augment.draw_params(rng, 20000)
     sides = {int(k): side for side in range(32, 41) for off in range(41 - side) for k in [augment.INDEX[side, off]]}
@@ -92,7 +92,7 @@ def test_eval_slices_tile_the_split(n, size):
     assert np.array_equal(covered, np.arange(n))
 
 
-def test_step_schedule_is_the_seeds():
+def test_step_schedule_is_d2ls():
     cfg = TrainConfig(lr=0.1, lr_period=2, lr_decay=0.5, epochs=6)
     assert [lr_at(cfg, e) for e in range(6)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     assert lr_at(cfg, 1.99) == pytest.approx(0.1)

@@ -185,10 +185,10 @@ def test_existing_run_needs_resume_and_missing_data_is_exit_2(prepared, tmp_path
     assert proc.returncode == 2 and "nope" in proc.stderr
 
 
-def test_seed_pipeline_single_process(prepared, tmp_path):
-    """The seed's per-image DataLoader stays runnable as a config, here in a plain single process."""
+def test_d2l_pipeline_single_process(prepared, tmp_path):
+    """d2l's per-image DataLoader stays runnable as a config, here in a plain single process."""
     out = tmp_path / "run"
-    run_cli(["train", *train_cmd(prepared, out, "--epochs", "1", "--pipeline", "seed")[3:]], check=True)
+    run_cli(["train", *train_cmd(prepared, out, "--epochs", "1", "--pipeline", "d2l")[3:]], check=True)
     (rec,) = rundir.read_metrics(out)
     assert rec["steps_per_rank"] == [540 // 16] and rundir.read_run_config(out)["world_size"] == 1
 

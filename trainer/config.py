@@ -1,4 +1,4 @@
-"""The trainer's sections of the schema: TrainConfig (`train:`) and PredictConfig (`predict:`), seed values as defaults.
+"""The trainer's sections of the schema: TrainConfig (`train:`) and PredictConfig (`predict:`), d2l's values as defaults.
 
 Precedence is defaults < YAML file < command-line flags. A YAML file is either a
 flat mapping of these keys or a full run config (configs/*.yaml) whose `train:`
@@ -21,6 +21,7 @@ from contracts.schema import (  # noqa: F401 - re-exported: trainer and launcher
     RUN_CONFIG_SECTIONS,
     InputError,
     add_flags,
+    apply_aliases,
     check_value,
     from_mapping,
     read_yaml,
@@ -28,14 +29,18 @@ from contracts.schema import (  # noqa: F401 - re-exported: trainer and launcher
     section,
 )
 
+# "seed" is accepted for "d2l": configs, overrides and run records that spell it so keep working
+D2L_ALIAS = {"seed": "d2l"}
+
 
 @dataclass
 class TrainConfig:
-    """Training hyperparameters. Defaults are the d2l seed's (kaggle_cifar10.md)."""
+    """Training hyperparameters. Defaults are the d2l chapter's (Dive into Deep Learning's Kaggle CIFAR-10,
+    kaggle_cifar10.md); "d2l" names its augmentation and its per-image pipeline ("seed" is accepted for it)."""
 
     width: int = field(default=64, metadata={"help": "channels of the first stage (64 = ResNet-18); all stages scale with it", "min": 1})
     stage_mult: str = field(default="1,2,4,8", metadata={
-        "help": "channels of the four stages as multiples of width: the seed's 1,2,4,8; e.g. 1,2,4,16 doubles the last "
+        "help": "channels of the four stages as multiples of width: d2l's 1,2,4,8; e.g. 1,2,4,16 doubles the last "
                 "stage (depth, stem and blocks unchanged; the first stays 1, its identity shortcuts take the stem's channels)",
         "pattern": r"1(,[1-9][0-9]?){3}", "pattern_help": "four comma-separated multiples of width, the first 1 (e.g. 1,2,4,8)"})
     epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 1})
@@ -46,29 +51,32 @@ class TrainConfig:
     wd: float = field(default=5e-4, metadata={"help": "SGD weight decay", "min": 0.0})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "min": 0.0})
     seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation", "min": 0})
-    schedule: str = field(default="step", metadata={"help": "LR schedule after warmup: the seed's step decay, or cosine or linear decay to 0 at the last epoch", "choices": ("step", "cosine", "linear")})
+    schedule: str = field(default="step", metadata={"help": "LR schedule after warmup: d2l's step decay, or cosine or linear decay to 0 at the last epoch", "choices": ("step", "cosine", "linear")})
     warmup_epochs: int = field(default=0, metadata={"help": "linear LR warmup epochs (0 = off)", "min": 0})
     scale_lr: bool = field(default=False, metadata={"help": "multiply lr by the world size (linear scaling rule)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon (0 = off)", "min": 0.0, "max_excl": 1.0})
     amp: str = field(default="none", metadata={"help": "mixed precision: float16 (GPU only) or bfloat16 (CPU only); the other device is refused at start-up", "choices": ("none", "float16", "bfloat16")})
     compression: str = field(default="none", metadata={"help": "gradient allreduce compression: fp16 halves the bytes on the wire (for slow networks)", "choices": ("none", "fp16")})
-    pipeline: str = field(default="batched", metadata={"help": "input pipeline: batched numpy augmentation, or the seed's per-image DataLoader", "choices": ("batched", "seed")})
-    eval_crop: int = field(default=0, metadata={"help": "evaluation/predict view: 0 = the seed's (normalize only); S in 32..40 = centre SxS crop of the 40x40 upscale, resized to 32 (the zoom training crops show)", "choices": (0, *range(32, 41))})
+    pipeline: str = field(default="batched", metadata={"help": "input pipeline: batched numpy augmentation, or d2l's per-image DataLoader", "choices": ("batched", "d2l"), "aliases": D2L_ALIAS})
+    eval_crop: int = field(default=0, metadata={"help": "evaluation/predict view: 0 = d2l's (normalize only); S in 32..40 = centre SxS crop of the 40x40 upscale, resized to 32 (the zoom training crops show)", "choices": (0, *range(32, 41))})
     eval_batch_size: int = field(default=512, metadata={"help": "per-rank batch size for validation", "min": 1})
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept in RUN/checkpoints", "min": 1})
     threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
-    # recipe ingredients for short schedules (issue 16); each default is the seed's behaviour
-    augment: str = field(default="seed", metadata={"help": "training augmentation: the seed's resized crop + flip, or padcrop = translate by up to `pad` pixels (pad, random 32x32 crop) + flip", "choices": ("seed", "padcrop")})
+    # recipe ingredients for short schedules; each default is d2l's behaviour
+    augment: str = field(default="d2l", metadata={"help": "training augmentation: d2l's resized crop + flip, or padcrop = translate by up to `pad` pixels (pad, random 32x32 crop) + flip", "choices": ("d2l", "padcrop"), "aliases": D2L_ALIAS})
     pad: int = field(default=4, metadata={"help": "padcrop: pixels of padding per side", "choices": tuple(range(1, 17))})
     pad_mode: str = field(default="reflect", metadata={"help": "padcrop: padding by reflection, or with black (zero) pixels", "choices": ("reflect", "zero")})
     cutout: int = field(default=0, metadata={"help": "cutout: zero a random SxS square inside each training image (0 = off)", "choices": tuple(range(0, 33))})
     ema: float = field(default=0.0, metadata={"help": "exponential moving average of the weights, decay per step (0 = off); validation, checkpoints' .ema and the final model use the average", "min": 0.0, "max_excl": 1.0})
     zero_init_residual: bool = field(default=False, metadata={"help": "initialise each residual block's last BatchNorm gamma to 0 (the block starts as an identity)"})
-    wd_bn_bias: bool = field(default=True, metadata={"help": "weight decay on BatchNorm gamma/beta and biases too, as the seed (false: on conv and dense weights only)"})
-    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (trainer.recipe.NesterovSGD) instead of the seed's sgd"})
+    wd_bn_bias: bool = field(default=True, metadata={"help": "weight decay on BatchNorm gamma/beta and biases too, as d2l (false: on conv and dense weights only)"})
+    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (trainer.recipe.NesterovSGD) instead of d2l's sgd"})
     tta: str = field(default="none", metadata={"help": "validation view: flip = the average of the image's and its mirror's logits, as predict --tta flip (the plain view's accuracy is recorded beside it)", "choices": ("none", "flip")})
-    low_res: int = field(default=0, metadata={"help": "progressive resizing: the first low_res_epochs epochs train on batches downscaled to low_res x low_res (area average; 0 = off, the seed's 32)", "choices": (0, *range(8, 32))})
+    low_res: int = field(default=0, metadata={"help": "progressive resizing: the first low_res_epochs epochs train on batches downscaled to low_res x low_res (area average; 0 = off, d2l's 32)", "choices": (0, *range(8, 32))})
     low_res_epochs: int = field(default=0, metadata={"help": "progressive resizing: epochs at low_res before training at 32x32", "min": 0})
+
+    def __post_init__(self) -> None:
+        apply_aliases(self)  # TrainConfig(pipeline="seed") in code holds "d2l" too, as a YAML key would
 
 
 CHANGE_KEYS = {"epoch", "key", "old", "new"}

@@ -11,7 +11,7 @@ from trainer.rundir import CURVES
 
 
 def draw_curves(ax, records: list[dict]) -> None:
-    """Train loss, train accuracy and valid accuracy against epoch on ax, like the seed's plot."""
+    """Train loss, train accuracy and valid accuracy against epoch on ax, like d2l's plot."""
     epochs = [r["epoch"] + 1 for r in records]  # metrics count from 0; plot epochs completed
     ax.plot(epochs, [r["train_loss"] for r in records], label="train loss")
     ax.plot(epochs, [r["train_acc"] for r in records], linestyle="--", label="train acc")

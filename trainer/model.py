@@ -1,4 +1,4 @@
-"""The seed's ResNet-18 for 32x32 inputs, with every channel count scaled by width/64 (and, optionally, per stage)."""
+"""The d2l chapter's ResNet-18 for 32x32 inputs, with every channel count scaled by width/64 (and, optionally, per stage)."""
 from __future__ import annotations
 
 from mxnet.gluon import nn
@@ -23,16 +23,16 @@ class Residual(nn.HybridBlock):
         return F.relu(Y + X)
 
 
-SEED_STAGE_MULT = "1,2,4,8"
+D2L_STAGE_MULT = "1,2,4,8"
 
 
-def stage_widths(width: int, stage_mult: str = SEED_STAGE_MULT) -> tuple[int, ...]:
+def stage_widths(width: int, stage_mult: str = D2L_STAGE_MULT) -> tuple[int, ...]:
     """The four stages' channels: width times each of stage_mult's comma-separated multiples (TrainConfig.stage_mult)."""
     return tuple(width * int(m) for m in stage_mult.split(","))
 
 
-def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = SEED_STAGE_MULT) -> nn.HybridSequential:
-    """ResNet-18 as in the seed: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8) (or x stage_mult)."""
+def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE_MULT) -> nn.HybridSequential:
+    """ResNet-18 as in d2l: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8) (or x stage_mult)."""
     widths = stage_widths(width, stage_mult)
     if len(widths) != 4 or widths[0] != width:
         raise ValueError(f"stage_mult {stage_mult!r}: four multiples of width, the first 1")

@@ -1,7 +1,7 @@
-"""Training batch streams for one rank's shard: the batched numpy pipeline, or the seed's DataLoader.
+"""Training batch streams for one rank's shard: the batched numpy pipeline, or d2l's DataLoader.
 
 Both yield (x, y) per step: x float32 (B, 3, 32, 32) (numpy for "batched", NDArray for
-"seed"), y float32 labels. The batched stream runs in a background thread a few batches
+"d2l"), y float32 labels. The batched stream runs in a background thread a few batches
 ahead (numpy and MXNet release the GIL), so augmentation overlaps the training step.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from trainer.presets import augment, seed_transform
+from trainer.presets import augment, d2l_transform
 
 
 def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
@@ -56,7 +56,7 @@ def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rn
                    depth: int = 3, transform=augment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Augmented batches for the (steps, batch) index array `shard`, prepared in a background thread.
 
-    transform(images, rng, out) is the training transform (presets.augment, the seed's, by default).
+    transform(images, rng, out) is the training transform (presets.augment, d2l's, by default).
 
     The x arrays come from a ring of depth + 3 buffers (see augment._scratch for why): a batch
     stays valid until the consumer has asked for the next one; copy it before then.
@@ -71,8 +71,8 @@ def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rn
     return prefetch(produce(), depth)
 
 
-def seed_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray) -> Iterator:
-    """The seed's pipeline over this shard: ArrayDataset + transform_first + DataLoader (no shuffling:
+def d2l_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray) -> Iterator:
+    """d2l's pipeline over this shard: ArrayDataset + transform_first + DataLoader (no shuffling:
     the shard is already the epoch's permutation; every batch is full, as with last_batch='discard')."""
     import mxnet as mx
     from mxnet import gluon
@@ -80,6 +80,6 @@ def seed_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray) -> It
     rows = shard.reshape(-1)
     dataset = gluon.data.ArrayDataset(mx.nd.array(images[rows], dtype="uint8"),
                                       labels[rows].astype(np.float32))
-    loader = gluon.data.DataLoader(dataset.transform_first(seed_transform()), batch_size=shard.shape[1],
+    loader = gluon.data.DataLoader(dataset.transform_first(d2l_transform()), batch_size=shard.shape[1],
                                    shuffle=False, last_batch="discard", num_workers=0)
     return iter(loader)

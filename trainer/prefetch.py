@@ -65,7 +65,7 @@ class CopyRing:
 def prefetched(batches: Iterable[tuple], ring: CopyRing) -> Iterator[tuple]:
     """Device copies of each (x, y) batch, one batch ahead: batch k+1's copy is queued before batch k is yielded.
 
-    numpy batches go through the ring; NDArray batches (the seed's DataLoader) are moved with
+    numpy batches go through the ring; NDArray batches (d2l's DataLoader) are moved with
     as_in_context. A numpy batch is copied before the next one is asked for, which is all the
     ring buffers of trainer.pipeline.batched_stream require.
     """

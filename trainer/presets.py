@@ -1,13 +1,13 @@
 """The train and eval transforms in one place (torchvision's presets): what the model sees in each phase.
 
-- normalize: the seed's ToTensor + Normalize, batched on uint8 NHWC arrays.
-- augment: the seed's training augmentation, batched in numpy: Resize(40), RandomResizedCrop(32), flip, normalize.
-- padcrop, cutout, train_transform: the short-schedule alternatives (issue 16): translation by padding and
+- normalize: d2l's ToTensor + Normalize, batched on uint8 NHWC arrays.
+- augment: d2l's training augmentation, batched in numpy: Resize(40), RandomResizedCrop(32), flip, normalize.
+- padcrop, cutout, train_transform: the short-schedule alternatives: translation by padding and
   cropping plus flip, and cutout, chosen by TrainConfig's augment/pad/pad_mode/cutout keys.
 - eval_transform: the evaluation view (normalize only, or a centre crop at the training zoom).
-- seed_transform: the seed's own per-image gluon train transform (the "seed" pipeline).
+- d2l_transform: the d2l chapter's own per-image gluon train transform (the "d2l" pipeline).
 
-The seed runs, per image, gluon's Resize(40) (OpenCV bilinear), RandomResizedCrop(32,
+The d2l chapter runs, per image, gluon's Resize(40) (OpenCV bilinear), RandomResizedCrop(32,
 scale=(0.64, 1), ratio=(1, 1)), RandomFlipLeftRight, ToTensor and Normalize. With ratio 1
 the crop is a square of integer side s = round(40 * sqrt(U(0.64, 1))) in [32, 40] at integer
 offsets drawn independently per axis, so per axis there are only 45 (side, offset) pairs.
@@ -17,7 +17,7 @@ out[n] = A_rows[n] @ x[n] @ A_cols[n].T per channel: two batched float32 matmuls
 Normalization commutes with the resampling (every matrix row sums to 1), so it runs last,
 on contiguous float32.
 
-Unlike the seed, the 40x40 intermediate is not rounded to uint8 (a difference of < 1/255).
+Unlike d2l, the 40x40 intermediate is not rounded to uint8 (a difference of < 1/255).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ _SHIFT_NCHW = NORM_SHIFT[None, :, None, None]
 
 
 def draw_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: the row matrix index and the (possibly flipped) column matrix index, seed-distributed."""
+    """Per image: the row matrix index and the (possibly flipped) column matrix index, distributed as d2l's."""
     side = np.rint(RESIZE * np.sqrt(rng.uniform(SCALE[0], SCALE[1], n))).astype(np.int64)
     # randint(0, 40 - side) inclusive, independently for x and y, as in mxnet.image.random_size_crop
     x0 = (rng.random(n) * (RESIZE - side + 1)).astype(np.int64)
@@ -90,7 +90,7 @@ def draw_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): the seed's random train transform, batched."""
+    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): d2l's random train transform, batched."""
     rows_k, cols_k = draw_params(rng, len(images))
     return apply_params(images, rows_k, cols_k, out)
 
@@ -175,9 +175,9 @@ def downscale(x: np.ndarray, size: int) -> np.ndarray:
     return np.matmul(np.matmul(rows, x), cols.T)
 
 
-def train_transform(augment_name: str = "seed", pad: int = 4, pad_mode: str = "reflect", cutout: int = 0,
+def train_transform(augment_name: str = "d2l", pad: int = 4, pad_mode: str = "reflect", cutout: int = 0,
                     size: int = SIZE):
-    """transform(images, rng, out) for training: the seed's augment (the default), or padcrop; then cutout if on;
+    """transform(images, rng, out) for training: d2l's augment (the default), or padcrop; then cutout if on;
     then, for size < 32 (progressive resizing), the batch downscaled to size x size (a new array, not out)."""
     def transform(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         x = padcrop(images, rng, pad, pad_mode, out) if augment_name == "padcrop" else augment(images, rng, out)
@@ -189,7 +189,7 @@ def train_transform(augment_name: str = "seed", pad: int = 4, pad_mode: str = "r
 
 
 def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalized with the seed's mean and std."""
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalized with d2l's mean and std."""
     n, h, w, c = images.shape
     if out is None:
         out = np.empty((n, c, h, w), dtype=np.float32)
@@ -202,8 +202,8 @@ def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def eval_transform(images: np.ndarray, crop: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32) for evaluation and predict.
 
-    crop 0 is the seed's transform (normalize only). Training crops show objects zoomed by
-    40/side (1.00 to 1.25), so the seed evaluates at a smaller scale than it trains; crop S
+    crop 0 is d2l's transform (normalize only). Training crops show objects zoomed by
+    40/side (1.00 to 1.25), so d2l evaluates at a smaller scale than it trains; crop S
     takes the centre SxS of the same 40x40 upscale instead, seen at the training zoom.
     """
     if not crop:
@@ -213,8 +213,8 @@ def eval_transform(images: np.ndarray, crop: int = 0, out: np.ndarray | None = N
     return apply_params(images, ks, ks, out)
 
 
-def seed_transform():
-    """The seed's per-image gluon train transform (kaggle_cifar10.md's transform_train)."""
+def d2l_transform():
+    """d2l's per-image gluon train transform (kaggle_cifar10.md's transform_train)."""
     from mxnet.gluon.data.vision import transforms
 
     return transforms.Compose([

@@ -1,11 +1,11 @@
-"""Training-recipe ingredients for short schedules (issue 16), each behind a TrainConfig key whose default is the seed's.
+"""Training-recipe ingredients for short schedules, each behind a TrainConfig key whose default is d2l's.
 
 - zero_init_residual: each residual block's last BatchNorm gamma starts at 0, so the block starts as an
   identity (Goyal et al. 2017) and early training sees a shallower net.
 - wd_bn_bias false: no weight decay on BatchNorm gamma/beta and biases (they set scales and offsets, not
   the capacity weight decay is meant to limit). The key is positive because a bool key named no_* would
   get the flag --no-..., which argparse's BooleanOptionalAction reads as false.
-- optimizer: the seed's SGD with momentum, or Nesterov momentum (NesterovSGD).
+- optimizer: d2l's SGD with momentum, or Nesterov momentum (NesterovSGD).
 The augmentation keys live in trainer.presets, the weight average in trainer.ema.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from trainer.config import TrainConfig
 
 
 def check_recipe(cfg: TrainConfig) -> None:
-    """Refuse key combinations that would silently do nothing (the seed's per-image pipeline has no padcrop/cutout)."""
-    if cfg.pipeline == "seed" and (cfg.augment != "seed" or cfg.cutout):
-        raise InputError("key 'pipeline': seed (the per-image DataLoader) applies only the seed's augmentation; "
+    """Refuse key combinations that would silently do nothing (d2l's per-image pipeline has no padcrop/cutout)."""
+    if cfg.pipeline == "d2l" and (cfg.augment != "d2l" or cfg.cutout):
+        raise InputError("key 'pipeline': d2l (the per-image DataLoader) applies only d2l's augmentation; "
                          "use pipeline: batched with augment/cutout")
-    if cfg.pipeline == "seed" and cfg.low_res and cfg.low_res_epochs:
-        raise InputError("key 'low_res': the seed's per-image pipeline does not resize; use pipeline: batched")
+    if cfg.pipeline == "d2l" and cfg.low_res and cfg.low_res_epochs:
+        raise InputError("key 'low_res': d2l's per-image pipeline does not resize; use pipeline: batched")
     if bool(cfg.low_res) != bool(cfg.low_res_epochs):
         raise InputError(f"keys 'low_res' ({cfg.low_res}) and 'low_res_epochs' ({cfg.low_res_epochs}): "
                          "set both (progressive resizing) or neither")
@@ -82,7 +82,7 @@ def prepare_net(net, cfg: TrainConfig) -> None:
 
 
 def optimizer_spec(cfg: TrainConfig, lr: float) -> tuple[str, dict]:
-    """(optimizer, its arguments): the seed's sgd with momentum, or NesterovSGD when cfg.nesterov."""
+    """(optimizer, its arguments): d2l's sgd with momentum, or NesterovSGD when cfg.nesterov."""
     args = {"learning_rate": lr, "momentum": cfg.momentum, "wd": cfg.wd}
     return (nesterov_sgd()(**args), {}) if cfg.nesterov else ("sgd", args)
 
@@ -92,7 +92,7 @@ def _nesterov_class():
     import mxnet as mx
 
     class NesterovSGD(mx.optimizer.Optimizer):
-        """SGD with Nesterov momentum, in the seed's lr-scaled momentum form (v = m v - lr g; w += m v - lr g).
+        """SGD with Nesterov momentum, in d2l's lr-scaled momentum form (v = m v - lr g; w += m v - lr g).
 
         Not MXNet's "nag": its nag_mom_update writes the weight in place and then reads it again for the
         state's decay term, and two identical runs with it trained differently here (MXNet 1.9.1, MKLDNN).

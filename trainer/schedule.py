@@ -1,4 +1,4 @@
-"""The learning rate at any point of training: the seed's step decay, cosine or linear decay to 0, with optional warmup.
+"""The learning rate at any point of training: d2l's step decay, cosine or linear decay to 0, with optional warmup.
 
 Positions are fractional epochs (epoch + step / steps_per_epoch), so the schedule depends
 only on the position and the config, and resuming at an epoch continues it exactly.
@@ -26,5 +26,5 @@ def lr_at(cfg: TrainConfig, position: float, world_size: int = 1) -> float:
         span = max(cfg.epochs - cfg.warmup_epochs, 1)
         t = min(max(position - cfg.warmup_epochs, 0.0) / span, 1.0)
         return 0.5 * peak * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else peak * (1 - t)
-    # the seed: lr * lr_decay ** (epoch // lr_period), constant within an epoch
+    # d2l's: lr * lr_decay ** (epoch // lr_period), constant within an epoch
     return peak * cfg.lr_decay ** (int(position) // cfg.lr_period)

@@ -480,11 +480,11 @@ def train_step(model: Model, X, Y, batch_size: int):
 
 def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
     """This rank's stream of (x, y) for the epoch, from the configured pipeline."""
-    from trainer.pipeline import batched_stream, seed_stream
+    from trainer.pipeline import batched_stream, d2l_stream
     from trainer.presets import train_transform
 
     shard = train_shard(len(split.images), cfg.batch_size, rank, size, cfg.seed, epoch)
-    if cfg.pipeline == "seed":
+    if cfg.pipeline == "d2l":
         import random
 
         import mxnet as mx
@@ -492,7 +492,7 @@ def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
         # gluon's crop draws from Python's random, its flip from MXNet's generator
         random.seed(f"{cfg.seed}-{epoch}-{rank}")
         mx.random.seed(cfg.seed * 1000003 + epoch * 101 + rank)
-        return seed_stream(split.images, split.labels, shard)
+        return d2l_stream(split.images, split.labels, shard)
     rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
     transform = train_transform(cfg.augment, cfg.pad, cfg.pad_mode, cfg.cutout, train_size(cfg, epoch))
     return batched_stream(split.images, split.labels, shard, rng, transform=transform)
