@@ -1,6 +1,6 @@
-"""Augmented-batch throughput on one core: the batched numpy pipeline vs the seed's per-image DataLoader.
+"""Augmented-batch throughput on one core: the batched numpy pipeline vs d2l's per-image DataLoader.
 
-Both produce the seed's training transform for one rank's shard (batch 128). The seed's
+Both produce d2l's training transform for one rank's shard (batch 128). d2l's
 side is gluon's ArrayDataset + transform_first + DataLoader(num_workers=0) over in-memory
 uint8 images (its best case: no PNG decoding). Pinned to one core, one thread.
 

@@ -11,7 +11,7 @@ minus each ingredient one at a time (OUT/ablation.png, OUT/ablation.md).
     .venv/bin/python benchmarks/bench_recipe.py --prepared PREP --out OUT --only-ablate --ablate-epochs 8 \
         --ablate-set train.low_res_epochs=4
 
-Default recipes: seed-w16 (configs/seed.yaml at width 16, batched pipeline: the seed's augmentation
+Default recipes: seed-w16 (configs/seed.yaml at width 16, batched pipeline: d2l's augmentation
 drawn identically), cpu-small-before (a 20-epoch baseline,
 benchmarks/recipes/cpu-small-2026-11-25.yaml) and cpu-small (configs/cpu-small.yaml, the recipe; the
 ablation takes the last recipe). --recipe NAME=CONFIG[,key=value...] replaces them. Timings are only
@@ -37,7 +37,7 @@ MAKE_DATA = Path("/work/shared/data/make_kaggle_cifar10.py")
 DEFAULT_RECIPES = ("seed-w16=configs/seed.yaml,train.width=16,train.pipeline=batched",
                    "cpu-small-before=benchmarks/recipes/cpu-small-2026-11-25.yaml",
                    "cpu-small=configs/cpu-small.yaml")
-# the candidate's ingredients and the value that turns each one off (the seed's)
+# the candidate's ingredients and the value that turns each one off (d2l's)
 # (flip TTA in validation, train.tta, needs no run of its own: each row's "plain" column is the same model
 # without it)
 INGREDIENTS = {"padcrop": ["train.augment=d2l"], "cutout": ["train.cutout=0"], "ema": ["train.ema=0"],

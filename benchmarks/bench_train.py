@@ -1,7 +1,7 @@
 """Training throughput, measured side by side in one run (CPU; --threads OMP threads per np-1 process).
 
 For each width: the model alone on one in-memory batch (forward, backward, SGD step), the
-trainer (batched pipeline), the trainer with the seed's per-image DataLoader, and the
+trainer (batched pipeline), the trainer with d2l's per-image DataLoader, and the
 bfloat16 AMP variants; then ratios. Scaling: the trainer under horovodrun -np 2 vs -np 1.
 Trainer figures are epoch 2's images/s from metrics.jsonl (epoch 1 includes warm-up).
 
@@ -125,7 +125,7 @@ def make_prepared(root: Path, n_train: int) -> Path:
 
 
 def seed_loop(folder: str, width: int, batch: int, steps: int) -> float:
-    """Images/s of the seed's own training loop: ImageFolderDataset (PNG decode every epoch) +
+    """Images/s of the d2l chapter's own training loop: ImageFolderDataset (PNG decode every epoch) +
     transform_first + DataLoader + gluon.Trainer, as in kaggle_cifar10.md (run in this process)."""
     import mxnet as mx
     from mxnet import autograd, gluon

@@ -25,7 +25,7 @@ from contracts.files import atomic_write, read_bounded
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 HEADER = ["id", "label"]
 ID_PATTERN = r"[1-9][0-9]{0,17}"  # positive, and within int64
-# Labels become folder names in the seed's layout, so they must be safe as one path component.
+# Labels become folder names in d2l's layout, so they must be safe as one path component.
 BAD_LABEL_PATTERN = r"[/\\\x00-\x1f]"
 MAX_LABEL_CHARS = 200  # a folder name is at most 255 bytes
 # Bytes of an id,label file read at most: the real trainLabels.csv (50,000 rows) is 600 KB, sampleSubmission.csv

@@ -1,4 +1,4 @@
-"""The seed's folder tree for ImageFolderDataset users, made of hard links instead of copies.
+"""The d2l chapter's folder tree for ImageFolderDataset users, made of hard links instead of copies.
 
     train_valid_test/{train,valid,train_valid}/<class>/<id>.png   and   train_valid_test/test/unknown/<id>.png
 """

@@ -1,4 +1,4 @@
-"""The seed's train/valid rule, made independent of directory order.
+"""The d2l chapter's train/valid rule, made independent of directory order.
 
 n = size of the smallest class, r = valid ratio: max(1, floor(n * r)) images of every class go to
 `valid`, the rest to `train`. Which ones is chosen per class by a shuffle seeded by `seed`.
@@ -24,12 +24,12 @@ class Assignment:
 
 
 def n_valid_per_label(class_sizes: list[int], valid_ratio: float) -> int:
-    """The seed's count: max(1, floor(smallest class size * ratio))."""
+    """d2l's count: max(1, floor(smallest class size * ratio))."""
     return max(1, math.floor(min(class_sizes) * valid_ratio))
 
 
 def assign(labels: dict[int, str], cfg: PrepareConfig) -> Assignment:
-    """Split labelled ids into valid and train per the seed's rule (cfg.valid_ratio, cfg.seed), deterministically."""
+    """Split labelled ids into valid and train per d2l's rule (cfg.valid_ratio, cfg.seed), deterministically."""
     classes = sorted(set(labels.values()))
     by_class: dict[str, list[int]] = {name: [] for name in classes}
     for image_id in sorted(labels):

@@ -102,7 +102,7 @@ def test_staged_queues_batch_k_plus_1_before_yielding_batch_k():
         assert ring.count == min(k + 2, 5)  # batch k+1 already copied and queued
         seen.append((x.asnumpy()[0, 0], y.asnumpy()[0]))
     assert seen == [(k, k) for k in range(5)]
-    nd = [(mx.nd.full((2,), k), mx.nd.full((2,), k)) for k in range(3)]  # the seed's DataLoader batches
+    nd = [(mx.nd.full((2,), k), mx.nd.full((2,), k)) for k in range(3)]  # d2l's DataLoader batches
     assert [x.asnumpy()[0] for x, _ in prefetched(nd, CopyRing(mx.cpu()))] == [0, 1, 2]
 
 

@@ -3,7 +3,7 @@ byte-identical under 1 and 2 real Horovod ranks, uneven and tiny shards, TTA, in
 
 The models here are untrained ResNet-18s (width 4) whose last layer is re-centred on demo
 images so their predictions vary from image to image: a constant predictor could not
-reveal ids paired with the wrong images (the seed's string-sorted-ids trap).
+reveal ids paired with the wrong images (the d2l chapter's string-sorted-ids trap).
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def assert_matches_reference(labels: list[str], logits: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def twelve(tmp_path_factory):
-    """12 test images: ids 1..12, the ones the seed's str-sorted ids put in order 1, 10, 11, 12, 2, ..."""
+    """12 test images: ids 1..12, the ones d2l's str-sorted ids put in order 1, 10, 11, 12, 2, ..."""
     root = tmp_path_factory.mktemp("p12")
     src, prep = make_prepared(root, 12)
     return src, prep, make_run(root / "run", seed=1)
