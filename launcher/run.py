@@ -7,414 +7,167 @@ runs the stages in-process on every rank instead of launching again. Each finish
 stage leaves a marker with a hash of the config it ran with (and of the prepared data it
 read); a re-run skips stages whose marker matches and whose outputs are complete. Prepare
 always runs: it answers "up to date" itself, from the source's fingerprint.
+
+The stages are declared in launcher/stages.py; launching them as children is launcher/launch.py's part,
+running them inside an MPI world launcher/in_world.py's.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shlex
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import INPUT_ERROR_FILE, InputError, run_command
+from contracts.errors import InputError, run_command
 from contracts.files import atomic_write_text
-from contracts.labels import read_table
 from contracts.lock import lock_dir
-from contracts.schema import Parser, add_flags, apply_flags, to_argv
+from contracts.schema import Parser, add_flags, apply_flags
 from data_prep import read_manifest
-from launcher import child, workdir
+from launcher import child, in_world, workdir
+from launcher.launch import MPI_KEEPALIVE, Children, HostUnreachable, check_hosts, child_env, horovodrun_argv
 from launcher.report import write_report
-from launcher.run_config import (
-    PHASES,
-    LaunchConfig,
-    RunConfig,
-    load_run_config,
-    parse_hostfile,
-    parse_hosts,
-    parse_phases,
-    write_run_config,
-)
-from trainer.device import mpi_world
-from trainer.rundir import FINAL_PARAMS, read_metrics
-from trainer.train import run_figures
+from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
+from launcher.stages import NAMED, STAGES, Job, Stage, StageFailed
 
-TRAIN_STAGES = ("tune", "final")  # each writes a trainer run dir WORKDIR/<stage>
-# the stage's subcommand, whose name prefixes its messages when its function runs in-process inside an MPI world
-IN_PROCESS = {"tune": "train", "final": "train", "predict": "predict"}
-
-
-def horovodrun_argv(np_: int, cmd: list[str], controller: str = "gloo", hosts: str = "", hostfile: str = "") -> list[str]:
-    """horovodrun -np N (-H HOSTS | --hostfile F | -H localhost:N) --gloo|--mpi CMD (the venv's horovodrun).
-
-    On localhost under MPI, --oversubscribe lets -np exceed the core count, as Gloo allows.
-    """
-    argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_)]
-    if hosts:
-        argv += ["-H", hosts, f"--{controller}"]
-    elif hostfile:
-        argv += ["--hostfile", hostfile, f"--{controller}"]
-    else:
-        argv += ["-H", f"localhost:{np_}", f"--{controller}"] + (["--mpi-args=--oversubscribe"] if controller == "mpi" else [])
-    return argv + list(cmd)
-
-
-# A node lost without a word (cable cut, kernel panic) ends an MPI job only when Open MPI's daemons notice,
-# through TCP keepalive: 300 s + 9 probes x 20 s by default, while its orted and ranks hang on. These make it
-# about 20 s (a partitioned host's orted then ends its ranks too). Gloo's peers time out on their own
-# (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s).
-MPI_KEEPALIVE = {"OMPI_MCA_oob_tcp_keepalive_time": "10", "OMPI_MCA_oob_tcp_keepalive_intvl": "3",
-                 "OMPI_MCA_oob_tcp_keepalive_probes": "3"}
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This environment for a child process: the venv first on PATH, Open MPI allowed to run as root
-    (containers and CI run as root; Open MPI refuses unless told) and told to notice lost nodes
-    (MPI_KEEPALIVE; a value set by the user wins), then extra."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    for key, value in MPI_KEEPALIVE.items():
-        env.setdefault(key, value)
-    env.update(extra)
-    return env
-
-
-class HostUnreachable(RuntimeError):
-    """A host of -H / --hostfile does not answer ssh: the job cannot start there."""
-
-
-def launch_hosts(launch: LaunchConfig) -> list[tuple[str, int | None]]:
-    """LAUNCH's hosts as (name, slots or None): -H's entries, else the hostfile's (read and checked now)."""
-    if launch.hosts:
-        return parse_hosts(launch.hosts)
-    return parse_hostfile(launch.hostfile) if launch.hostfile else []
-
-
-def horovodrun_hosts(launch: LaunchConfig, hosts: list[tuple[str, int | None]]) -> str:
-    """horovodrun's -H value for HOSTS ('' for none: localhost), every slot count written out (1 where none is
-    given, as mpirun counts a bare host). A hostfile's hosts go as -H too: horovodrun's own hostfile reader
-    takes no comments, blank lines or HOST:SLOTS. InputError when horovodrun cannot place np ranks on them."""
-    if not hosts:
-        return ""
-    where = f"hosts {launch.hosts!r}" if launch.hosts else f"hostfile {launch.hostfile}"
-    ipv6 = [name for name, _ in hosts if ":" in name]
-    if ipv6:
-        raise InputError(f"{where}: horovodrun -H takes host names and IPv4 addresses, not the IPv6 address "
-                          f"{ipv6[0]}; give that host a name (e.g. in /etc/hosts)")
-    slots = sum(n or 1 for _, n in hosts)
-    if launch.np > slots:
-        raise InputError(f"{launch.np} ranks (np) do not fit the {slots} slots of {where}; lower np or give "
-                          "the hosts more slots (HOST:SLOTS)")
-    return ",".join(f"{name}:{n or 1}" for name, n in hosts)
-
-
-def remote_hosts(names: list[str]) -> list[str]:
-    """The hosts among NAMES that horovodrun reaches over ssh: all but this one, each once."""
-    local = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
-    return [h for h in dict.fromkeys(names) if h not in local]
-
-
-def check_hosts(hosts: list[str], timeout: float = 20) -> None:
-    """Raise HostUnreachable naming each host that `ssh HOST true` cannot reach (all tried at once),
-    so a down host fails the run in seconds, before anything is written, not at the first horovodrun.
-    `--` ends ssh's options: whatever a host name holds, ssh takes it as the host."""
-    def probe(host: str) -> str | None:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=no",
-               "--", host, "true"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return f"{host} (no answer in {timeout:.0f} s)"
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        return None if proc.returncode == 0 else f"{host} ({last})"
-
-    with ThreadPoolExecutor(max_workers=min(32, len(hosts) or 1)) as pool:
-        failed = [f for f in pool.map(probe, hosts) if f]
-    if failed:
-        raise HostUnreachable("cannot reach " + "; ".join(failed) + " over ssh; nothing was started or written")
-
-
-class StageFailed(RuntimeError):
-    """A stage exited non-zero; carries its name, exit status and, for bad input, the first rank's message."""
-
-    def __init__(self, stage: str, code: int, reason: str = ""):
-        super().__init__(f"stage '{stage}' failed (exit status {code})" + (f": {reason}" if reason else ""))
-        self.stage, self.code = stage, code
-
-
-def read_input_error(report: Path) -> str:
-    """The first line a rank wrote to REPORT (INPUT_ERROR_FILE) when it ended on bad input; '' if none did."""
-    try:
-        with open(report, errors="replace") as f:
-            return f.readline(4096).strip() or "bad input (see the messages above)"
-    except OSError:
-        return ""
+# run's own names and the launch helpers that tests and benchmarks import from here
+__all__ = ["MPI_KEEPALIVE", "HostUnreachable", "Pipeline", "StageFailed", "build_parser", "check_hosts",
+           "child_env", "horovodrun_argv", "main"]
 
 
 class Pipeline:
-    """Runs the configured phases in order and records what ran in summary.json."""
+    """Runs the configured stages in order and records what ran in summary.json."""
 
-    resume_with_changes = False  # a resumed train stage may change training keys (train --resume-with-changes)
-
-    def __init__(self, cfg: RunConfig, config_path: Path, resume: bool):
+    def __init__(self, cfg: RunConfig, config_path: Path, resume: bool, resume_with_changes: bool = False):
         self.cfg = cfg
         self.resume = resume
-        self.workdir = Path(cfg.workdir).resolve()
-        self.prepared = Path(cfg.prepared).resolve() if cfg.prepared else self.workdir / "prepared"
-        self.world = mpi_world()
-        self.rank = self.world[0] if self.world else 0
-        self.resolved_config = self.workdir / "run-config.yaml"
+        work = Path(cfg.workdir).resolve()
+        self.job = Job(cfg, config_path, work, Path(cfg.prepared).resolve() if cfg.prepared else work / "prepared",
+                       resume_with_changes)
+        self.workdir, self.prepared = self.job.workdir, self.job.prepared
+        self.stages = [stage for stage in STAGES if stage.name in cfg.phases]
+        self.world = in_world.join(self.job, self.stages)
+        self.rank = self.world.rank if self.world else 0
         self.markers = self.workdir / ".stages"
-        self.python = sys.executable
-        self.config_path = config_path
-        self.hvd = None  # Horovod, once a decision has been shared inside an MPI world
-        self.shared = 0  # decisions shared so far (each broadcast gets its own name)
-        self.hosts = ""  # horovodrun's -H (check_launch); '' for localhost:NP
-        self.verified = False  # the prepared files re-hashed in this run (by its first training stage)
+        self.children = None if self.world else Children(cfg.launch, self.markers)
+        self.verified = False  # the prepared files re-hashed in this run (by its first run_dir stage)
 
-    # -- config identity -------------------------------------------------------------------------
-    def data_identity(self) -> dict:
-        """What the prepared data is (its files' sha256s and splits): a rebuilt PREP re-runs every later stage."""
-        manifest = read_manifest(self.prepared)
-        files = {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()}
-        return {"files": files, "splits": manifest.get("splits"), "classes": manifest.get("classes")}
+    def argv(self, name: str, out_dir: Path, resume: bool = False, verify: bool = False) -> list[str]:
+        """The command line (after `python`) the stage NAME is launched with."""
+        return NAMED[name].argv(self.job, out_dir, resume, verify)
 
-    def stage_key(self, stage: str) -> str:
-        """Hash of everything that determines a stage's output (and its inputs' keys)."""
-        d = self.cfg.to_dict()
-        parts: dict[str, Any] = {"prepare": {"data": self.cfg.data, "prepared": str(self.prepared), **d["prepare"]}}
-        if stage != "prepare":
-            parts["tune"] = {"data": self.data_identity(), "train": d["train"]}
-            parts["final"] = parts["tune"]
-            parts["predict"] = {"prev": parts["final"], "predict": d["predict"]}
-        blob = json.dumps({"stage": stage, **parts[stage]}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def marker(self, stage: str) -> dict | None:
-        path = self.markers / f"{stage}.json"
+    def marker(self, stage: Stage) -> dict | None:
         try:
-            return json.loads(path.read_text())
+            return json.loads((self.markers / f"{stage.name}.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def complete(self, stage: str, marker: dict | None, key: str) -> bool:
-        """The stage ran with this config (its marker holds key) and its outputs are all there."""
-        if not marker or marker.get("key") != key or stage == "prepare":  # prepare decides that itself
-            return False
-        if stage in TRAIN_STAGES:
-            return (self.workdir / stage / FINAL_PARAMS).is_file()
-        return (self.workdir / "submission.csv").is_file()
+    def share(self, obj: Any, name: str) -> Any:
+        """Rank 0's OBJ on every rank inside an MPI world; OBJ itself outside one."""
+        return self.world.share(obj, name) if self.world else obj
 
-    # -- launching ---------------------------------------------------------------------------------
-    def execute(self, stage: str, out_dir: Path, resume: bool):
-        """Run a stage: through its function inside an MPI world (returning its summary), else its CLI as a
-        (horovodrun) child (returning None: its figures are read back from its files)."""
-        distributed = stage != "prepare"
-        verify = stage in TRAIN_STAGES and not self.verified
+    # -- running one stage ---------------------------------------------------------------------------
+    def execute(self, stage: Stage, out_dir: Path, resume: bool, extra: tuple[str, ...] = ()) -> Any:
+        """Run the stage: inside an MPI world a stage of every rank as its function (returning its summary),
+        else its CLI as a child (returning None: its figures are read back from its files)."""
+        verify = stage.run_dir and not self.verified
         self.verified |= verify
-        if self.world and distributed:
-            return self.call_in_process(stage, out_dir, resume, verify)
-        cmd = [self.python, *self.argv(stage, out_dir, resume, verify)]
-        if distributed:
-            launch = self.cfg.launch
-            cmd = horovodrun_argv(launch.np, cmd, launch.controller, self.hosts)
-        self.launch_child(stage, cmd)
+        if self.world and stage.in_world:
+            return in_world.run_here(stage, self.job, out_dir, resume, verify)
+        cmd = [sys.executable, *stage.argv(self.job, out_dir, resume, verify), *extra]
+        if self.world:
+            code = self.world.on_rank0(stage.name, cmd)
+            if code:
+                raise StageFailed(stage.name, code)
+        else:
+            self.children.run(stage.name, cmd, every_rank=stage.in_world is not None)
         return None
 
-    def launch_child(self, stage: str, cmd: list[str]) -> None:
-        """A child stage: inside an MPI world on rank 0 while the other ranks wait, else spawned here."""
-        if self.world:
-            code = self.on_rank0(stage, cmd)
-            if code:
-                raise StageFailed(stage, code)
-        else:
-            self.spawn(stage, cmd)
-
-    def spawn(self, stage: str, cmd: list[str]) -> None:
-        """Run CMD as the stage's child (printed, so it can be copied); StageFailed unless it exits 0, with
-        status 2 when a rank ended on bad input (horovodrun itself exits 1 for any failed rank)."""
-        print(f"[run] {stage}: {shlex.join(cmd)}", flush=True)
-        self.markers.mkdir(parents=True, exist_ok=True)
-        report = self.markers / f"{stage}.input-error"  # on WORKDIR, which every host of the job shares
-        report.unlink(missing_ok=True)
-        code = child.call(cmd, env=child_env(**{INPUT_ERROR_FILE: str(report)}))
-        reason = read_input_error(report) if code else ""
-        report.unlink(missing_ok=True)
-        if code:
-            raise StageFailed(stage, InputError.exit_status if reason else code, reason)
-
-    def call_in_process(self, stage: str, out_dir: Path, resume: bool, verify: bool = False):
-        """The stage's function on this rank (train -> RunSummary, predict -> SubmissionSummary), its errors
-        reported as its CLI would (`cifar10-hvd train: ...`, exit 2 for bad input) and raised as StageFailed."""
-        if stage in TRAIN_STAGES:
-            from trainer.train import train
-
-            def body():
-                return train(self.prepared, out_dir, self.cfg.train, phase=stage, resume=resume, verify=verify,
-                             allow_changes=self.resume_with_changes)
-        else:
-            from predictor.predict import predict
-
-            def body():
-                return predict(self.prepared, self.workdir / "final", self.workdir / "submission.csv", self.cfg.predict)
-        results: list = []
-        code = run_command(IN_PROCESS[stage], lambda: results.append(body()) or 0)
-        if code:
-            raise StageFailed(stage, code)
-        return results[0]
-
-    # -- collective decisions (inside an MPI world) -------------------------------------------------
-    def share(self, obj: Any, name: str) -> Any:
-        """Rank 0's obj on every rank (Horovod's broadcast; under mpirun and under horovodrun --gloo alike):
-        ranks that decided from their own view of the files could disagree and hang in the collectives."""
-        if not self.world or self.world[1] == 1:
-            return obj
-        if self.hvd is None:
-            from trainer.device import init_horovod, set_cpu_threads
-
-            # before mxnet is imported: the threads of the first in-process stage, which would set them
-            first = self.cfg.train if set(self.cfg.phases) & set(TRAIN_STAGES) else self.cfg.predict
-            set_cpu_threads(first.threads)
-            self.hvd = init_horovod()
-        import mxnet as mx
-
-        self.shared += 1
-        obj = self.hvd.broadcast_object(obj, root_rank=0, name=f"run.{name}.{self.shared}")
-        mx.nd.waitall()  # rank 0's broadcast is asynchronous: it must not exit before the others received it
-        return obj
-
-    def on_rank0(self, stage: str, cmd: list[str]) -> int:
-        """Run cmd on rank 0 while the other ranks wait; every rank returns its exit status. Rank 0 shares
-        'still running' every 2 s, so no rank blocks long in one collective (Horovod's stall warnings)."""
-        proc = None
-        if self.rank == 0:
-            print(f"[run] {stage}: {shlex.join(cmd)} (rank 0; the other ranks wait)", flush=True)
-            proc = subprocess.Popen(cmd, env=child_env())
-        while True:
-            code = self.share(proc.poll() if proc else None, f"{stage}.exit")
-            if code is not None:
-                return code
-            if proc:
-                time.sleep(2)
-
-    # -- stages --------------------------------------------------------------------------------------
-    def argv(self, stage: str, out_dir: Path, resume: bool = False, verify: bool = False) -> list[str]:
-        """The stage's command line (after `python`), its options built from its section's class; VERIFY: a
-        training stage re-hashes the prepared files first (rank 0; sizes are checked always)."""
-        if stage == "prepare":
-            if not self.cfg.data:
-                raise InputError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
-            return ["-m", "data_prep", "--data", self.cfg.data, "--out", str(self.prepared), *to_argv(self.cfg.prepare)]
-        if stage in TRAIN_STAGES:
-            a = ["-m", "trainer", "--prepared", str(self.prepared), "--out", str(out_dir), "--phase", stage]
-            resume_flag = "--resume-with-changes" if self.resume_with_changes else "--resume"
-            return a + ([resume_flag] if resume else []) + (["--verify"] if verify else []) + to_argv(self.cfg.train)
-        return ["-m", "predictor.predict", "--prepared", str(self.prepared), "--model", str(self.workdir / "final"),
-                "--out", str(self.workdir / "submission.csv"), *to_argv(self.cfg.predict)]
-
-    def prepare(self) -> bool:
-        """Run prepare, which itself answers "up to date"; True if it left PREP's data as it was.
-
-        The launcher's own PREP (WORKDIR/prepared, no --prepared given) prepared from other data or with
-        other parameters is rebuilt (prepare --force builds beside it and renames); a given one is not.
-        """
+    def execute_self_checking(self, stage: Stage, out_dir: Path, resume: bool) -> bool:
+        """Run a stage that decides itself whether it is up to date; True if it left its output as it was.
+        One that refused to replace an output the launcher owns is run once more with its rebuild flags."""
+        before = stage.self_check(self.job)
         try:
-            before = self.data_identity()
-        except InputError:
-            before = None
-        try:
-            self.execute("prepare", self.workdir, False)
+            self.execute(stage, out_dir, resume)
         except StageFailed:
-            if self.cfg.prepared or before is None:
+            rebuild = stage.rebuild
+            if before is None or rebuild is None or not rebuild.owned(self.job):
                 raise
-            print(f"[run] prepare: {self.prepared} is not what {self.cfg.data} and the prepare section make "
-                  "now; rebuilding it (prepare --force)", flush=True)
-            self.launch_child("prepare", [self.python, *self.argv("prepare", self.workdir), "--force"])
-        return before == self.data_identity()
+            print(f"[run] {stage.name}: {rebuild.note(self.job)}", flush=True)
+            self.execute(stage, out_dir, resume, rebuild.flags)
+        return before == stage.self_check(self.job)
 
-    def plan(self, stage: str, target: Path) -> dict:
+    def complete(self, stage: Stage, target: Path) -> dict | None:
+        """The stage's recorded figures if it ran with this config (its marker holds the key) and its outputs
+        are all there; None when it must run."""
+        key, marker = stage.key(self.job), self.marker(stage)
+        if stage.outputs is None or not marker or marker.get("key") != key:
+            return None
+        return marker.get("figures", {}) if all(p.is_file() for p in stage.outputs(self.job, target)) else None
+
+    def plan(self, stage: Stage, target: Path) -> dict:
         """Whether the stage runs ('skip' with its recorded figures), in which directory and with --resume;
-        begins a training stage's directory. On rank 0 only inside an MPI world: one decision, shared."""
-        key, marker = self.stage_key(stage), self.marker(stage)
-        if self.complete(stage, marker, key):
-            return {"skip": True, "figures": marker.get("figures", {})}
-        out_dir = workdir.stage_dir(target, self.resume) if stage in TRAIN_STAGES else target
-        if stage in TRAIN_STAGES:
+        begins a run directory. On rank 0 only inside an MPI world: one decision, shared."""
+        figures = self.complete(stage, target)
+        if figures is not None:
+            return {"skip": True, "figures": figures}
+        out_dir = workdir.stage_dir(target, self.resume) if stage.run_dir else target
+        if stage.run_dir:
             workdir.begin(out_dir, target, self.resume)
         return {"skip": False, "out_dir": str(out_dir), "resume": self.resume and (out_dir / "config.json").exists()}
 
-    def run_stage(self, stage: str) -> dict:
+    def run_stage(self, stage: Stage) -> dict:
         """Run one stage unless it is complete; return its figures for summary.json."""
-        target = self.workdir / stage if stage in TRAIN_STAGES else self.workdir
-        plan = self.share(self.plan(stage, target) if self.rank == 0 else None, f"{stage}.plan")
+        target = stage.target(self.job)
+        plan = self.share(self.plan(stage, target) if self.rank == 0 else None, f"{stage.name}.plan")
         if plan["skip"]:
-            print(f"[run] {stage}: up to date, skipped", flush=True)
+            print(f"[run] {stage.name}: up to date, skipped", flush=True)
             return {**plan["figures"], "status": "skipped"}
         out_dir = Path(plan["out_dir"])
-        print(f"[run] == stage {stage} ==", flush=True)
+        print(f"[run] == stage {stage.name} ==", flush=True)
         start = time.time()
         result = None
-        if stage != "prepare":
+        if stage.self_check is None:
             result = self.execute(stage, out_dir, plan["resume"])
-        elif self.prepare() and (marker := self.marker(stage)) and marker.get("key") == self.stage_key(stage):
-            print("[run] prepare: up to date, skipped", flush=True)
+        elif (self.execute_self_checking(stage, out_dir, plan["resume"]) and (marker := self.marker(stage))
+              and marker.get("key") == stage.key(self.job)):
+            print(f"[run] {stage.name}: up to date, skipped", flush=True)
             return {**marker.get("figures", {}), "status": "skipped"}
-        if stage in TRAIN_STAGES and self.rank == 0:
+        if stage.run_dir and self.rank == 0:
             workdir.finish(out_dir, target)
         figures = {"status": "ran", "wall_seconds": round(time.time() - start, 2)}
         if self.rank != 0:  # only rank 0 records figures: the others would read the same files for nothing
             return figures
-        figures.update(result.figures() if result is not None else self.figures(stage, target))
-        if stage in ("prepare", "predict") and figures.get("images"):
+        figures.update(result.figures() if result is not None else stage.figures(self.job, target))
+        if figures.get("images"):  # a stage that goes through images: its rate over the stage's wall time
             figures["images_per_sec_wall"] = round(figures["images"] / max(figures["wall_seconds"], 1e-9), 1)
         self.markers.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.markers / f"{stage}.json",
-                          json.dumps({"key": self.stage_key(stage), "figures": figures}, indent=2))
+        atomic_write_text(self.markers / f"{stage.name}.json",
+                          json.dumps({"key": stage.key(self.job), "figures": figures}, indent=2))
         return figures
 
-    def figures(self, stage: str, out_dir: Path) -> dict:
-        """Figures read back from a finished stage's outputs (a stage run as a child process)."""
-        if stage == "prepare":
-            return read_manifest(self.prepared).figures()
-        if stage == "predict":
-            rows = len(read_table(self.workdir / "submission.csv").ids)
-            return {"images": rows, "submission": str(self.workdir / "submission.csv")}
-        return run_figures(stage, read_metrics(out_dir))
-
+    # -- before anything is written --------------------------------------------------------------------
     def check_launch(self) -> None:
-        """Outside an MPI world, before anything is written (the lock included): the hosts horovodrun will get
-        (a hostfile read and checked) and every remote one answering ssh."""
-        if self.world or not set(self.cfg.phases) - {"prepare"}:
-            return
-        hosts = launch_hosts(self.cfg.launch)
-        self.hosts = horovodrun_hosts(self.cfg.launch, hosts)
-        check_hosts(remote_hosts([name for name, _ in hosts]))
+        """Outside an MPI world, when a stage runs under horovodrun: its hosts, before anything is written."""
+        if self.children and any(stage.in_world for stage in self.stages):
+            self.children.check()
 
     def check_inputs(self) -> None:
-        """What the phases need, checked before anything is written or removed; exit 2 naming the path."""
-        phases = self.cfg.phases
-        if "prepare" in phases:
-            if not self.cfg.data:
-                raise InputError(f"{self.config_path}: phase 'prepare' needs 'data' (or --data SRC)")
-            if not os.path.lexists(self.cfg.data):
-                raise InputError(f"data {self.cfg.data}: no such file or directory")
-        elif phases:
+        """What the stages need, checked before anything is written or removed; exit 2 naming the path."""
+        sources = [stage.check_source for stage in self.stages if stage.check_source]
+        for check in sources:
+            check(self.job)
+        if self.stages and not sources:
             read_manifest(self.prepared)  # InputError naming PREP/manifest.json
         if os.path.lexists(self.workdir) and not self.workdir.is_dir():
             raise InputError(f"workdir {self.workdir}: exists and is not a directory")
-        for stage in TRAIN_STAGES:
-            if stage in phases:
-                workdir.stage_dir(self.workdir / stage, self.resume)
+        for stage in self.stages:
+            if stage.run_dir:
+                workdir.stage_dir(stage.target(self.job), self.resume)
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -426,12 +179,13 @@ class Pipeline:
         with lock_dir(self.workdir, "workdir"):
             yield
 
+    # -- the whole run -------------------------------------------------------------------------------
     def run(self) -> dict:
-        """All configured phases in order; summary.json and the report on rank 0."""
+        """All configured stages in order; summary.json and the report on rank 0."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:  # the record of what ran; the stages get their options as arguments, not from it
-            write_run_config(self.cfg, self.resolved_config)
-        summary: dict[str, Any] = {"config": str(self.config_path), "workdir": str(self.workdir),
+            write_run_config(self.cfg, self.workdir / "run-config.yaml")
+        summary: dict[str, Any] = {"config": str(self.job.config_path), "workdir": str(self.workdir),
                                    "prepared": str(self.prepared), "phases": self.cfg.phases,
                                    "launch": self.cfg.to_dict()["launch"], "in_mpi_world": bool(self.world),
                                    "stages": {}}
@@ -442,16 +196,17 @@ class Pipeline:
             except json.JSONDecodeError:
                 pass
         started = time.time()
-        for i, stage in enumerate(self.cfg.phases, start=1):
+        for i, stage in enumerate(self.stages, start=1):
             if self.rank == 0:
-                print(f"[run] stage {i}/{len(self.cfg.phases)}: {stage}", flush=True)
-            summary["stages"][stage] = self.run_stage(stage)
+                print(f"[run] stage {i}/{len(self.stages)}: {stage.name}", flush=True)
+            summary["stages"][stage.name] = self.run_stage(stage)
         summary["wall_seconds"] = round(time.time() - started, 2)
         if self.rank == 0:
-            tune = summary["stages"].get("tune", {})
-            summary["tune_valid_acc"] = tune.get("valid_acc")
-            if (self.workdir / "submission.csv").exists():
-                summary["submission"] = str(self.workdir / "submission.csv")
+            for stage in STAGES:
+                for key, figure in stage.headline.items():
+                    summary[key] = summary["stages"].get(stage.name, {}).get(figure)
+            if self.job.submission.exists():
+                summary["submission"] = str(self.job.submission)
             report = write_report(self.workdir, summary)
             if report:
                 summary["report"] = str(report)
@@ -492,8 +247,7 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_run_config(args)
-    pipe = Pipeline(cfg, Path(args.config), args.resume or args.resume_with_changes)
-    pipe.resume_with_changes = args.resume_with_changes
+    pipe = Pipeline(cfg, Path(args.config), args.resume or args.resume_with_changes, args.resume_with_changes)
     try:
         pipe.check_launch()
         # outside an MPI world a signal ends the running stage's whole process tree, then the launcher
@@ -522,4 +276,4 @@ def _main(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 0 on success, 2 on bad input (config, flags), the failing stage's status otherwise."""
-    return run_command("run", lambda: _main(argv))
+    return in_world.leave(run_command("run", lambda: _main(argv)))
