@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -191,3 +192,69 @@ def test_prepare_in_an_mpi_world_rank_0_runs_it_and_decides_reruns(demo_src, tmp
     again = horovodrun(2, cmd, timeout=300)
     out = again.stdout + again.stderr
     assert out.count("prepare: up to date, skipped") == 2 and out.count("-m data_prep") == 1, out
+
+
+def test_the_stages_are_declared_once_in_the_order_of_the_phases():
+    from launcher.run_config import PHASES
+    from launcher.stages import NAMED, STAGES
+
+    assert [stage.name for stage in STAGES] == list(PHASES) == list(NAMED)
+
+
+def mpirun(np_: int, cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """CMD on NP ranks under a real `mpirun` (Open MPI), as an MPIJob's launcher starts `cifar10-hvd run`."""
+    argv = [shutil.which("mpirun", path=tool_env()["PATH"]) or "mpirun", "-np", str(np_), "--oversubscribe", *cmd]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=tool_env(**env), cwd=ROOT)
+
+
+def test_under_mpirun_rank_0_prepares_and_the_ranks_decide_without_horovod(demo_src, tmp_path):
+    """Under Open MPI the launcher's decisions go over mpi4py: here Horovod cannot even be imported, and rank 0
+    still prepares while rank 1 waits, and a rerun is skipped on both ranks."""
+    stub = tmp_path / "no-horovod" / "horovod"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('horovod is kept out of this test: deciding under mpirun "
+                                      "must not need it')\n")
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "prepare: {workers: 1}\n")
+    cmd = [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--data", str(demo_src), "--workdir", str(work),
+           "--phases", "prepare"]
+    proc = mpirun(2, cmd, timeout=300, PYTHONPATH=str(stub.parent))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "(rank 0; the other ranks wait)" in out and out.count(f"prepared {work / 'prepared'}:") == 1, out
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["in_mpi_world"] is True and summary["stages"]["prepare"]["images"] == 697
+    again = mpirun(2, cmd, timeout=300, PYTHONPATH=str(stub.parent))
+    out = again.stdout + again.stderr
+    assert again.returncode == 0 and out.count("prepare: up to date, skipped") == 2, out[-5000:]
+
+
+def test_under_mpirun_training_and_predict_run_in_process_after_the_ranks_decided(prepared, tmp_path):
+    """Horovod starts in the same processes after mpi4py has joined the world (the MPI controller shares its
+    MPI_COMM_WORLD), and the decisions between stages still reach every rank while Horovod runs."""
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 1, batch_size: 32, threads: 1}\n"
+                                            "predict: {batch_size: 64}\n")
+    proc = horovodrun(2, [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--prepared", str(prepared),
+                          "--workdir", str(work), "--phases", "tune,final,predict"], controller="mpi", timeout=900)
+    assert "[run] tune: " not in proc.stdout  # in-process: nothing launched again
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["in_mpi_world"] is True
+    assert [summary["stages"][s]["status"] for s in ("tune", "final", "predict")] == ["ran"] * 3
+    assert json.loads((work / "final" / "config.json").read_text())["world_size"] == 2
+    assert len((work / "submission.csv").read_text().splitlines()) == 1 + 97
+
+
+def test_under_mpirun_a_refusal_on_rank_0_ends_every_rank_with_its_status(prepared, tmp_path):
+    """Rank 0 alone takes the workdir's lock; when another writer holds it, rank 0 refuses (exit 2) while rank 1
+    already waits for its first decision: the job ends at once with rank 0's status instead of hanging."""
+    from contracts.lock import lock_dir
+
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 1}\n")
+    with lock_dir(work, "workdir"):
+        proc = mpirun(2, [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--prepared", str(prepared),
+                          "--workdir", str(work), "--phases", "tune"], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"in use by pid {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
+    assert not (work / "tune").exists()
