@@ -365,7 +365,7 @@ def _runner(workers: int, niceness: int = 0) -> Iterator[Callable[[Iterator], It
 
 
 def _plan_copies(root: Path, jobs: list[Job], assignment: Assignment, trainval_rows: list[tuple[int, int]]) -> None:
-    """For archives with --layout folders: where each PNG's bytes go in the seed's tree (folders made now)."""
+    """For archives with --layout folders: where each PNG's bytes go in the d2l chapter's tree (folders made now)."""
     classes, n_valid = assignment.classes, len(assignment.valid)
     for split in ("train_valid", "train", "valid"):
         for name in classes:
@@ -381,7 +381,7 @@ def _plan_copies(root: Path, jobs: list[Job], assignment: Assignment, trainval_r
 
 
 def _write_folders(built: Path, assignment: Assignment, trainval_rows: list[tuple[int, int]], jobs: list[Job]) -> None:
-    """The seed's train_valid_test/ tree inside BUILT, hard-linked to the source PNGs (rows: valid, then train)."""
+    """The d2l chapter's train_valid_test/ tree inside BUILT, hard-linked to the source PNGs (rows: valid, then train)."""
     n_valid = len(assignment.valid)
     classes = assignment.classes
     train_prefix = f"{jobs[0].part.shown}{os.sep}"

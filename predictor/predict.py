@@ -2,7 +2,7 @@
 
 Each rank reads only its contiguous rows of the memory-mapped test split, predicts them in
 fixed-shape batches and keeps compact int arrays. `hvd.allgather` brings the pairs to rank 0,
-which orders them by numeric id (ids travel with their predictions, so the seed's
+which orders them by numeric id (ids travel with their predictions, so the d2l chapter's
 string-sorted-ids mix-up cannot happen), checks every test id is there exactly once, and
 streams the CSV to a temporary sibling that is renamed into place.
 
