@@ -6,6 +6,8 @@
 #   scripts/local-cluster.sh kill NAME                 SIGKILL every process of host NAME (sshd included)
 #   scripts/local-cluster.sh partition NAME            cut NAME off the network ...
 #   scripts/local-cluster.sh heal NAME                 ... and connect it again
+#   scripts/local-cluster.sh freeze NAME               SIGSTOP every process of host NAME (a hung node) ...
+#   scripts/local-cluster.sh thaw NAME                 ... and SIGCONT them
 #   scripts/local-cluster.sh check                     exit 0 if every host is alive and its sshd answers, else 1 naming one
 #   scripts/local-cluster.sh down                      remove every host, namespace, bridge and process up made
 #
@@ -222,6 +224,15 @@ cmd_kill() {
   kill_netns "$name" "$(host_field "$name" 4)"
 }
 
+cmd_signal() {  # NAME SIGNAL: every process of the host but its holder (which exec and kill rely on)
+  need_root
+  local pids _
+  for _ in 1 2; do  # twice: a child forked while the first round ran is caught by the second
+    pids=$(netns_pids "$1" | grep -vx "$(host_field "$1" 4)" || true)
+    [ -z "$pids" ] || kill "-$2" $pids 2>/dev/null || true
+  done
+}
+
 cmd_link() {  # NAME up|down: the host's port on the bridge
   need_root
   ip -n "$BRIDGE_NS" link set "v$(host_field "$1" 2)" "$2"
@@ -253,6 +264,8 @@ case ${1:-} in
   kill) shift; cmd_kill "$@";;
   partition) cmd_link "${2:?usage: partition NAME}" down;;
   heal) cmd_link "${2:?usage: heal NAME}" up;;
+  freeze) cmd_signal "${2:?usage: freeze NAME}" STOP;;
+  thaw) cmd_signal "${2:?usage: thaw NAME}" CONT;;
   down) cmd_down;;
-  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2;;
 esac

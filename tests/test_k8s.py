@@ -37,6 +37,7 @@ from conftest import tool_env
 
 from launcher.run import MPI_KEEPALIVE, build_parser
 from launcher.run_config import load_run_config, parse_phases
+from trainer.watchdog import FAULT_FILE_ENV, supervised
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,6 +49,7 @@ DATA_MOUNT = "/data"
 CONFIG_MOUNT = "/config"
 CONFIG_FILE = "/config/run.yaml"
 VENV_IN_IMAGE = "/opt/venv"
+SUPERVISOR = [f"{VENV_IN_IMAGE}/bin/python", "-m", "trainer.watchdog", "--"]  # trainer.watchdog.supervised's
 HOSTFILE = "/etc/mpi/hostfile"  # written by the MPI Operator into the launcher
 PREPARE_JOB, UPLOAD_JOB, MPIJOB = "cifar10-hvd-prepare", "cifar10-hvd-upload", "cifar10-hvd"
 UPLOAD_MARKER = "/data/kaggle.uploaded"
@@ -202,7 +204,8 @@ def launcher_argv(objs: list[dict]) -> list[str]:
 
 
 def mpirun_np_and_program(argv: list[str]) -> tuple[int, list[str]]:
-    """(-np, the program and its args) from `mpirun [options] PROGRAM ARGS...`."""
+    """(-np, the program and its args) from `[SUPERVISOR] mpirun [options] PROGRAM ARGS...`."""
+    argv = argv[len(SUPERVISOR):] if argv[:len(SUPERVISOR)] == SUPERVISOR else argv
     assert argv[0] == "mpirun", f"launcher runs {argv[0]!r}, expected mpirun"
     program_at = next(i for i, a in enumerate(argv) if a.endswith("/cifar10-hvd"))
     options = argv[1:program_at]
@@ -392,14 +395,19 @@ def test_mpijob_settings(rendered, overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_launcher_mpirun_gets_the_keepalive_run_gives_its_own(rendered, with_components, overlay):
-    """The operator starts the launcher's mpirun, so `cifar10-hvd run`'s Open MPI keepalive defaults
-    (launcher/run.py MPI_KEEPALIVE) reach it only through the container's env: the same keys and values,
-    on every overlay, with and without the components (which patch that env by index)."""
+    """The operator starts the launcher's mpirun, so what `cifar10-hvd run` gives the mpirun it starts reaches
+    it only through the container: Open MPI's keepalive (launcher/run.py MPI_KEEPALIVE) in its env, the same
+    keys and values; the watchdog's supervisor around it (trainer/watchdog.py supervised), and a fault file on
+    the shared volume forwarded to the ranks, so that a frozen worker ends the job. On every overlay, with and
+    without the components (which patch that env by index)."""
     for objs in (rendered[overlay], with_components[overlay, "all"]):
         launcher = pod_templates(objs)["launcher"]["spec"]["containers"][0]
-        assert launcher["command"] == ["mpirun"]
+        assert launcher["command"] == [*SUPERVISOR, "mpirun"]
+        assert supervised(["mpirun"])[1:] == launcher["command"][1:]
         env = container_env(launcher)
         assert {key: env.get(key) for key in MPI_KEEPALIVE} == MPI_KEEPALIVE
+        assert env.get(FAULT_FILE_ENV, "").startswith(DATA_MOUNT + "/"), "the fault file must be on the shared volume"
+        assert FAULT_FILE_ENV in forwarded_env(launcher_argv(objs)), f"mpirun must forward {FAULT_FILE_ENV}"
 
 
 # -- optional components (k8s/components/) ------------------------------------------------------
@@ -998,8 +1006,9 @@ def selects(selector: dict, labels: dict[str, str]) -> bool:
     return True
 
 
-def admitted(policies: list[dict], src: dict[str, str], dst: dict[str, str], port: int, port_name: str = "") -> bool:
-    """Whether these NetworkPolicies admit TCP from a pod labelled SRC (same namespace) to PORT of a pod
+def admitted(policies: list[dict], src: dict[str, str], dst: dict[str, str], port: int, port_name: str = "",
+             protocol: str = "TCP") -> bool:
+    """Whether these NetworkPolicies admit PROTOCOL from a pod labelled SRC (same namespace) to PORT of a pod
     labelled DST. A pod no policy selects for Ingress admits everything; a namespaceSelector or ipBlock
     peer counts as admitting anyone (it may)."""
     isolating = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], dst)
@@ -1009,7 +1018,7 @@ def admitted(policies: list[dict], src: dict[str, str], dst: dict[str, str], por
         return "namespaceSelector" in peer or "ipBlock" in peer or selects(peer.get("podSelector", {}), src)
 
     def port_ok(p: dict) -> bool:
-        return p.get("protocol", "TCP") == "TCP" and (p.get("port") in (None, port, port_name) or
+        return p.get("protocol", "TCP") == protocol and (p.get("port") in (None, port, port_name) or
                                                       (isinstance(p.get("port"), int) and p["port"] <= port <= p.get("endPort", -1)))
     return not isolating or any(("from" not in rule or any(map(peer_ok, rule["from"]))) and
                                 ("ports" not in rule or any(map(port_ok, rule["ports"])))
@@ -1034,11 +1043,14 @@ def test_workers_admit_connections_only_from_the_jobs_own_pods(rendered, with_co
         for role in ("launcher", "worker"):
             assert admitted(policies, pod_labels(objs, role), dst, ssh, "ssh"), f"{role} cannot reach sshd"
             assert admitted(policies, pod_labels(objs, role), dst, 40123), f"{role}: ranks' own ports refused"
+        # the ranks' watchdogs beat over UDP, worker to worker, on ports chosen at run time
+        assert admitted(policies, pod_labels(objs, "worker"), dst, 40124, protocol="UDP"), "heartbeats refused"
         strangers = {"upload": pod_labels(objs, "upload"), "prepare": pod_labels(objs, "prepare"),
                      "fetch": fetch_pod()["metadata"]["labels"], "another app": {"app": "web"}, "unlabelled": {}}
         for who, labels in strangers.items():
             assert not admitted(policies, labels, dst, ssh, "ssh"), f"{who} reaches the workers' sshd"
             assert not admitted(policies, labels, dst, 40123), f"{who} reaches the workers"
+            assert not admitted(policies, labels, dst, 40124, protocol="UDP"), f"{who} reaches the workers (UDP)"
     # The check itself can fail: a policy admitting every pod admits the stranger.
     open_policy = {"spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}}
     assert admitted([open_policy], {"app": "web"}, dst, ssh)

@@ -124,7 +124,7 @@ class Watchdog:
         self.pid = os.getpid()  # a forked child inherits atexit handlers, but it is not this rank
         self.stopping = threading.Event()
         self.started = time.monotonic()
-        self.longest_pause = 0.0  # the longest silence of a peer that then spoke again (healthy pauses)
+        self.longest_pause, self.paused_peer = 0.0, -1  # the longest silence of a peer that spoke again
         self.thread = threading.Thread(target=self.loop, name="cifar10-hvd-watchdog", daemon=True)
 
     def send(self, kind: int) -> None:
@@ -151,8 +151,8 @@ class Watchdog:
             if magic != MAGIC or token != self.token or peer is None or kind not in (BEAT, BYE):
                 continue
             now = time.monotonic()
-            if peer.heard is not None:
-                self.longest_pause = max(self.longest_pause, now - peer.heard)
+            if peer.heard is not None and now - peer.heard > self.longest_pause:
+                self.longest_pause, self.paused_peer = now - peer.heard, rank
             peer.heard, peer.gone = now, peer.gone or kind == BYE
 
     def silent(self, now: float) -> list[tuple[Peer, float]]:
@@ -227,6 +227,10 @@ class Watchdog:
         self.stopping.set()
         for _ in range(3):
             self.send(BYE)
+        if self.longest_pause > 2 * INTERVAL:  # how near a healthy job came to the timeout
+            peer = self.peers[self.paused_peer]
+            self.say(f"longest silence of a peer: {self.longest_pause:.1f} s (rank {peer.rank} on {peer.host}); "
+                     f"a peer is lost after {self.timeout:.0f} s")
 
 
 _current: Watchdog | None = None
