@@ -8,7 +8,9 @@ keeps beating while the rank computes, waits in a collective, evaluates or write
 Horovod's calls release the GIL). A peer silent for longer than the timeout (CIFAR10_HVD_PEER_TIMEOUT, default
 DEFAULT_TIMEOUT seconds) was killed, frozen or cut off: the rank says which one, appends a JSON line to the
 file CIFAR10_HVD_FAULT_FILE names (when the launcher sets one), and exits with LOST_EXIT_STATUS, which ends the
-job under horovodrun and mpirun alike. A rank that ends in order says goodbye first and is not missed.
+job under horovodrun and mpirun alike (under mpirun it ends its host's daemon too, and supervise() below ends
+an mpirun left waiting for a frozen host's daemon). A rank that ends in order says goodbye first and is not
+missed.
 
 Packets are a fixed binary format (PACKET) carrying the job's random token: anything else is ignored.
 """
@@ -20,6 +22,7 @@ import ipaddress
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -201,6 +204,7 @@ class Watchdog:
                      "(killed, frozen or cut off); ending the job")
             self.record(peer, silence)
         self.send(BYE)  # the other ranks judge the lost peer themselves, not this one leaving
+        end_host_daemon()
         os._exit(LOST_EXIT_STATUS)
 
     def record(self, peer: Peer, silence: float) -> None:
@@ -231,6 +235,22 @@ class Watchdog:
             peer = self.peers[self.paused_peer]
             self.say(f"longest silence of a peer: {self.longest_pause:.1f} s (rank {peer.rank} on {peer.host}); "
                      f"a peer is lost after {self.timeout:.0f} s")
+
+
+def end_host_daemon() -> None:
+    """Under mpirun, end this host's Open MPI daemon (the rank's parent, orted) too: on a host cut off from
+    mpirun it would retry reporting the rank's exit for TCP's retransmission time (~15 min), and stay."""
+    ppid = os.getppid()
+    try:
+        comm = Path(f"/proc/{ppid}/comm").read_text().strip()
+    except OSError:
+        return
+    if comm == "orted":
+        time.sleep(0.5)  # the rank's last lines reach mpirun through the daemon
+        try:
+            os.kill(ppid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 _current: Watchdog | None = None
@@ -315,7 +335,6 @@ def end_tree(proc) -> None:
 def supervise(cmd: list[str]) -> int:
     """Run CMD; once a rank records a lost peer in CIFAR10_HVD_FAULT_FILE and CMD has not ended SUPERVISE_GRACE
     seconds later, end CMD's whole tree and return LOST_EXIT_STATUS. Otherwise CMD's own exit status."""
-    import signal
     import subprocess
 
     path = os.environ.get(FAULT_FILE_ENV, "")
