@@ -9,7 +9,8 @@ read); a re-run skips stages whose marker matches and whose outputs are complete
 always runs: it answers "up to date" itself, from the source's fingerprint.
 
 The stages are declared in launcher/stages.py; launching them as children is launcher/launch.py's part,
-running them inside an MPI world launcher/in_world.py's.
+running them inside an MPI world launcher/in_world.py's, relaunching one that lost a host or rank
+(--max-restarts) launcher/restart.py's.
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from data_prep import read_manifest
 from launcher import child, in_world, workdir
 from launcher.launch import MPI_KEEPALIVE, Children, HostUnreachable, check_hosts, child_env, horovodrun_argv
 from launcher.report import write_report
+from launcher.restart import Recovery
 from launcher.run_config import PHASES, LaunchConfig, RunConfig, load_run_config, parse_phases, write_run_config
 from launcher.stages import NAMED, STAGES, Job, Stage, StageFailed
+from trainer.rundir import RUN_CONFIG
 
 # run's own names and the launch helpers that tests and benchmarks import from here
 __all__ = ["MPI_KEEPALIVE", "HostUnreachable", "Pipeline", "StageFailed", "build_parser", "check_hosts",
@@ -54,6 +57,7 @@ class Pipeline:
         self.rank = self.world.rank if self.world else 0
         self.markers = self.workdir / ".stages"
         self.children = None if self.world else Children(cfg.launch, self.markers)
+        self.recovery = None if self.world else Recovery(cfg, self.markers)
         self.verified = False  # the prepared files re-hashed in this run (by its first run_dir stage)
 
     def argv(self, name: str, out_dir: Path, resume: bool = False, verify: bool = False) -> list[str]:
@@ -83,9 +87,25 @@ class Pipeline:
             code = self.world.on_rank0(stage.name, cmd)
             if code:
                 raise StageFailed(stage.name, code)
+        elif stage.in_world is None:
+            self.children.run(stage.name, cmd, every_rank=False)
         else:
-            self.children.run(stage.name, cmd, every_rank=stage.in_world is not None)
+            self.launch_ranks(stage, out_dir, resume, verify, extra)
         return None
+
+    def launch_ranks(self, stage: Stage, out_dir: Path, resume: bool, verify: bool, extra: tuple[str, ...]) -> None:
+        """Run the stage on every rank under horovodrun; one that lost a host or rank is relaunched with --resume
+        on the hosts that answer, as long as launch.max_restarts allows (launcher/restart.py)."""
+        while True:
+            job = self.recovery.job(self.job, self.children, stage.name, trains=stage.run_dir)
+            cmd = [sys.executable, *stage.argv(job, out_dir, resume, verify), *extra]
+            try:
+                self.children.run(stage.name, cmd, every_rank=True)
+                return
+            except StageFailed as failure:
+                self.children = self.recovery.recover(stage.name, failure, self.children,
+                                                      out_dir if stage.run_dir else None)
+            resume = (out_dir / RUN_CONFIG).exists()  # the trainer's record: there is a run to continue
 
     def execute_self_checking(self, stage: Stage, out_dir: Path, resume: bool) -> bool:
         """Run a stage that decides itself whether it is up to date; True if it left its output as it was.
@@ -201,6 +221,8 @@ class Pipeline:
                 print(f"[run] stage {i}/{len(self.stages)}: {stage.name}", flush=True)
             summary["stages"][stage.name] = self.run_stage(stage)
         summary["wall_seconds"] = round(time.time() - started, 2)
+        if self.recovery and self.recovery.records:
+            summary["restarts"] = self.recovery.records
         if self.rank == 0:
             for stage in STAGES:
                 for key, figure in stage.headline.items():

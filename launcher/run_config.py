@@ -132,6 +132,13 @@ class LaunchConfig:
                                              "check": parse_hosts})
     hostfile: str = field(default="", metadata={"help": "horovodrun --hostfile (e.g. the MPI Operator's /etc/mpi/hostfile)"})
     controller: str = field(default="gloo", metadata={"help": "Horovod controller", "choices": ("gloo", "mpi")})
+    # recovery (launcher/restart.py): a stage that lost a host or rank is relaunched with --resume
+    max_restarts: int = field(default=0, metadata={
+        "help": "relaunch a training or predict stage that lost a host or rank (watchdog fault, host not answering "
+                "ssh) up to this many times in the run, with --resume, on the hosts that answer (0 = never)", "min": 0})
+    min_np: int = field(default=1, metadata={
+        "help": "fewest ranks a restart may continue with (the per-rank batch grows to global batch / ranks); "
+                "below it the lost host gets 60 s to answer again", "min": 1})
 
 
 PrepareSection, LaunchSection = PrepareConfig, LaunchConfig  # kept importable for scripts that use these names

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -258,3 +259,145 @@ def test_under_mpirun_a_refusal_on_rank_0_ends_every_rank_with_its_status(prepar
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"in use by pid {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
     assert not (work / "tune").exists()
+
+
+def rank_pids(root: int) -> dict[int, int]:
+    """{Horovod rank: pid} of the training ranks (`python -m trainer`) below process ROOT."""
+    import psutil
+
+    found = {}
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            if p.cmdline()[1:3] == ["-m", "trainer"]:
+                found[int(p.environ().get("HOROVOD_RANK", -1))] = p.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_a_frozen_rank_is_relaunched_with_resume_and_the_run_finishes(prepared, tmp_path):
+    """--max-restarts 1 on localhost: rank 1 stopped mid-run is named by rank 0's watchdog, the stage is
+    relaunched with --resume on the same host (it answers) and np, finishes every epoch once, and summary.json
+    records the restart; the frozen rank's whole tree was ended."""
+    work = tmp_path / "w"
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 3, batch_size: 8, threads: 1, lr_period: 100}\n"
+                                            "launch: {np: 2}\n")
+    args = [str(BIN / "cifar10-hvd"), "run", "--config", str(cfg), "--prepared", str(prepared),
+            "--workdir", str(work), "--phases", "tune", "--max-restarts", "1"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, env=tool_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        metrics = work / "tune" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        done = len(metrics.read_text().splitlines())
+        frozen = rank_pids(proc.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "[run] restart 1/1 of stage 'tune': rank 1 on localhost lost (no heartbeat for" in text, text[-4000:]
+    assert text.count("horovodrun -np 2 -H localhost:2") == 2
+    resumed = int(re.search(r"resuming at epoch (\d+)", text).group(1))
+    assert resumed - 1 >= done, (resumed, done)  # at most the epoch in progress was lost
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    (rec,) = json.loads((work / "summary.json").read_text())["restarts"]
+    assert (rec["stage"], rec["hosts_before"], rec["hosts_after"], rec["np_before"], rec["np_after"]) == \
+        ("tune", "localhost:2", "localhost:2", 2, 2)
+    assert rec["epochs_done"] == resumed - 1 and "rank 1 on localhost" in rec["reason"]
+    import psutil
+
+    assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE
+
+
+def test_bad_input_inside_the_ranks_is_never_retried(prepared, tmp_path):
+    """A stage whose ranks refuse their input (float16 on a CPU) exits 2 with the refusal, once, even with
+    restarts allowed: nothing was lost, and running it again would refuse again."""
+    cfg = write_config(tmp_path / "c.yaml", "train: {width: 4, epochs: 1, threads: 1, amp: float16}\n")
+    proc = run_cli(["run", "--config", str(cfg), "--prepared", str(prepared), "--workdir", str(tmp_path / "w"),
+                    "--phases", "tune", "--np", "2", "--max-restarts", "3"], timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "float16" in proc.stderr and "[run] restart" not in proc.stdout, proc.stderr[-3000:]
+    assert proc.stdout.count("[run] tune: ") == 1
+
+
+def test_min_np_above_np_is_refused_before_anything_runs(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", "launch: {np: 2, max_restarts: 1, min_np: 3}\n")
+    proc = run_cli(["run", "--config", str(cfg), "--workdir", str(tmp_path / "w")])
+    assert proc.returncode == 2 and "launch.min_np 3 is more than launch.np 2" in proc.stderr, proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def lost_host_recovery(tmp_path: Path, *overrides: str):
+    """A Recovery for np 3 on localhost:2 plus a host that cannot answer (lost.invalid: no such name), the
+    Children its tune stage ran under, that stage's failure, and the Job it belongs to."""
+    from launcher.launch import Children
+    from launcher.restart import Recovery
+    from launcher.run_config import load_run_config
+    from launcher.stages import Job, StageFailed
+
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", "train: {width: 4}\n"),
+                          ["launch.np=3", "launch.hosts=localhost:2,lost.invalid:1", "launch.max_restarts=1",
+                           *overrides])
+    markers = tmp_path / "w" / ".stages"
+    markers.mkdir(parents=True)
+    children = Children(cfg.launch, markers, hosts="localhost:2,lost.invalid:1")
+    job = Job(cfg, tmp_path / "c.yaml", tmp_path / "w", tmp_path / "prepared")
+    return Recovery(cfg, markers), children, StageFailed("tune", 1), job
+
+
+def test_a_world_size_that_cannot_divide_the_global_batch_is_refused_naming_both(tmp_path):
+    """Global batch 9 (3 a rank x np 3): once lost.invalid is gone, 2 ranks are left, which cannot split it;
+    the refusal (exit 2) names both numbers and nothing is relaunched or recorded."""
+    from contracts.errors import InputError
+
+    recovery, children, failure, _ = lost_host_recovery(tmp_path, "train.batch_size=3")
+    run_dir = tmp_path / "w" / "tune"
+    run_dir.mkdir()
+    with pytest.raises(InputError, match=r"global batch 9 .* is not divisible by 2") as refused:
+        recovery.recover("tune", failure, children, run_dir)
+    assert "cannot continue on 2 ranks (localhost:2)" in str(refused.value)
+    assert recovery.records == []
+
+
+def test_a_divisible_world_continues_on_the_hosts_that_answer_with_the_global_batch_kept(tmp_path):
+    """Global batch 12 (4 a rank x np 3) after lost.invalid is gone: relaunched as np 2 on localhost:2 with 6 a
+    rank and the run's LR (scale_lr's 3 x lr, fixed), recorded with the hosts and np before and after; the
+    stage's key is the configured job's, untouched."""
+    from launcher.stages import NAMED
+
+    recovery, children, failure, job = lost_host_recovery(tmp_path, "train.batch_size=4", "train.scale_lr=true",
+                                                          "train.lr=0.1")
+    after = recovery.recover("tune", failure, children, None)
+    assert (after.hosts, after.launch.np) == ("localhost:2", 2)
+    (rec,) = recovery.records
+    assert (rec["hosts_before"], rec["hosts_after"], rec["np_before"], rec["np_after"]) == \
+        ("localhost:2,lost.invalid:1", "localhost:2", 3, 2)
+    assert "lost.invalid does not answer ssh" in rec["reason"]
+    launched = recovery.job(job, after, "tune", trains=True)
+    train = launched.cfg.train
+    assert (train.batch_size, train.scale_lr) == (6, False) and abs(train.lr - 0.3) < 1e-12
+    assert job.cfg.train.batch_size == 4 and job.cfg.train.scale_lr
+    argv = NAMED["tune"].argv(launched, tmp_path / "w" / "tune", True, False)
+    assert "--resume" in argv and argv[argv.index("--batch-size") + 1] == "6"
+
+
+def test_below_min_np_the_lost_host_gets_its_wait_then_the_stage_fails_naming_it(tmp_path, monkeypatch):
+    from launcher import restart
+    from launcher.stages import StageFailed
+
+    monkeypatch.setattr(restart, "RETURN_WAIT", 2.0)
+    monkeypatch.setattr(restart, "RETURN_POLL", 0.5)
+    recovery, children, failure, _ = lost_host_recovery(tmp_path, "launch.min_np=3")
+    with pytest.raises(StageFailed, match=r"lost.invalid does not answer ssh; the 2 slots left are fewer than "
+                                          r"min_np 3 and lost.invalid did not answer again within 2 s"):
+        recovery.recover("tune", failure, children, None)
+    assert recovery.records == []
