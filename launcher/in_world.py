@@ -145,5 +145,8 @@ def leave(status: int) -> int:
     if status and world is not None and world.size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
+        from trainer import watchdog
+
+        watchdog.goodbye()  # it ends on an error, not lost: mpirun ends the others
         os._exit(status)
     return status

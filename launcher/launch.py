@@ -38,7 +38,7 @@ def horovodrun_argv(np_: int, cmd: list[str], controller: str = "gloo", hosts: s
 # A node lost without a word (cable cut, kernel panic) ends an MPI job only when Open MPI's daemons notice,
 # through TCP keepalive: 300 s + 9 probes x 20 s by default, while its orted and ranks hang on. These make it
 # about 20 s (a partitioned host's orted then ends its ranks too). Gloo's peers time out on their own
-# (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s).
+# (HOROVOD_GLOO_TIMEOUT_SECONDS, trainer.watchdog.STAGE_ENV). The ranks' watchdog ends the job sooner still.
 MPI_KEEPALIVE = {"OMPI_MCA_oob_tcp_keepalive_time": "10", "OMPI_MCA_oob_tcp_keepalive_intvl": "3",
                  "OMPI_MCA_oob_tcp_keepalive_probes": "3"}
 

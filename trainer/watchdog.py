@@ -284,6 +284,12 @@ def current() -> Watchdog | None:
     return _current
 
 
+def goodbye() -> None:
+    """For a rank about to leave with os._exit (no atexit): tell the peers, so they are not told it was lost."""
+    if _current is not None:
+        _current.stop()
+
+
 # -- the launcher's side --------------------------------------------------------------------------------
 # mpirun ends a job whose rank failed only once every host's daemon confirms its ranks ended; the daemon of a
 # frozen host never does, so mpirun waits forever after the watchdog has ended the healthy ranks. The command
