@@ -43,7 +43,8 @@ from contracts.lock import DIR_LOCK, acquire
 from launcher.launch import Children, HostUnreachable, check_hosts, remote_hosts
 from launcher.run_config import RunConfig, parse_hosts
 from launcher.stages import Job, StageFailed
-from trainer.rundir import read_metrics
+from trainer.config import read_run_record
+from trainer.rundir import RUN_CONFIG, list_checkpoints
 from trainer.schedule import base_lr
 from trainer.watchdog import fault_lines
 
@@ -82,6 +83,17 @@ def hosts_text(hosts: list[tuple[str, int]]) -> str:
     return ",".join(f"{name}:{slots}" for name, slots in hosts)
 
 
+def first_slots(hosts: list[tuple[str, int]], np_: int) -> list[tuple[str, int]]:
+    """HOSTS cut to their first NP_ slots: horovodrun --gloo starts a rank on every slot of -H, whatever -np says."""
+    kept = []
+    for name, slots in hosts:
+        if np_ <= 0:
+            break
+        kept.append((name, min(slots, np_)))
+        np_ -= slots
+    return kept
+
+
 class Recovery:
     """The restart policy of one `cifar10-hvd run` (see the module's docstring) and its record."""
 
@@ -91,7 +103,6 @@ class Recovery:
             raise InputError(f"launch.min_np {launch.min_np} is more than launch.np {launch.np}: a restart could "
                              "never continue; lower min_np")
         self.launch, self.markers = launch, markers
-        self.batch_size = cfg.train.batch_size  # per rank, at launch.np ranks
         self.global_batch = cfg.train.batch_size * launch.np
         self.lr = base_lr(cfg.train, launch.np)
         self.records: list[dict] = []
@@ -101,8 +112,7 @@ class Recovery:
         """The global batch divided among NP_ ranks; InputError naming both numbers when it does not divide."""
         if self.global_batch % np_:
             raise InputError(f"stage '{stage}' cannot continue on {np_} ranks ({hosts}): the run's global batch "
-                             f"{self.global_batch} (train.batch_size {self.batch_size} x launch.np {self.launch.np}) "
-                             f"is not divisible by {np_}; nothing was relaunched (resume with `cifar10-hvd run "
+                             f"{self.global_batch} is not divisible by {np_}; nothing was relaunched (resume with `cifar10-hvd run "
                              "--resume` on hosts whose ranks divide it, or choose a global batch that more world "
                              "sizes divide)")
         return self.global_batch // np_
@@ -110,11 +120,13 @@ class Recovery:
     def job(self, job: Job, children: Children, stage: str, trains: bool) -> Job:
         """JOB as a stage is launched on CHILDREN's hosts: a training stage on fewer ranks than launch.np gets the
         run's global batch and LR (per-rank batch = global / ranks; lr fixed, scale_lr off)."""
-        np_ = children.launch.np
-        if not trains or np_ == self.launch.np:
+        np_, train = children.launch.np, job.cfg.train
+        if not trains:
             return job
-        train = dataclasses.replace(job.cfg.train, batch_size=self.per_rank_batch(stage, np_, children.hosts),
-                                    lr=self.lr, scale_lr=False)
+        batch = self.per_rank_batch(stage, np_, children.hosts or f"localhost:{np_}")
+        if batch == train.batch_size and base_lr(train, np_) == self.lr:
+            return job  # the configured world (always so without a restart)
+        train = dataclasses.replace(train, batch_size=batch, lr=self.lr, scale_lr=False)
         return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, train=train))
 
     # -- after a failure --------------------------------------------------------------------------------
@@ -137,8 +149,10 @@ class Recovery:
                                                    f"{self.launch.max_restarts} used)")
         after = self.placement(stage, failure, hosts, gone, why)
         np_after = min(self.launch.np, sum(slots for _, slots in after)) if after else children.launch.np
-        text = hosts_text(after) or children.hosts
+        text = hosts_text(first_slots(after, np_after)) or children.hosts
         trains = run_dir is not None
+        if trains:
+            self.follow_record(run_dir)
         batch = self.per_rank_batch(stage, np_after, text or f"localhost:{np_after}") if trains else None
         if trains:
             self.released(run_dir)
@@ -165,6 +179,15 @@ class Recovery:
                                                f"min_np {self.launch.min_np} and {', '.join(gone)} did not answer "
                                                f"again within {RETURN_WAIT:.0f} s")
 
+    def follow_record(self, run_dir: Path) -> None:
+        """The global batch and LR the cut-off run recorded (RUN/config.json, written as it started), which its
+        resume must keep; the configured ones when it did not get that far."""
+        if not (run_dir / RUN_CONFIG).is_file():
+            return
+        record = read_run_record(run_dir)
+        self.global_batch = record.global_batch or record.train.batch_size * record.world_size
+        self.lr = record.lr or base_lr(record.train, record.world_size)
+
     def released(self, run_dir: Path) -> None:
         """Wait for the cut-off ranks to let go of RUN_DIR's writer lock (Busy, exit 2, naming the holder if one
         still holds it after RELEASE_WAIT: e.g. rank 0 on a frozen host)."""
@@ -174,7 +197,8 @@ class Recovery:
     def record(self, stage: str, failure: StageFailed, why: str, before: Children, after: Children,
                batch: int | None, run_dir: Path | None, detected: float) -> None:
         """Print the restart and keep it for summary.json."""
-        done = len(read_metrics(run_dir)) if run_dir is not None else None
+        # the newest checkpoint's epoch, where the trainer resumes (an epoch logged but not yet saved is redone)
+        done = max((epoch for epoch, _ in list_checkpoints(run_dir)), default=0) if run_dir is not None else None
         rec = {"restart": len(self.records) + 1, "max_restarts": self.launch.max_restarts, "stage": stage,
                "time": datetime.fromtimestamp(detected, UTC).isoformat(timespec="seconds"),
                "reason": why, "exit_status": failure.code,

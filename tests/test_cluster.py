@@ -408,6 +408,148 @@ def test_a_slow_healthy_rank_is_not_taken_for_lost(cluster, prepared_shared, con
     FAULT_TIMES[f"slow healthy {controller}: longest silence"] = max(pauses)
 
 
+# recovery runs: three hosts, node-c launching; the global batch (8 a rank x 3) splits over the 2 left as 12 each
+THREE = "node-a:1,node-b:1,node-c:1"
+AFTER_B = "node-a:1,node-c:1"
+
+
+def log_time(log: Path, pattern: str, proc: subprocess.Popen, start: int = 0, limit: float = 300) -> tuple[float, int]:
+    """When PATTERN (a regex) first appears in LOG past byte START, and the byte where it ends; the run must not
+    end before."""
+    end = time.time() + limit
+    while time.time() < end:
+        text = log.read_bytes()[start:].decode(errors="replace")
+        found = re.search(pattern, text)
+        if found:
+            return time.time(), start + len(text[:found.end()].encode())
+        assert proc.poll() is None, f"the run ended before {pattern!r}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern!r} in {limit:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def wait_for_checkpoints(run_dir: Path, k: int, proc: subprocess.Popen, log: Path, limit: float = 300) -> int:
+    """Block until RUN_DIR holds the checkpoint of epoch K (written after the epoch's metrics line and curves:
+    a resume starts from it); return K."""
+    marker = run_dir / "checkpoints" / f"epoch-{k:04d}.json"
+    end = time.time() + limit
+    while time.time() < end:
+        if marker.exists():
+            return k
+        assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"no {marker} in {limit:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+DETECTED = r"looking for a lost host or rank"
+TRAINING_AGAIN = r"resuming at epoch (\d+)"
+
+
+def recovered_run(cluster: Cluster, prepared: Path, controller: str, tmp_path: Path, name: str,
+                  fault: Callable[[], None]) -> tuple[str, Path, int, int]:
+    """final and predict on THREE from node-c with --max-restarts 1; FAULT() mid-epoch once an epoch is logged.
+    The job must name the failure within DETECTION_LIMIT, train again and finish; the fault-to-detection and
+    fault-to-training-again seconds and the epochs lost go to FAULT_TIMES. Returns the output, the workdir, the
+    epochs done at the fault and the epoch the relaunch resumed at (1-based, as the trainer prints it)."""
+    work = cluster.shared / f"recover-{name}-{controller}"
+    cmd = run_cmd(cluster, str(work), "--prepared", str(prepared), "--phases", "final,predict", "--hosts", THREE, "--np", "3",
+                  "--controller", controller, "--max-restarts", "1", "train.epochs=3", *LONG,
+                  "predict.batch_size=16", "predict.threads=1")
+    log = tmp_path / "run.log"
+    proc = cluster.start("node-c", cmd, log)
+    try:
+        done = wait_for_checkpoints(work / "final", 1, proc, log)
+        time.sleep(0.3)
+        offset, start = log.stat().st_size, time.time()
+        fault()
+        detected, offset = log_time(log, DETECTED, proc, offset, limit=DETECTION_LIMIT + 60)
+        again, _ = log_time(log, TRAINING_AGAIN, proc, offset)
+        proc.wait(timeout=CLUSTER_LIMIT)
+    finally:
+        proc.kill()
+        cluster.restart()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    resumed = int(re.findall(TRAINING_AGAIN, text)[-1])
+    FAULT_TIMES[f"{name} {controller}: detected"] = detected - start
+    FAULT_TIMES[f"{name} {controller}: training again"] = again - start
+    FAULT_TIMES[f"{name} {controller}: completed epochs lost"] = done - (resumed - 1)
+    assert detected - start < DETECTION_LIMIT, f"failure named {detected - start:.1f} s after the fault"
+    return text, work, done, resumed
+
+
+def check_recovered(text: str, work: Path, done: int, resumed: int) -> dict:
+    """The run finished on node-a and node-c: every final epoch logged once, at most the epoch in progress lost,
+    predict on the 2 hosts left, a full submission.csv; returns the restart's record in summary.json."""
+    assert "[run] restart 1/1 of stage 'final': " in text and f"resuming on {AFTER_B} from epoch {resumed}" in text
+    assert "node-b" in text.split("[run] restart 1/1", 1)[1].splitlines()[0], text[-3000:]
+    assert resumed - 1 >= done, f"resumed at epoch {resumed}, {done} were done before the fault"
+    epochs = [json.loads(ln)["epoch"] for ln in (work / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    record = json.loads((work / "final" / "config.json").read_text())
+    assert (record["world_size"], record["global_batch"], record["train"]["batch_size"]) == (2, 24, 12)
+    assert f"-np 2 -H {AFTER_B}" in text.split("== stage predict ==", 1)[1]
+    rows = (work / "submission.csv").read_text().splitlines()
+    assert rows[0] == "id,label" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 51))
+    summary = json.loads((work / "summary.json").read_text())
+    assert [summary["stages"][s]["status"] for s in ("final", "predict")] == ["ran", "ran"]
+    (restart,) = summary["restarts"]
+    assert (restart["stage"], restart["hosts_before"], restart["hosts_after"], restart["np_before"],
+            restart["np_after"], restart["per_rank_batch"], restart["epochs_done"]) == \
+        ("final", THREE, AFTER_B, 3, 2, 12, resumed - 1)
+    return restart
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_killed_worker_host_the_job_continues_on_the_hosts_left(cluster, prepared_shared, controller, tmp_path):
+    """--max-restarts 1, node-b killed mid-epoch of final: the launcher names the failure within 20 s, finds
+    node-b silent, relaunches final with --resume on node-a and node-c (np 3 -> 2, 12 a rank: the global batch
+    24 kept), and the job finishes with predict on those two and a full submission.csv."""
+    text, work, done, resumed = recovered_run(cluster, prepared_shared, controller, tmp_path, "kill host",
+                                              lambda: cluster.verb("kill", "node-b"))
+    restart = check_recovered(text, work, done, resumed)
+    assert "node-b does not answer ssh" in restart["reason"]
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_frozen_worker_host_is_detected_and_the_job_continues_without_it(cluster, prepared_shared, controller,
+                                                                          tmp_path):
+    """Every process of node-b stopped mid-epoch: node-a's watchdog names rank 1 on node-b within 20 s, node-b
+    does not answer ssh, and final continues on node-a and node-c as after a kill."""
+    text, work, done, resumed = recovered_run(cluster, prepared_shared, controller, tmp_path, "freeze host",
+                                              lambda: cluster.verb("freeze", "node-b"))
+    restart = check_recovered(text, work, done, resumed)
+    assert "rank 1 on node-b lost (no heartbeat for" in restart["reason"], restart
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_a_host_lost_after_the_restarts_are_spent_ends_the_job_naming_it(cluster, prepared_shared, controller,
+                                                                         tmp_path):
+    """--max-restarts 1: node-b killed, the job continues on node-a and node-c; node-a killed once it trains
+    again: no restart left, the job ends non-zero naming node-a."""
+    work = cluster.shared / f"spent-{controller}"
+    cmd = run_cmd(cluster, str(work), "--prepared", str(prepared_shared), "--phases", "tune", "--hosts", THREE, "--np", "3",
+                  "--controller", controller, "--max-restarts", "1", "train.epochs=400", *LONG)
+    log = tmp_path / "run.log"
+    proc = cluster.start("node-c", cmd, log)
+    try:
+        wait_for_epochs(work / "tune" / "metrics.jsonl", 1, proc, log, limit=300)
+        cluster.verb("kill", "node-b")
+        _, offset = log_time(log, TRAINING_AGAIN, proc, 0)
+        time.sleep(1)
+        start = time.time()
+        cluster.verb("kill", "node-a")
+        timed_wait(proc, DETECTION_LIMIT + 60)
+        FAULT_TIMES[f"spent {controller}: kill node-a -> exit"] = time.time() - start
+    finally:
+        proc.kill()
+        cluster.restart()
+    text = log.read_text()
+    assert proc.returncode not in (0, None), text[-4000:]
+    assert f"resuming on {AFTER_B}" in text and "[run] restart 2/" not in text, text[-4000:]
+    assert re.search(r"stage 'tune' failed \(exit status \d+\): .*node-a does not answer ssh; no restart left "
+                     r"\(--max-restarts 1 used\)", text), text[-4000:]
+
+
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_host_down_at_start(cluster, controller):
     """node-b's sshd is not running: a clear error naming node-b within 20 s, and no run dir."""
@@ -531,4 +673,5 @@ def test_mpi_operator_flow(cluster, kubectl_bin):
 
 def teardown_module(module) -> None:
     if FAULT_TIMES:
-        print("\nfault -> exit seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in FAULT_TIMES.items()))
+        print("\nfault -> exit seconds (restarts: seconds to detection and to training again, epochs lost): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in FAULT_TIMES.items()))
