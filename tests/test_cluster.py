@@ -518,7 +518,7 @@ def test_frozen_worker_host_is_detected_and_the_job_continues_without_it(cluster
     text, work, done, resumed = recovered_run(cluster, prepared_shared, controller, tmp_path, "freeze host",
                                               lambda: cluster.verb("freeze", "node-b"))
     restart = check_recovered(text, work, done, resumed)
-    assert "rank 1 on node-b lost (no heartbeat for" in restart["reason"], restart
+    assert re.match(r"rank \d on node-b lost \(no heartbeat for", restart["reason"]), restart  # MPI numbers node-c 0
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
@@ -532,7 +532,7 @@ def test_a_host_lost_after_the_restarts_are_spent_ends_the_job_naming_it(cluster
     log = tmp_path / "run.log"
     proc = cluster.start("node-c", cmd, log)
     try:
-        wait_for_epochs(work / "tune" / "metrics.jsonl", 1, proc, log, limit=300)
+        wait_for_checkpoints(work / "tune", 1, proc, log)
         cluster.verb("kill", "node-b")
         _, offset = log_time(log, TRAINING_AGAIN, proc, 0)
         time.sleep(1)
