@@ -70,7 +70,7 @@ def launch_hosts(launch: LaunchConfig) -> list[tuple[str, int | None]]:
 
 def horovodrun_hosts(launch: LaunchConfig, hosts: list[tuple[str, int | None]]) -> str:
     """horovodrun's -H value for HOSTS ('' for none: localhost), every slot count written out (1 where none is
-    given, as mpirun counts a bare host). A hostfile's hosts go as -H too: horovodrun's own hostfile reader
+    given, as mpirun counts a bare host), cut to the first np slots. A hostfile's hosts go as -H too: horovodrun's own hostfile reader
     takes no comments, blank lines or HOST:SLOTS. InputError when horovodrun cannot place np ranks on them."""
     if not hosts:
         return ""
@@ -83,7 +83,19 @@ def horovodrun_hosts(launch: LaunchConfig, hosts: list[tuple[str, int | None]]) 
     if launch.np > slots:
         raise InputError(f"{launch.np} ranks (np) do not fit the {slots} slots of {where}; lower np or give "
                           "the hosts more slots (HOST:SLOTS)")
-    return ",".join(f"{name}:{n or 1}" for name, n in hosts)
+    return ",".join(f"{name}:{n}" for name, n in first_slots(hosts, launch.np))
+
+
+def first_slots(hosts: list[tuple[str, int | None]], np_: int) -> list[tuple[str, int]]:
+    """The hosts' first NP slots, in order: horovodrun --gloo starts a rank on every slot -H lists."""
+    taken = []
+    for name, n in hosts:
+        if np_ <= 0:
+            break
+        take = min(n or 1, np_)
+        taken.append((name, take))
+        np_ -= take
+    return taken
 
 
 def remote_hosts(names: list[str]) -> list[str]:

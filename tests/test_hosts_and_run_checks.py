@@ -166,3 +166,13 @@ def test_bad_input_inside_a_horovodrun_stage_is_exit_2_through_run(demo_src, tmp
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cifar10-hvd train:" in proc.stderr and "fewer than one global batch" in proc.stderr, proc.stderr
     assert "stage 'tune' failed (exit status 2)" in proc.stderr
+
+
+def test_np_below_the_hosts_slots_starts_np_ranks_under_gloo(prepared, tmp_path):
+    """horovodrun --gloo starts a rank on every slot -H lists, whatever -np says: run lists exactly np slots."""
+    work = tmp_path / "work"
+    proc = run_cli(["run", "--config", str(ROOT / "configs" / "demo.yaml"), "--prepared", str(prepared),
+                    "--workdir", str(work), "--phases", "tune", "--np", "1", "--hosts", "localhost:2",
+                    "--controller", "gloo", *TINY], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((work / "tune" / "config.json").read_text())["world_size"] == 1
