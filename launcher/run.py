@@ -38,11 +38,11 @@ from launcher.stages import NAMED, STAGES, Job, Stage, StageFailed
 from trainer.rundir import RUN_CONFIG
 
 # run's own names and the launch helpers that tests and benchmarks import from here
-__all__ = ["MPI_KEEPALIVE", "HostUnreachable", "Pipeline", "StageFailed", "build_parser", "check_hosts",
+__all__ = ["MPI_KEEPALIVE", "HostUnreachable", "StageWalk", "StageFailed", "build_parser", "check_hosts",
            "child_env", "horovodrun_argv", "main"]
 
 
-class Pipeline:
+class StageWalk:
     """Runs the configured stages in order and records what ran in summary.json."""
 
     def __init__(self, cfg: RunConfig, config_path: Path, resume: bool, resume_with_changes: bool = False):
@@ -269,23 +269,23 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_run_config(args)
-    pipe = Pipeline(cfg, Path(args.config), args.resume or args.resume_with_changes, args.resume_with_changes)
+    walk = StageWalk(cfg, Path(args.config), args.resume or args.resume_with_changes, args.resume_with_changes)
     try:
-        pipe.check_launch()
+        walk.check_launch()
         # outside an MPI world a signal ends the running stage's whole process tree, then the launcher
-        with nullcontext() if pipe.world else child.stop_on_signals(), pipe.writing():
-            summary = pipe.run()
+        with nullcontext() if walk.world else child.stop_on_signals(), walk.writing():
+            summary = walk.run()
     except child.Stopped as e:
         print(f"cifar10-hvd run: {e}; the running stage and all its processes were ended "
               "(pass --resume to continue a training stage from its last checkpoint)", file=sys.stderr)
         return e.exit_status
     except StageFailed as e:
-        print(f"cifar10-hvd run: {e}; the pipeline stopped there (see the stage's messages above)", file=sys.stderr)
+        print(f"cifar10-hvd run: {e}; the run stopped there (see the stage's messages above)", file=sys.stderr)
         return e.code if 0 < e.code < 256 else 1
     except HostUnreachable as e:
         print(f"cifar10-hvd run: {e}", file=sys.stderr)
         return 1
-    if pipe.rank == 0:
+    if walk.rank == 0:
         print(f"[run] done in {summary['wall_seconds']:.0f} s")
         if summary.get("tune_valid_acc") is not None:
             print(f"[run] tune valid accuracy: {summary['tune_valid_acc']:.4f}")

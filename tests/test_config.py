@@ -131,7 +131,7 @@ def test_prepare_argv_is_built_from_the_class(tmp_path):
     cfg = run_config.load_run_config(write(tmp_path / "c.yaml", "data: /src\n"),
                                      ["prepare.valid_ratio=0.25", "prepare.seed=7", "prepare.workers=3",
                                       "prepare.layout=folders"])
-    pipe = run_mod.Pipeline(cfg, tmp_path / "c.yaml", resume=False)
+    pipe = run_mod.StageWalk(cfg, tmp_path / "c.yaml", resume=False)
     argv = pipe.argv("prepare", pipe.workdir)
     assert argv[:2] == ["-m", "data_prep"] and argv[-len(to_argv(cfg.prepare)):] == to_argv(cfg.prepare)
     args = prepare_cli.build_parser().parse_args(argv[2:])
@@ -147,7 +147,7 @@ def test_train_and_predict_argv_are_built_from_their_classes(tmp_path):
     cfg = run_config.load_run_config(write(tmp_path / "c.yaml", "data: /src\n"),
                                      ["train.epochs=3", "train.lr=0.05", "train.label_smoothing=0.1",
                                       "train.eval_crop=36", "train.amp=float16", "predict.tta=flip", "predict.threads=2"])
-    pipe = run_mod.Pipeline(cfg, tmp_path / "c.yaml", resume=False)
+    pipe = run_mod.StageWalk(cfg, tmp_path / "c.yaml", resume=False)
     argv = pipe.argv("final", pipe.workdir / "final", resume=True)
     assert argv[:2] == ["-m", "trainer"] and "--config" not in argv
     args = train_mod.build_parser().parse_args(argv[2:])
