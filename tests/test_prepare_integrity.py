@@ -177,9 +177,9 @@ def test_without_sample_submission_the_test_folder_is_taken_as_it_is(src, tmp_pa
 
 
 def slow_source(tmp_path: Path) -> Path:
-    """A download whose decode takes long enough (seconds, more on a loaded machine) to be stopped mid-way."""
+    """A download whose decode (one worker: the test keeps a core to send its signal) takes seconds."""
     src = tmp_path / "big"
-    write_source(src, {"a": 3000, "b": 3000}, n_test=3000)
+    write_source(src, {"a": 5000, "b": 5000}, n_test=5000)
     return src
 
 
@@ -189,7 +189,7 @@ def build_dirs(out: Path) -> list[Path]:
 
 def start_and_stop(src: Path, out: Path, signum: int) -> subprocess.Popen:
     """Start prepare, send SIGNUM once its build directory exists, and wait for it to end."""
-    args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "2", "--classes", "a,b"]
+    args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "1", "--classes", "a,b"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=tool_env(), cwd=ROOT)
     deadline = time.monotonic() + 120
     while not build_dirs(out) and proc.poll() is None and time.monotonic() < deadline:
