@@ -275,19 +275,7 @@ def test_worker_host_killed_mid_epoch_then_resume(cluster, prepared_shared, cont
 def test_partitioned_worker_ends_the_job(cluster, prepared_shared, controller, tmp_path):
     """node-b's link cut mid-epoch: the job exits non-zero within 20 s naming node-b, and no rank or daemon is
     left on any host (sshd's own session processes aside: they end when the link comes back)."""
-    work = cluster.shared / f"partition-{controller}"
-    cmd = run_cmd(cluster, str(work), "--prepared", str(prepared_shared), "--phases", "tune",
-                  "--hosts", "node-a:1,node-b:1", "--controller", controller, "train.epochs=400", *LONG)
-    log = tmp_path / "run.log"
-    proc = cluster.start("node-c", cmd, log)
-    try:
-        wait_for_epochs(work / "tune" / "metrics.jsonl", 1, proc, log)
-        start = time.time()
-        cluster.verb("partition", "node-b")
-        timed_wait(proc, DETECTION_LIMIT + 100)
-        FAULT_TIMES[f"partition {controller}"] = took = time.time() - start
-        assert proc.returncode != 0, log.read_text()[-3000:]
-        assert "rank 1 on node-b sent no heartbeat" in log.read_text(), log.read_text()[-3000:]
+    def nothing_left() -> None:
         left: dict = {}
         for _ in range(90):  # ranks that lost their peers end on their own timeouts (node-b's watchdog)
             left = {h: [p for p in cluster.processes(h) if p != "sshd"] for h in HOSTS}
@@ -296,10 +284,10 @@ def test_partitioned_worker_ends_the_job(cluster, prepared_shared, controller, t
             time.sleep(1)
         assert not any(left.values()), f"left running after the job ended: {left}"
         cluster.verb("heal", "node-b")
-    finally:
-        proc.kill()
-        cluster.restart()
-    assert took < DETECTION_LIMIT
+
+    text, _ = fault_run(cluster, prepared_shared, controller, tmp_path, "partition",
+                        lambda: cluster.verb("partition", "node-b"), before_restart=nothing_left)
+    assert "rank 1 on node-b sent no heartbeat" in text, text[-3000:]
 
 
 def rank_pid(host: str, limit: float = 120) -> int:
@@ -319,10 +307,10 @@ def rank_pid(host: str, limit: float = 120) -> int:
 
 
 def fault_run(cluster: Cluster, prepared: Path, controller: str, tmp_path: Path, name: str,
-              fault: Callable[[], None]) -> tuple[str, Path]:
+              fault: Callable[[], None], before_restart: Callable[[], None] | None = None) -> tuple[str, Path]:
     """tune on node-a and node-b from node-c, FAULT() once an epoch is logged: the job must end non-zero
-    within DETECTION_LIMIT (the time goes to FAULT_TIMES). The cluster is rebuilt after; returns the job's
-    output and its workdir."""
+    within DETECTION_LIMIT (the time goes to FAULT_TIMES). BEFORE_RESTART() looks at the hosts as the fault
+    left them; the cluster is rebuilt after; returns the job's output and its workdir."""
     work = cluster.shared / f"{name}-{controller}"
     cmd = run_cmd(cluster, str(work), "--prepared", str(prepared), "--phases", "tune",
                   "--hosts", "node-a:1,node-b:1", "--controller", controller, "train.epochs=400", *LONG)
@@ -334,6 +322,8 @@ def fault_run(cluster: Cluster, prepared: Path, controller: str, tmp_path: Path,
         fault()
         timed_wait(proc, DETECTION_LIMIT + 100)
         FAULT_TIMES[f"{name} {controller}"] = took = time.time() - start
+        if before_restart is not None:
+            before_restart()
     finally:
         proc.kill()
         cluster.restart()
