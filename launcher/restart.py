@@ -40,7 +40,7 @@ from pathlib import Path
 
 from contracts.errors import InputError
 from contracts.lock import DIR_LOCK, acquire
-from launcher.launch import Children, HostUnreachable, check_hosts, remote_hosts
+from launcher.launch import Children, HostUnreachable, check_hosts, first_slots, remote_hosts
 from launcher.run_config import RunConfig, parse_hosts
 from launcher.stages import Job, StageFailed
 from trainer.config import read_run_record
@@ -81,17 +81,6 @@ def lost_ranks(fault_file: Path) -> list[str]:
 
 def hosts_text(hosts: list[tuple[str, int]]) -> str:
     return ",".join(f"{name}:{slots}" for name, slots in hosts)
-
-
-def first_slots(hosts: list[tuple[str, int]], np_: int) -> list[tuple[str, int]]:
-    """HOSTS cut to their first NP_ slots: horovodrun --gloo starts a rank on every slot of -H, whatever -np says."""
-    kept = []
-    for name, slots in hosts:
-        if np_ <= 0:
-            break
-        kept.append((name, min(slots, np_)))
-        np_ -= slots
-    return kept
 
 
 class Recovery:
