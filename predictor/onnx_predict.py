@@ -2,37 +2,19 @@
 
 The ONNX graph takes the raw uint8 images (the evaluation view is inside it), so a shard's rows
 go in as they are stored. Every forward has the same number of rows (the last batch is padded),
-as in trainer.inference, so a row's label does not depend on the batching or the ranks. int8 is
-onnxruntime's static quantization (QDQ, per-channel int8 weights, uint8 activations, min/max
-calibrated on the same training images as MXNet's int8) of the convolutions. Weights keep 7 bits
-(reduce_range): x86 CPUs without VNNI multiply uint8 by int8 in saturating int16 pairs, and full-range
-weights flipped labels the float model was clear about (tests/test_onnx.py).
+as in trainer.inference, so a row's label does not depend on the batching or the ranks. int8 runs
+RUN/model-int8.onnx, or quantizes the float model in memory the same way (trainer.onnx_int8).
 """
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from contracts.errors import InputError
-from trainer import onnx_export
+from trainer import onnx_export, onnx_int8
 from trainer.onnx_export import INPUT_NAME, ONNX_MODEL
-
-MAX_MODEL_BYTES = 1 << 30  # a ResNet-18 at width 64 is 45 MB; far larger is not a run's model.onnx
-QUANTIZED_OPS = ["Conv"]  # the classifier (Gemm) stays float: 8-bit logits flip near ties; so does the preprocessing
-
-
-def model_bytes(model_dir: Path) -> tuple[bytes, str]:
-    """(serialized model, how it was found): RUN/model.onnx, else RUN's MXNet export converted in memory."""
-    path = model_dir / ONNX_MODEL
-    if not path.exists():
-        return onnx_export.build(model_dir).SerializeToString(), (
-            f"{path} not found: converted {model_dir}'s MXNet export in memory (cifar10-hvd export writes it)")
-    if not path.is_file() or path.stat().st_size > MAX_MODEL_BYTES:
-        raise InputError(f"{path}: not a regular file under {MAX_MODEL_BYTES >> 20} MiB")
-    return path.read_bytes(), f"read {path}"
 
 
 def check_session(session, where: Path) -> list[str]:
@@ -50,47 +32,18 @@ def check_session(session, where: Path) -> list[str]:
     return classes
 
 
-class CalibrationImages:
-    """onnxruntime's CalibrationDataReader over uint8 images, in batches of 64."""
-
-    def __init__(self, images: np.ndarray, rows: int = 64):
-        self._batches = iter([{INPUT_NAME: images[i:i + rows]} for i in range(0, len(images), rows)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
-def quantize(data: bytes, calib: np.ndarray | None) -> bytes:
-    """The int8 model: BatchNorm folded (quant_pre_process), then quantize_static calibrated on calib."""
-    onnx = onnx_export.require("onnx")
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if calib is None or len(calib) == 0:
-        raise InputError("int8 precision needs calibration images (the prepared train split is empty)")
-    with tempfile.TemporaryDirectory(prefix="cifar10-hvd-int8-") as tmp:
-        src, pre, out = (str(Path(tmp) / n) for n in ("float.onnx", "pre.onnx", "int8.onnx"))
-        Path(src).write_bytes(data)
-        quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out, CalibrationImages(np.ascontiguousarray(calib)), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=QUANTIZED_OPS, reduce_range=True)
-        model = onnx.load(out)
-    onnx.helper.set_model_props(model, {p.key: p.value for p in onnx.load_from_string(data).metadata_props})
-    return model.SerializeToString()
-
-
 def load(model_dir: str | Path, precision: str, calib: np.ndarray | None, threads: int, log=None):
     """(onnxruntime session, class names) for RUN's model at precision (float32 or int8)."""
     onnx_export.require("onnxruntime")
     model_dir = Path(model_dir)
-    data, how = model_bytes(model_dir)
+    if precision == "int8":
+        data, how = onnx_int8.int8_model(model_dir, calib)
+    elif precision == "float32":
+        data, how = onnx_int8.float_model(model_dir)
+    else:
+        raise InputError(f"precision {precision!r}: the onnxruntime engine runs float32 or int8")
     if log is not None:
         log(f"predict: {how}")
-    if precision == "int8":
-        data = quantize(data, calib)
-    elif precision != "float32":
-        raise InputError(f"precision {precision!r}: the onnxruntime engine runs float32 or int8")
     try:
         session = onnx_export.session(data, threads=threads)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types for a bad file

@@ -60,12 +60,7 @@ def run(prepared, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(run, prepared, tmp_path_factory):
     """What the onnxruntime-and-numpy client makes of RUN/model.onnx: ids, labels, logits."""
-    script = tmp_path_factory.mktemp("client") / "client.py"
-    script.write_text(CLIENT)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(run / "model.onnx"), str(prepared)],
-                          capture_output=True, text=True, timeout=300, cwd=script.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_client(run / "model.onnx", prepared, tmp_path_factory.mktemp("client"))
 
 
 def test_client_with_only_onnxruntime_and_numpy_labels_as_predict(run, client):
@@ -151,6 +146,62 @@ def test_int8_on_both_engines_agrees_with_the_float32_client(run, prepared, clie
     horovodrun(2, ["python", "-m", "predictor.predict", "--prepared", str(prepared), "--model", str(run), "--engine",
                    "onnxruntime", "--precision", "int8", "--out", str(tmp_path / "np2.csv")])
     assert (tmp_path / "np2.csv").read_bytes() == (tmp_path / "onnxruntime-int8.csv").read_bytes()
+
+
+def run_client(model: Path, prepared: Path, tmp_path: Path) -> dict:
+    """What the onnxruntime-and-numpy client makes of model: ids, labels, logits."""
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    proc = subprocess.run([sys.executable, "-I", str(script), str(model), str(prepared)],
+                          capture_output=True, text=True, timeout=300, cwd=script.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_int8_client_reproduces_predicts_int8_labels(run, prepared, tmp_path):
+    """export --precision int8 writes the graph predict's int8 ran, so a client with onnxruntime alone repeats it."""
+    own = shutil.copytree(run, tmp_path / "run")
+    args = ["predict", "--prepared", str(prepared), "--model", str(own), "--engine", "onnxruntime", "--precision",
+            "int8", "--batch-size", "16"]
+    proc = run_cli([*args, "--out", str(tmp_path / "memory.csv")], check=True)
+    assert "quantized in memory" in proc.stdout, proc.stdout
+    proc = run_cli(["export", "--model", str(own), "--precision", "int8", "--prepared", str(prepared)], check=True)
+    assert f"wrote {own / 'model-int8.onnx'} (int8, opset 13" in proc.stdout
+    model = onnx.load(str(own / "model-int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["int8"]["calibration_rows"] == 512 and meta["classes"] and meta["input"]["dtype"] == "uint8"
+    client = run_client(own / "model-int8.onnx", prepared, tmp_path)
+    want = submission(tmp_path / "memory.csv")
+    got = dict(zip(client["ids"], client["labels"], strict=True))
+    assert got.keys() == want.keys()
+    agree = sum(got[i] == want[i] for i in want) / len(want)
+    print(f"int8 client against predict --precision int8: {agree:.4%} of {len(want)}")
+    assert agree >= 0.999
+    proc = run_cli([*args, "--out", str(tmp_path / "file.csv")], check=True)
+    assert f"read {own / 'model-int8.onnx'}" in proc.stdout, proc.stdout
+    assert (tmp_path / "file.csv").read_bytes() == (tmp_path / "memory.csv").read_bytes()
+
+
+def test_an_int8_model_of_another_model_or_garbage_is_refused(run, prepared, tmp_path):
+    own = shutil.copytree(run, tmp_path / "run")
+    run_cli(["export", "--model", str(own), "--precision", "int8", "--prepared", str(prepared)], check=True)
+    args = ["predict", "--prepared", str(prepared), "--model", str(own), "--engine", "onnxruntime", "--precision",
+            "int8", "--out", str(tmp_path / "s.csv")]
+    retrained = onnx.load(str(own / "model.onnx"))
+    retrained.graph.initializer[0].raw_data = bytes(len(retrained.graph.initializer[0].raw_data))
+    onnx.save(retrained, str(own / "model.onnx"))
+    proc = run_cli(args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{own / 'model-int8.onnx'} was quantized from another model than {own / 'model.onnx'}" in proc.stderr
+    (own / "model-int8.onnx").write_bytes(b"\x08\x07not a model")
+    proc = run_cli(args)
+    assert proc.returncode == 2 and f"{own / 'model-int8.onnx'}: not an int8 model written by cifar10-hvd export" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "s.csv").exists()
+    proc = run_cli(["export", "--model", str(own), "--precision", "int8", "--onnx", str(tmp_path / "q.onnx")])
+    assert proc.returncode == 2 and "--precision int8 needs --prepared" in proc.stderr
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_export_refuses_an_int8_mkldnn_graph_by_its_operators(run, prepared, tmp_path):

@@ -8,6 +8,7 @@ project code. The class names and the input contract travel in the model's metad
 onnx and onnxruntime are the `onnx` extra (pip install '.[onnx]').
 
     cifar10-hvd export --model RUN [--onnx RUN/model.onnx]
+    cifar10-hvd export --model RUN --precision int8 --prepared P [--onnx RUN/model-int8.onnx]
 """
 from __future__ import annotations
 
@@ -206,22 +207,37 @@ def build(run_dir: str | Path):
     return model
 
 
-def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write RUN's export as ONNX to out (default RUN/model.onnx), beside and renamed into place."""
+def export(run_dir: str | Path, out: str | Path | None = None, precision: str = "float32",
+           prepared: str | Path | None = None) -> Path:
+    """Write RUN's export as ONNX to out (default RUN/model.onnx, or RUN/model-int8.onnx for int8, calibrated
+    on prepared's training images), beside and renamed into place."""
+    from contracts.files import check_output
+    from trainer import onnx_int8
+
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / ONNX_MODEL
+    out = Path(out) if out is not None else run_dir / (onnx_int8.INT8_MODEL if precision == "int8" else ONNX_MODEL)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: model run dir not found")
     if out.is_dir() or not out.parent.is_dir():
         raise ExportError(f"{out}: --onnx must be a file path in an existing folder")
-    return write(build(run_dir), out)
+    check_output(out, "--onnx")
+    if precision == "float32":
+        return write(build(run_dir), out)
+    if precision != "int8" or prepared is None:
+        raise ExportError(f"--precision {precision!r}: float32, or int8 with --prepared (the calibration images)")
+    require("onnxruntime")
+    return onnx_int8.export(run_dir, Path(prepared), out)
 
 
 def write(model, out: Path) -> Path:
     """model serialized to out, beside and renamed into place (a full disk: exit 2 naming out)."""
+    return write_bytes(model.SerializeToString(), out)
+
+
+def write_bytes(data: bytes, out: Path) -> Path:
+    """data to out, beside and renamed into place."""
     from trainer.rundir import write_file
 
-    data = model.SerializeToString()
     write_file(out, lambda tmp: Path(tmp).write_bytes(data))
     return out
 
@@ -244,14 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="cifar10-hvd export", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="trainer run dir with the final phase's export (e.g. WORKDIR/final)")
-    p.add_argument("--onnx", default=None, help=f"ONNX file to write (default: MODEL/{ONNX_MODEL})")
+    p.add_argument("--onnx", default=None,
+                   help=f"ONNX file to write (default: MODEL/{ONNX_MODEL}, for int8 MODEL/model-int8.onnx)")
+    p.add_argument("--precision", choices=("float32", "int8"), default="float32",
+                   help="int8: onnxruntime's static quantization, the graph predict --engine onnxruntime "
+                        "--precision int8 runs (needs --prepared)")
+    p.add_argument("--prepared", default=None,
+                   help="prepared data dir whose first 512 training images calibrate int8")
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    out = export(args.model, args.onnx)
-    print(f"export: wrote {out} (opset {OPSET}; input '{INPUT_NAME}' uint8 N x 32 x 32 x 3, output '{OUTPUT_NAME}')",
+    if args.precision == "int8" and args.prepared is None:
+        raise ExportError("--precision int8 needs --prepared (its training images calibrate the quantization)")
+    out = export(args.model, args.onnx, args.precision, args.prepared)
+    print(f"export: wrote {out} ({args.precision}, opset {OPSET}; input '{INPUT_NAME}' uint8 N x 32 x 32 x 3, output '{OUTPUT_NAME}')",
           flush=True)
     return 0
 
