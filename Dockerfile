@@ -61,16 +61,17 @@ RUN mkdir -p /opt/cuda-stubs \
 # The same script twice: first with setup.py alone (the pinned dependencies and the Horovod build, a
 # layer that stays cached until setup.py or the script changes), then with the sources (the package
 # itself; Horovod is there already). SKIP_APT=1: Open MPI came from the layer above. EDITABLE=0: the
-# package is copied into the venv.
+# package is copied into the venv. The onnx extra: the final phase writes model.onnx and predict can run
+# --engine onnxruntime in the image.
 COPY setup.py pyproject.toml ./
 COPY scripts/install-stack.sh scripts/
 RUN --mount=type=secret,id=ca-certificates,required=false \
     if [ -f /run/secrets/ca-certificates ]; then export PIP_CERT=/run/secrets/ca-certificates; fi \
- && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv
+ && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv onnx
 COPY . .
 RUN --mount=type=secret,id=ca-certificates,required=false \
     if [ -f /run/secrets/ca-certificates ]; then export PIP_CERT=/run/secrets/ca-certificates; fi \
- && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv
+ && SKIP_APT=1 EDITABLE=0 scripts/install-stack.sh /opt/venv onnx
 
 # --- runtime: interpreter, Open MPI, ssh; no compilers ----------------------------------------------
 # ibverbs-providers: the userspace RDMA drivers (mlx5...) NCCL's NET/IB needs (k8s/components/rdma);

@@ -322,10 +322,10 @@ def fresh_job_volume(cluster: Cluster, prepared_volume: Path, name: str) -> Path
 
 def test_image_has_no_host_keys_and_runs_as_the_manifests_user(cluster):
     proc = podman("run", *cluster.flags, "--rm", "--label", f"{LABEL}=1", "--entrypoint", "sh", IMAGE, "-c",
-                  "ls /etc/ssh; id -u; python -c 'import mxnet, horovod.mxnet; print(mxnet.__version__)'")
+                  "ls /etc/ssh; id -u; python -c 'import mxnet, horovod.mxnet, onnx, onnxruntime; print(mxnet.__version__, onnxruntime.__version__)'")
     lines = proc.stdout.split()
     assert not [f for f in lines if f.startswith("ssh_host_")], f"host keys in the image: {lines}"
-    assert "1000" in lines and "1.9.1" in lines, proc.stdout
+    assert "1000" in lines and "1.9.1" in lines and any(w.startswith("1.19.") for w in lines), proc.stdout
 
 
 def test_the_mpijob_runs_from_the_image_to_a_valid_submission(cluster, prepared_volume, demo_src):
@@ -344,6 +344,7 @@ def test_the_mpijob_runs_from_the_image_to_a_valid_submission(cluster, prepared_
     summary = json.loads((data / "work" / "summary.json").read_text())
     assert summary["in_mpi_world"] is True
     assert [summary["stages"][s]["status"] for s in ("tune", "final", "predict")] == ["ran"] * 3
+    assert (data / "work" / "final" / "model.onnx").stat().st_size > 0  # the image carries the onnx extra
     rows = (data / "work" / "submission.csv").read_text().splitlines()
     expected = (demo_src / "sampleSubmission.csv").read_text().splitlines()
     assert rows[0] == "id,label" and [r.split(",")[0] for r in rows] == [r.split(",")[0] for r in expected]
