@@ -110,9 +110,13 @@ def apply_aliases(obj: Any) -> None:
 
 def alias_spelled(obj: Any) -> dict[str, Any]:
     """The dataclass obj's fields as a dict, each value that has an alias written as that alias (its spelling
-    before it was renamed), so that a digest of it recorded then (a stage key) equals one computed now."""
+    before it was renamed) and each key marked added_later left out while at its default, so that a digest
+    of it recorded then (a stage key) equals one computed now."""
     spelled = dataclasses.asdict(obj)
     for f in dataclasses.fields(obj):
+        if f.metadata.get("added_later") and spelled[f.name] == f.default:
+            del spelled[f.name]  # a key newer than the digests: at its default it changes nothing they cover
+            continue
         old = {new: alias for alias, new in f.metadata.get("aliases", {}).items()}
         if isinstance(spelled[f.name], str) and spelled[f.name] in old:
             spelled[f.name] = old[spelled[f.name]]

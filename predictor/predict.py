@@ -36,8 +36,8 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
     """
     import mxnet as mx
 
+    from trainer import model
     from trainer.config import read_run_record
-    from trainer.model import resnet18
     from trainer.rundir import find_model_params
 
     model_dir = Path(model_dir)
@@ -47,12 +47,12 @@ def load_model(model_dir: str | Path, ctx, precision: str = "float32", calib_ima
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: not a usable trainer run dir: {e}") from e
     classes, width, crop = record.classes, record.train.width, record.train.eval_crop
-    mult = record.train.stage_mult
-    net = resnet18(len(classes), width=width, stage_mult=mult)
+    net = model.from_config(record.train, len(classes))
     try:
         net.load_parameters(str(params), ctx=ctx)
     except (mx.MXNetError, AssertionError, ValueError) as e:
-        raise InputError(f"{params}: cannot load into resnet18(width={width}, stage_mult={mult}, classes={len(classes)}): {e}") from e
+        raise InputError(f"{params}: cannot load into ResNet-18 ({model.describe(record.train)}, "
+                         f"{len(classes)} classes): {e}") from e
     if precision == "int8":
         net = quantize_int8(net, calib_images, ctx, crop)
     # not static_alloc: it keeps every intermediate buffer (2.6 GB at width 64, batch 512)
@@ -159,15 +159,12 @@ class SubmissionSummary:
 def open_test_split(prepared: Path, precision: str):
     """(test split, manifest classes, int8 calibration images or None) from the prepared dir."""
     import data_prep
-    from contracts.errors import InputError
+    from trainer.onnx_int8 import calibration_images
 
     try:
         manifest = data_prep.read_manifest(prepared)
         split = data_prep.open_split(prepared, "test", manifest)
-        calib = None
-        if precision == "int8":
-            train = data_prep.open_split(prepared, "train", manifest)
-            calib = np.asarray(train.images[: min(512, len(train.images))])
+        calib = calibration_images(prepared, manifest) if precision == "int8" else None
     except (InputError, OSError, ValueError, KeyError) as e:
         raise InputError(f"{prepared}: cannot open the prepared test split: {e}") from e
     return split, list(manifest["classes"]), calib

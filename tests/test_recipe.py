@@ -13,7 +13,7 @@ from trainer.config import TrainConfig
 
 RECIPE_KEYS = {"augment": "d2l", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
                "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
-               "low_res_epochs": 0, "stage_mult": "1,2,4,8"}
+               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1}
 
 
 def _images(n: int = 48, seed: int = 0) -> np.ndarray:
@@ -208,7 +208,8 @@ def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path)
 
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
         "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
-        "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1", "--stage-mult", "1,2,4,16"]
+        "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1", "--stage-mult", "1,2,4,16",
+        "--stem-stride", "2"]
 
 
 def _train(prepared: Path, out: Path, *extra: str):
@@ -241,7 +242,7 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     import data_prep
 
     valid = data_prep.open_split(prepared, "valid", data_prep.read_manifest(prepared))
-    net = load_model(whole, mx.cpu())[0]  # predict's loader rebuilds the recorded stage_mult 1,2,4,16
+    net = load_model(whole, mx.cpu())[0]  # predict's loader rebuilds the recorded stage_mult 1,2,4,16, stem_stride 2
     # ... in the flip view (train.tta), with the plain view's accuracy beside it
     row = rundir.read_metrics(whole)[-1]
     flip, plain = (evaluate(net, valid.images, valid.labels, mx.cpu(), 64, tta=t)["acc"] for t in ("flip", "none"))
@@ -254,11 +255,22 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     again = _final(part)
     for k, v in final.items():
         np.testing.assert_allclose(again[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # parameters of the same shapes under another stem stride are another model: refused, exit 2
+    proc = _train(prepared, part, "--epochs", "3", "--resume", "--stem-stride", "1")
+    assert proc.returncode == 2 and "stem_stride 1: its model has width 4, stage_mult 1,2,4,16, stem_stride 2" \
+        in proc.stderr, proc.stderr[-2000:]
     # checkpoints without their average cannot continue one: exit 2 naming the files
     for ema_file in (part / "checkpoints").glob("*.ema"):
         ema_file.unlink()
     proc = _train(prepared, part, "--epochs", "3", "--resume")
     assert proc.returncode == 2 and "epoch-0002.ema" in proc.stderr
+
+
+def test_a_model_key_at_its_default_leaves_older_workdirs_stage_keys_alone():
+    from contracts.schema import alias_spelled
+
+    assert "stem_stride" not in alias_spelled(TrainConfig())  # markers written before the key existed still match
+    assert alias_spelled(TrainConfig(stem_stride=2))["stem_stride"] == 2
 
 
 def test_recipe_flags_parse_and_the_d2l_pipeline_spelled_seed_refuses_padcrop(prepared, tmp_path):
@@ -287,6 +299,10 @@ def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prep
         net(mx.nd.zeros((2, 3, 32, 32)))
     assert channels(d2l) == [4, 8, 16, 32] and channels(wide) == [4, 8, 16, 64]
     assert [p.shape for p in d2l[0].collect_params().values()] == [p.shape for p in wide[0].collect_params().values()]
+    strided = resnet18(10, 4, stem_stride=2)
+    strided.initialize()
+    assert strided[:3](mx.nd.zeros((2, 3, 32, 32))).shape == (2, 4, 16, 16)
+    assert strided(mx.nd.zeros((2, 3, 32, 32))).shape == (2, 10)
     for bad in ("2,2,4,8", "1,2,4", "1,2,x,8", "1,2,4,0"):
         proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--stage-mult", bad])
         assert proc.returncode == 2 and "stage_mult" in proc.stderr and not (tmp_path / "r").exists(), bad

@@ -43,6 +43,9 @@ class TrainConfig:
         "help": "channels of the four stages as multiples of width: d2l's 1,2,4,8; e.g. 1,2,4,16 doubles the last "
                 "stage (depth, stem and blocks unchanged; the first stays 1, its identity shortcuts take the stem's channels)",
         "pattern": r"1(,[1-9][0-9]?){3}", "pattern_help": "four comma-separated multiples of width, the first 1 (e.g. 1,2,4,8)"})
+    stem_stride: int = field(default=1, metadata={
+        "help": "stride of the stem conv: d2l's 1 keeps the stages at 32, 16, 8, 4 pixels; 2 runs them at 16, 8, 4, 2",
+        "choices": (1, 2), "added_later": True})
     epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "per-rank batch size; the global batch is this times the world size", "min": 1})
     lr: float = field(default=0.1, metadata={"help": "base learning rate", "min": 0.0})

@@ -31,13 +31,21 @@ def stage_widths(width: int, stage_mult: str = D2L_STAGE_MULT) -> tuple[int, ...
     return tuple(width * int(m) for m in stage_mult.split(","))
 
 
-def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE_MULT) -> nn.HybridSequential:
-    """ResNet-18 as in d2l: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8) (or x stage_mult)."""
+ARCH_KEYS = ("width", "stage_mult", "stem_stride")  # the TrainConfig keys that shape the model's parameters
+
+
+def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE_MULT,
+             stem_stride: int = 1) -> nn.HybridSequential:
+    """ResNet-18 as in d2l: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8) (or x stage_mult).
+
+    stem_stride 2 halves the resolution in the stem, so the stages run at 16, 8, 4 and 2 pixels: the same
+    layers at a quarter of the arithmetic per channel, which wider stages can spend where maps are small.
+    """
     widths = stage_widths(width, stage_mult)
     if len(widths) != 4 or widths[0] != width:
         raise ValueError(f"stage_mult {stage_mult!r}: four multiples of width, the first 1")
     net = nn.HybridSequential()
-    net.add(nn.Conv2D(width, kernel_size=3, strides=1, padding=1), nn.BatchNorm(), nn.Activation("relu"))
+    net.add(nn.Conv2D(width, kernel_size=3, strides=stem_stride, padding=1), nn.BatchNorm(), nn.Activation("relu"))
 
     def stage(num_channels: int, first: bool) -> nn.HybridSequential:
         blk = nn.HybridSequential()
@@ -48,3 +56,13 @@ def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE
     net.add(*(stage(w, i == 0) for i, w in enumerate(widths)))
     net.add(nn.GlobalAvgPool2D(), nn.Dense(num_classes))
     return net
+
+
+def from_config(cfg, num_classes: int) -> nn.HybridSequential:
+    """The (uninitialised) ResNet-18 a TrainConfig describes (its ARCH_KEYS)."""
+    return resnet18(num_classes, **{k: getattr(cfg, k) for k in ARCH_KEYS})
+
+
+def describe(cfg) -> str:
+    """The model's shape in the words of its keys, for error messages."""
+    return ", ".join(f"{k} {getattr(cfg, k)}" for k in ARCH_KEYS)

@@ -214,13 +214,13 @@ def broadcast_scalar(world: World, value: float, name: str) -> float:
 
 
 def build_net(cfg: TrainConfig, n_classes: int, ctx):
-    """ResNet-18 at cfg.width and cfg.stage_mult, initialised from cfg.seed and hybridized, shapes materialised."""
+    """ResNet-18 as cfg's model keys shape it, initialised from cfg.seed and hybridized, shapes materialised."""
     import mxnet as mx
 
-    from trainer.model import resnet18
+    from trainer.model import from_config
 
     mx.random.seed(cfg.seed)
-    net = resnet18(n_classes, cfg.width, cfg.stage_mult)
+    net = from_config(cfg, n_classes)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     net.hybridize(static_alloc=True)
     net(mx.nd.zeros((1, 3, 32, 32), ctx=ctx))  # materialise deferred shapes before broadcasting
@@ -304,10 +304,11 @@ def training_changes(out: Path, ck: rundir.Checkpoint, cfg: TrainConfig, size: i
     old_size = ck.record.get("world_size")
     if type(old_size) is not int or old_size < 1:
         raise InputError(f"{source}: key 'world_size' must be a positive integer, got {old_size!r}")
-    if (old.width, old.stage_mult) != (cfg.width, cfg.stage_mult):
-        raise InputError(f"{ck.path('.params')}: cannot resume from it with width {cfg.width}, stage_mult "
-                         f"{cfg.stage_mult}: its model has width {old.width}, stage_mult {old.stage_mult} "
-                         "(no resume changes the model's shape)")
+    from trainer.model import describe as shape
+
+    if shape(old) != shape(cfg):
+        raise InputError(f"{ck.path('.params')}: cannot resume from it with {shape(cfg)}: its model has "
+                         f"{shape(old)} (no resume changes the model's shape)")
     if cfg.epochs < ck.epoch:
         raise InputError(f"{out}: key 'epochs' {cfg.epochs} is fewer than the {ck.epoch} epochs its checkpoint "
                          f"{ck.stem.name} has done")
@@ -336,10 +337,12 @@ def load_checkpoint_params(net, stem: Path, cfg: TrainConfig, ctx) -> None:
     """The checkpoint's parameters into net, or a InputError naming the file."""
     import mxnet as mx
 
+    from trainer.model import describe as shape
+
     try:
         net.load_parameters(str(stem.with_suffix(".params")), ctx=ctx)
     except (OSError, mx.base.MXNetError, AssertionError) as e:
-        raise InputError(f"{stem}.params: cannot resume from it with width {cfg.width}, stage_mult {cfg.stage_mult}: {e}") from e
+        raise InputError(f"{stem}.params: cannot resume from it with {shape(cfg)}: {e}") from e
 
 
 def read_average(net, cfg: TrainConfig, ck: rundir.Checkpoint):
