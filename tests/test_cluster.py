@@ -374,7 +374,8 @@ def stutter(host: str, done: Callable[[], bool], stopped: float = 2.0, running: 
         time.sleep(running)
 
 
-@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+# the watchdog's clock is the same under both controllers; Gloo (the CPU default) carries the false-alarm check
+@pytest.mark.parametrize("controller", ["gloo"])
 def test_a_slow_healthy_rank_is_not_taken_for_lost(cluster, prepared_shared, controller, tmp_path):
     """node-b's rank stopped 2 s of every 2.5 s through a one-epoch tune stage (its steps, evaluation and
     checkpoint): it runs at a fifth of its speed and node-a's rank waits seconds at each collective, yet the
@@ -500,7 +501,10 @@ def test_killed_worker_host_the_job_continues_on_the_hosts_left(cluster, prepare
     assert "node-b does not answer ssh" in restart["reason"]
 
 
-@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+# freezing is detected under both controllers (test_frozen_worker_host_ends_the_job_naming_it) and the relaunch
+# after a loss runs under both (test_killed_worker_host_...); Open MPI, whose mpirun waits on a frozen orted
+# forever without the supervisor, carries the freeze-then-continue case
+@pytest.mark.parametrize("controller", ["mpi"])
 def test_frozen_worker_host_is_detected_and_the_job_continues_without_it(cluster, prepared_shared, controller,
                                                                           tmp_path):
     """Every process of node-b stopped mid-epoch: node-a's watchdog names rank 1 on node-b within 20 s, node-b
@@ -512,7 +516,8 @@ def test_frozen_worker_host_is_detected_and_the_job_continues_without_it(cluster
     assert re.match(r"rank \d on node-b lost \(no heartbeat for", restart["reason"]), restart
 
 
-@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+# the restart budget is the launcher's, the same for both controllers
+@pytest.mark.parametrize("controller", ["gloo"])
 def test_a_host_lost_after_the_restarts_are_spent_ends_the_job_naming_it(cluster, prepared_shared, controller,
                                                                          tmp_path):
     """--max-restarts 1: node-b killed, the job continues on node-a and node-c; node-a killed once it trains
