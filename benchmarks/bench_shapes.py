@@ -39,6 +39,7 @@ def forward_macs(net, mx) -> int:
     import numpy as np
     from mxnet.gluon import nn
 
+    net.initialize()
     net(mx.nd.zeros((1, 3, 32, 32)))  # materialise the deferred shapes
     internals = net(mx.sym.var("data")).get_internals()
     _, shapes, _ = internals.infer_shape(data=(1, 3, 32, 32))
@@ -58,45 +59,20 @@ def forward_macs(net, mx) -> int:
 
 
 def measure(width: int, mult: str, stride: int, batch: int, steps: int) -> dict:
-    """One shape in this process: MACs and a training step's images/s."""
-    import time
-
+    """One shape in this process: MACs, and a training step's images/s as bench_train measures the model alone."""
     import mxnet as mx
-    import numpy as np
-    from mxnet import autograd, gluon
 
+    from benchmarks.bench_train import model_alone
     from trainer.model import resnet18
 
-    net = resnet18(10, width, mult, stride)
-    net.initialize(mx.init.Xavier())
-    macs = forward_macs(net, mx)
-    net.hybridize(static_alloc=True)
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9, "wd": 5e-4})
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    x = mx.nd.array(np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32))
-    y = mx.nd.array(np.arange(batch) % 10, dtype="float32")
-
-    def step():
-        with autograd.record():
-            loss = loss_fn(net(x), y)
-        loss.backward()
-        trainer.step(batch)
-        return loss
-
-    for _ in range(2):
-        step().wait_to_read()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.wait_to_read()
-    mx.nd.waitall()
-    ips = steps * batch / (time.perf_counter() - start)
+    macs = forward_macs(resnet18(10, width, mult, stride), mx)
+    ips = model_alone(width, batch, steps, "none", mult, stride)
     return {"macs": macs, "ips": ips, "gflops": ips * 6 * macs / 1e9}
 
 
 def child(args) -> dict:
     """measure() in a fresh process with args.threads OMP threads (threads are fixed at mxnet's import)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MXNET_USE_OPERATOR_TUNING="0")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench_shapes import measure; "
             "print(json.dumps(measure(*json.loads(sys.argv[1]))))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args.job)], capture_output=True, text=True,
