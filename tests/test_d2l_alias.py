@@ -40,7 +40,9 @@ def test_stage_keys_hash_the_spelling_they_were_first_recorded_with():
 
     train = load_run_config(ROOT / "configs" / "seed.yaml").train
     assert (train.augment, train.pipeline) == ("d2l", "d2l")
-    assert alias_spelled(train) == {**dataclasses.asdict(train), "augment": "seed", "pipeline": "seed"}
+    expected = {**dataclasses.asdict(train), "augment": "seed", "pipeline": "seed"}
+    del expected["stem_stride"]  # newer than the first markers: left out at its default, as if it did not exist
+    assert alias_spelled(train) == expected
 
 
 def _respell(record: Path, value: str) -> None:

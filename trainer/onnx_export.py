@@ -275,7 +275,8 @@ def _main(argv: list[str] | None) -> int:
     if args.precision == "int8" and args.prepared is None:
         raise ExportError("--precision int8 needs --prepared (its training images calibrate the quantization)")
     out = export(args.model, args.onnx, args.precision, args.prepared)
-    print(f"export: wrote {out} ({args.precision}, opset {OPSET}; input '{INPUT_NAME}' uint8 N x 32 x 32 x 3, output '{OUTPUT_NAME}')",
+    kind = "int8, " if args.precision == "int8" else ""
+    print(f"export: wrote {out} ({kind}opset {OPSET}; input '{INPUT_NAME}' uint8 N x 32 x 32 x 3, output '{OUTPUT_NAME}')",
           flush=True)
     return 0
 
