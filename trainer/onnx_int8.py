@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.errors import InputError
+from contracts.files import read_bounded
 from trainer import onnx_export
 from trainer.onnx_export import INPUT_NAME, ONNX_MODEL
 
@@ -41,10 +42,11 @@ def calibration_images(prepared: Path, manifest: dict) -> np.ndarray:
 
 
 def read_model(path: Path) -> bytes:
-    """path's bytes, once it is a regular file of a plausible size."""
-    if not path.is_file() or path.stat().st_size > MAX_MODEL_BYTES:
-        raise InputError(f"{path}: not a regular file under {MAX_MODEL_BYTES >> 20} MiB")
-    return path.read_bytes()
+    """path's bytes, once it is a regular file of a plausible size (contracts.files.read_bounded)."""
+    try:
+        return read_bounded(path, MAX_MODEL_BYTES, "ONNX model")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it: {e.strerror}") from None
 
 
 def float_model(model_dir: Path) -> tuple[bytes, str]:
