@@ -13,7 +13,7 @@ from trainer.config import TrainConfig
 
 RECIPE_KEYS = {"augment": "d2l", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
                "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
-               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1}
+               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1, "stem_init": "xavier", "flip": "random"}
 
 
 def _images(n: int = 48, seed: int = 0) -> np.ndarray:
@@ -209,7 +209,7 @@ def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path)
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
         "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
         "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1", "--stage-mult", "1,2,4,16",
-        "--stem-stride", "2"]
+        "--stem-stride", "2", "--stem-init", "whiten", "--flip", "alternate"]
 
 
 def _train(prepared: Path, out: Path, *extra: str):
@@ -255,6 +255,10 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     again = _final(part)
     for k, v in final.items():
         np.testing.assert_allclose(again[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # the whitened stem is not trained: the same filters after the first epoch and in the final model
+    first = {k: v.asnumpy() for k, v in mx.nd.load(str(whole / "checkpoints" / "epoch-0001.params")).items()}
+    stem = next(k for k in first if k.endswith("weight"))
+    np.testing.assert_allclose(final[stem], first[stem], rtol=1e-6, atol=1e-7)
     # parameters of the same shapes under another stem stride are another model: refused, exit 2
     proc = _train(prepared, part, "--epochs", "3", "--resume", "--stem-stride", "1")
     assert proc.returncode == 2 and "stem_stride 1: its model has width 4, stage_mult 1,2,4,16, stem_stride 2" \
@@ -340,3 +344,44 @@ def test_progressive_resizing_trains_the_first_epochs_small(prepared):
     for bad in (dataclasses.replace(cfg, low_res_epochs=0), dataclasses.replace(cfg, low_res=0)):
         with pytest.raises(Exception, match="low_res"):
             check_recipe(bad)
+
+
+def test_alternating_flip_shows_each_image_mirrored_in_exactly_one_of_two_epochs():
+    imgs, rows = _images(64), np.arange(64)[::-1].copy()
+    views = []
+    for epoch in range(3):
+        flips = presets.alternating_flips(len(imgs), seed=3, epoch=epoch)
+        transform = presets.train_transform("padcrop", 2, "zero", flips=flips)
+        views.append(transform(imgs[rows], np.random.default_rng(9), rows=rows))  # same translations each time
+    plain = presets.padcrop(imgs[rows], np.random.default_rng(9), 2, "zero")
+    mirrored = [bool(np.array_equal(views[0][i], plain[i][:, :, ::-1])) and not np.array_equal(plain[i], plain[i][:, :, ::-1])
+                for i in range(len(rows))]
+    assert 0.3 < np.mean(mirrored) < 0.7  # a random half in the first epoch ...
+    np.testing.assert_array_equal(views[1], views[0][:, :, :, ::-1])  # ... every image the other way in the next
+    np.testing.assert_array_equal(views[2], views[0])
+    with pytest.raises(ValueError, match="padcrop only"):
+        presets.train_transform("d2l", flips=flips)
+
+
+def test_alternating_flip_without_padcrop_is_refused_by_key(prepared, tmp_path):
+    proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--flip", "alternate"])
+    assert proc.returncode == 2 and "key 'flip'" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_whitened_stem_filters_decorrelate_the_training_patches(prepared):
+    import mxnet as mx
+
+    import data_prep
+    from trainer.config import TrainConfig
+    from trainer.train import build_net
+
+    train = data_prep.open_split(prepared, "train", data_prep.read_manifest(prepared))
+    net = build_net(TrainConfig(width=8, stem_init="whiten"), 10, mx.cpu(), train.images)
+    assert net[0].weight.grad_req == "null" and net[1].gamma.grad_req == "write"  # the stem alone is frozen
+    out = net[0](mx.nd.array(presets.normalize(np.asarray(train.images)))).asnumpy()[:, :, 1:-1, 1:-1]
+    directions = out[:, :4].transpose(0, 2, 3, 1).reshape(-1, 4).astype(np.float64)
+    second_moment = directions.T @ directions / len(directions)  # interior patches, as they were estimated on
+    np.testing.assert_allclose(second_moment, np.eye(4), atol=0.02)
+    np.testing.assert_array_equal(out[:, 4:], -out[:, :4])  # each direction with its negation
+    xavier = build_net(TrainConfig(width=8), 10, mx.cpu(), train.images)
+    assert xavier[0].weight.grad_req == "write"

@@ -46,6 +46,11 @@ class TrainConfig:
     stem_stride: int = field(default=1, metadata={
         "help": "stride of the stem conv: d2l's 1 keeps the stages at 32, 16, 8, 4 pixels; 2 runs them at 16, 8, 4, 2",
         "choices": (1, 2), "added_later": True})
+    stem_init: str = field(default="xavier", metadata={
+        "help": "the stem conv's filters: d2l's Xavier init, trained; or whiten = the training images' 3x3 patch-"
+                "whitening directions (the top width/2 eigenvectors of the patch covariance over 1/sqrt(eigenvalue), "
+                "each with its negation), frozen (airbench's first layer)",
+        "choices": ("xavier", "whiten"), "added_later": True})
     epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "per-rank batch size; the global batch is this times the world size", "min": 1})
     lr: float = field(default=0.1, metadata={"help": "base learning rate", "min": 0.0})
@@ -67,6 +72,10 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
     # recipe ingredients for short schedules; each default is d2l's behaviour
     augment: str = field(default="d2l", metadata={"help": "training augmentation: d2l's resized crop + flip, or padcrop = translate by up to `pad` pixels (pad, random 32x32 crop) + flip", "choices": ("d2l", "padcrop"), "aliases": D2L_ALIAS})
+    flip: str = field(default="random", metadata={
+        "help": "padcrop's mirroring: each image mirrored with probability 1/2 every epoch, or alternate = a random "
+                "half in the first epoch, then each image the other way from its previous epoch (airbench)",
+        "choices": ("random", "alternate"), "added_later": True})
     pad: int = field(default=4, metadata={"help": "padcrop: pixels of padding per side", "choices": tuple(range(1, 17))})
     pad_mode: str = field(default="reflect", metadata={"help": "padcrop: padding by reflection, or with black (zero) pixels", "choices": ("reflect", "zero")})
     cutout: int = field(default=0, metadata={"help": "cutout: zero a random SxS square inside each training image (0 = off)", "choices": tuple(range(0, 33))})

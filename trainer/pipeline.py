@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from trainer.presets import augment, d2l_transform
+from trainer.presets import d2l_transform, train_transform
 
 
 def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
@@ -53,20 +53,23 @@ def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
 
 
 def batched_stream(images: np.ndarray, labels: np.ndarray, shard: np.ndarray, rng: np.random.Generator,
-                   depth: int = 3, transform=augment) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   depth: int = 3, transform=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Augmented batches for the (steps, batch) index array `shard`, prepared in a background thread.
 
-    transform(images, rng, out) is the training transform (presets.augment, d2l's, by default).
+    transform(images, rng, out, rows) is the training transform (presets.train_transform(), d2l's, by
+    default); rows are the batch's indices into images.
 
     The x arrays come from a ring of depth + 3 buffers (see augment._scratch for why): a batch
     stays valid until the consumer has asked for the next one; copy it before then.
     """
+    transform = transform or train_transform()
     ring = [np.empty((shard.shape[1], 3, 32, 32), dtype=np.float32) for _ in range(depth + 3)]
 
     def produce() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for step, rows in enumerate(shard):
             order = np.sort(rows)  # sorted reads are kinder to a memmap; the batch's order is irrelevant
-            yield transform(images[order], rng, out=ring[step % len(ring)]), labels[order].astype(np.float32)
+            yield (transform(images[order], rng, out=ring[step % len(ring)], rows=order),
+                   labels[order].astype(np.float32))
 
     return prefetch(produce(), depth)
 

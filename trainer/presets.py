@@ -132,10 +132,20 @@ def apply_shifts(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.nd
 
 
 def padcrop(images: np.ndarray, rng: np.random.Generator, pad: int = 4, mode: str = "reflect",
-            out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): random translation by up to pad pixels, flip, normalize."""
-    dy, dx, flip = draw_shifts(rng, len(images), pad)
-    return apply_shifts(images, dy, dx, flip, pad, mode, out)
+            out: np.ndarray | None = None, flip: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) -> float32 (N, 3, 32, 32): random translation by up to pad pixels, flip, normalize.
+    flip, if given, decides each image's mirroring instead of the random draw (which is still made, so the
+    translations are the same either way)."""
+    dy, dx, drawn = draw_shifts(rng, len(images), pad)
+    return apply_shifts(images, dy, dx, drawn if flip is None else flip, pad, mode, out)
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Which of n training images are mirrored in this epoch: a random half (fixed by seed) in even epochs,
+    the other half in odd ones, so every image is seen both ways in any two consecutive epochs (airbench's
+    derandomised flip: random flips show some images the same way several epochs running)."""
+    first = np.random.default_rng([seed, 2]).random(n) < 0.5
+    return first ^ bool(epoch % 2)
 
 
 def draw_cutout(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,11 +186,20 @@ def downscale(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def train_transform(augment_name: str = "d2l", pad: int = 4, pad_mode: str = "reflect", cutout: int = 0,
-                    size: int = SIZE):
-    """transform(images, rng, out) for training: d2l's augment (the default), or padcrop; then cutout if on;
-    then, for size < 32 (progressive resizing), the batch downscaled to size x size (a new array, not out)."""
-    def transform(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
-        x = padcrop(images, rng, pad, pad_mode, out) if augment_name == "padcrop" else augment(images, rng, out)
+                    size: int = SIZE, flips: np.ndarray | None = None):
+    """transform(images, rng, out, rows) for training: d2l's augment (the default), or padcrop; then cutout if
+    on; then, for size < 32 (progressive resizing), the batch downscaled to size x size (a new array, not out).
+    flips (padcrop only): per training image, whether it is mirrored (alternating_flips); rows are the
+    images' indices into the training split."""
+    if flips is not None and augment_name != "padcrop":
+        raise ValueError("flips apply to padcrop only")
+
+    def transform(images: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+        if augment_name == "padcrop":
+            x = padcrop(images, rng, pad, pad_mode, out, None if flips is None else flips[rows])
+        else:
+            x = augment(images, rng, out)
         if cutout:
             apply_cutout(x, *draw_cutout(rng, len(x), cutout), cutout)
         return downscale(x, size)

@@ -6,6 +6,8 @@
   the capacity weight decay is meant to limit). The key is positive because a bool key named no_* would
   get the flag --no-..., which argparse's BooleanOptionalAction reads as false.
 - optimizer: d2l's SGD with momentum, or Nesterov momentum (NesterovSGD).
+- stem_init whiten: the stem's filters whiten the images' 3x3 patches and stay frozen (airbench's first
+  layer): from the first step every later layer sees decorrelated, unit-variance inputs.
 The augmentation keys live in trainer.presets, the weight average in trainer.ema.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ def check_recipe(cfg: TrainConfig) -> None:
                          "use pipeline: batched with augment/cutout")
     if cfg.pipeline == "d2l" and cfg.low_res and cfg.low_res_epochs:
         raise InputError("key 'low_res': d2l's per-image pipeline does not resize; use pipeline: batched")
+    if cfg.flip == "alternate" and cfg.augment != "padcrop":
+        raise InputError("key 'flip': alternate mirrors padcrop's crops; set augment: padcrop or flip: random")
     if bool(cfg.low_res) != bool(cfg.low_res_epochs):
         raise InputError(f"keys 'low_res' ({cfg.low_res}) and 'low_res_epochs' ({cfg.low_res_epochs}): "
                          "set both (progressive resizing) or neither")
@@ -50,6 +54,54 @@ def zero_init_residual(net) -> int:
         res.bn2.gamma.data()[:] = 0
         count += 1
     return count
+
+
+WHITEN_IMAGES = 2000  # the first training images the patch covariance is estimated on (~1.8M patches)
+WHITEN_EPS = 5e-4  # added to each eigenvalue: the faintest directions are not amplified without bound
+
+
+def patch_whitening(images, n_dirs: int, kernel: int = 3):
+    """(2 n_dirs, 3, kernel, kernel) float32 filters: the top n_dirs eigenvectors of the covariance of the
+    normalized images' kernel x kernel patches, each divided by sqrt(its eigenvalue + WHITEN_EPS), then the same
+    filters negated (a ReLU after them keeps both signs of every direction)."""
+    import numpy as np
+
+    from trainer.presets import normalize
+
+    cov = np.zeros((3 * kernel * kernel,) * 2)
+    count = 0
+    for start in range(0, len(images), 250):
+        x = normalize(np.asarray(images[start:start + 250]))
+        patches = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(2, 3))
+        flat = patches.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 3 * kernel * kernel).astype(np.float64)
+        cov += flat.T @ flat
+        count += len(flat)
+    evals, evecs = np.linalg.eigh(cov / max(count, 1))
+    top = np.argsort(evals)[::-1][:n_dirs]
+    filters = (evecs[:, top] / np.sqrt(evals[top] + WHITEN_EPS)).T.reshape(n_dirs, 3, kernel, kernel)
+    return np.concatenate([filters, -filters]).astype(np.float32)
+
+
+def freeze_stem(net) -> None:
+    """The stem conv (net[0]) is not trained: call before the first forward pass, so no gradient is bound for it."""
+    for p in (net[0].weight, net[0].bias):
+        if p is not None:
+            p.grad_req = "null"
+
+
+def whiten_stem(net, images) -> int:
+    """Overwrite the first filters of the (initialised) stem conv with patch_whitening of images: width // 2
+    directions and their negations, at most all 27 of a 3x3 RGB patch; any filters left keep their random
+    init. Returns the number of whitened filters."""
+    import mxnet as mx
+
+    stem = net[0]
+    width, _, kernel, _ = stem.weight.shape
+    filters = patch_whitening(images, min(width // 2, 3 * kernel * kernel), kernel)
+    stem.weight.data()[: len(filters)] = mx.nd.array(filters, ctx=stem.weight.data().context)
+    if stem.bias is not None:
+        stem.bias.data()[:] = 0
+    return len(filters)
 
 
 def no_decay_params(net) -> list:

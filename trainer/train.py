@@ -29,7 +29,7 @@ from trainer.ema import EMA_SUFFIX, WeightAverage, averaged, checkpoint_files
 from trainer.export import write_final_model
 from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
-from trainer.recipe import check_recipe, optimizer_spec, prepare_net, train_size
+from trainer.recipe import WHITEN_IMAGES, check_recipe, freeze_stem, optimizer_spec, prepare_net, train_size, whiten_stem
 from trainer.schedule import base_lr, lr_at
 from trainer.sharding import steps_per_epoch, train_shard
 
@@ -213,18 +213,24 @@ def broadcast_scalar(world: World, value: float, name: str) -> float:
     return float(world.hvd.broadcast(mx.nd.array([value]), root_rank=0, name=name).asscalar())
 
 
-def build_net(cfg: TrainConfig, n_classes: int, ctx):
-    """ResNet-18 as cfg's model keys shape it, initialised from cfg.seed and hybridized, shapes materialised."""
+def build_net(cfg: TrainConfig, n_classes: int, ctx, stem_images=None):
+    """ResNet-18 as cfg's model keys shape it, initialised from cfg.seed and hybridized, shapes materialised.
+    With stem_init whiten the stem is frozen, and whitened from stem_images where given (rank 0: the other
+    ranks receive its parameters)."""
     import mxnet as mx
 
     from trainer.model import from_config
 
     mx.random.seed(cfg.seed)
     net = from_config(cfg, n_classes)
+    if cfg.stem_init == "whiten":
+        freeze_stem(net)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     net.hybridize(static_alloc=True)
     net(mx.nd.zeros((1, 3, 32, 32), ctx=ctx))  # materialise deferred shapes before broadcasting
     prepare_net(net, cfg)
+    if cfg.stem_init == "whiten" and stem_images is not None:
+        whiten_stem(net, stem_images)
     return net
 
 
@@ -402,13 +408,15 @@ def init_amp(mode: str):
 
 
 def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: bool, world: World,
-          allow_changes: bool = False) -> Model:
-    """Model (identical on every rank), optimizer, objective and the resume point."""
+          allow_changes: bool = False, train_images=None) -> Model:
+    """Model (identical on every rank), optimizer, objective and the resume point. train_images: the
+    training split, which a whitened stem is computed from (on rank 0)."""
     from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place, compressor
     from trainer.precision import resume_loss_scale
 
     amp = init_amp(cfg.amp)
-    net = build_net(cfg, len(classes), world.ctx)
+    stem_images = train_images[:WHITEN_IMAGES] if world.rank == 0 and train_images is not None else None
+    net = build_net(cfg, len(classes), world.ctx, stem_images)
     params = net.collect_params()
     lr = base_lr(cfg, world.size)
     trainer = DenseGradTrainer(params, *optimizer_spec(cfg, lr), compression=compressor(cfg.compression))
@@ -484,7 +492,7 @@ def train_step(model: Model, X, Y, batch_size: int):
 def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
     """This rank's stream of (x, y) for the epoch, from the configured pipeline."""
     from trainer.pipeline import batched_stream, d2l_stream
-    from trainer.presets import train_transform
+    from trainer.presets import alternating_flips, train_transform
 
     shard = train_shard(len(split.images), cfg.batch_size, rank, size, cfg.seed, epoch)
     if cfg.pipeline == "d2l":
@@ -497,7 +505,8 @@ def epoch_batches(split, cfg: TrainConfig, epoch: int, rank: int, size: int):
         mx.random.seed(cfg.seed * 1000003 + epoch * 101 + rank)
         return d2l_stream(split.images, split.labels, shard)
     rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
-    transform = train_transform(cfg.augment, cfg.pad, cfg.pad_mode, cfg.cutout, train_size(cfg, epoch))
+    flips = alternating_flips(len(split.images), cfg.seed, epoch) if cfg.flip == "alternate" else None
+    transform = train_transform(cfg.augment, cfg.pad, cfg.pad_mode, cfg.cutout, train_size(cfg, epoch), flips)
     return batched_stream(split.images, split.labels, shard, rng, transform=transform)
 
 
@@ -662,7 +671,7 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     if world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         rundir.start(out)
-    model = build(cfg, data.classes, out, phase, resume, world, allow_changes)
+    model = build(cfg, data.classes, out, phase, resume, world, allow_changes, data.train.images)
     if world.rank == 0:
         write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads, model.changes)
     world.log(start_line(data, cfg, phase, model, world, threads))
