@@ -40,10 +40,12 @@ DEFAULT_RECIPES = ("seed-w16=configs/seed.yaml,train.width=16,train.pipeline=bat
 # the candidate's ingredients and the value that turns each one off (d2l's)
 # (flip TTA in validation, train.tta, needs no run of its own: each row's "plain" column is the same model
 # without it)
-INGREDIENTS = {"padcrop": ["train.augment=d2l"], "cutout": ["train.cutout=0"], "ema": ["train.ema=0"],
+INGREDIENTS = {"padcrop": ["train.augment=d2l", "train.flip=random"], "cutout": ["train.cutout=0"], "ema": ["train.ema=0"],
                "zero_init_residual": ["train.zero_init_residual=false"], "no_wd_bn_bias": ["train.wd_bn_bias=true"],
                "nesterov": ["train.nesterov=false"], "label_smoothing": ["train.label_smoothing=0"],
-               "low_res": ["train.low_res=0", "train.low_res_epochs=0"], "stage_mult": ["train.stage_mult=1,2,4,8"]}
+               "low_res": ["train.low_res=0", "train.low_res_epochs=0"], "stage_mult": ["train.stage_mult=1,2,4,8"],
+               "stem_stride": ["train.stem_stride=1"], "stem_init": ["train.stem_init=xavier"],
+               "flip": ["train.flip=random"]}
 
 
 @dataclass
