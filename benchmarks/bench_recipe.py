@@ -45,7 +45,7 @@ INGREDIENTS = {"padcrop": ["train.augment=d2l", "train.flip=random"], "cutout": 
                "nesterov": ["train.nesterov=false"], "label_smoothing": ["train.label_smoothing=0"],
                "low_res": ["train.low_res=0", "train.low_res_epochs=0"], "stage_mult": ["train.stage_mult=1,2,4,8"],
                "stem_stride": ["train.stem_stride=1"], "stem_init": ["train.stem_init=xavier"],
-               "flip": ["train.flip=random"]}
+               "flip": ["train.flip=random"], "bn_momentum": ["train.bn_momentum=0.9"]}
 
 
 @dataclass

@@ -13,7 +13,8 @@ from trainer.config import TrainConfig
 
 RECIPE_KEYS = {"augment": "d2l", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
                "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
-               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1, "stem_init": "xavier", "flip": "random"}
+               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1, "stem_init": "xavier", "flip": "random",
+               "bn_momentum": 0.9}
 
 
 def _images(n: int = 48, seed: int = 0) -> np.ndarray:
@@ -209,7 +210,8 @@ def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path)
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
         "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
         "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1", "--stage-mult", "1,2,4,16",
-        "--stem-stride", "2", "--stem-init", "whiten", "--flip", "alternate"]
+        "--stem-stride", "2", "--stem-init", "whiten", "--flip", "alternate",
+        "--bn-momentum", "0.5"]
 
 
 def _train(prepared: Path, out: Path, *extra: str):
@@ -385,3 +387,21 @@ def test_whitened_stem_filters_decorrelate_the_training_patches(prepared):
     np.testing.assert_array_equal(out[:, 4:], -out[:, :4])  # each direction with its negation
     xavier = build_net(TrainConfig(width=8), 10, mx.cpu(), train.images)
     assert xavier[0].weight.grad_req == "write"
+
+
+def test_bn_momentum_sets_how_far_one_training_batch_moves_every_running_statistic():
+    import mxnet as mx
+    from mxnet import autograd
+
+    from trainer.model import from_config
+
+    x = mx.nd.array(presets.normalize(_images(16)))
+    for momentum in (0.9, 0.4):
+        net = from_config(TrainConfig(width=4, bn_momentum=momentum), 10)
+        net.initialize(mx.init.Xavier())
+        net(x)  # shapes materialised; inference leaves the running statistics at 0 and 1
+        with autograd.record():
+            out = net(x)
+        out.backward()  # MXNet updates the running statistics with the backward pass
+        batch_mean = net[0](x).mean(axis=(0, 2, 3)).asnumpy()
+        np.testing.assert_allclose(net[1].running_mean.data().asnumpy(), (1 - momentum) * batch_mean, rtol=1e-4, atol=1e-6)

@@ -51,6 +51,10 @@ class TrainConfig:
                 "whitening directions (the top width/2 eigenvectors of the patch covariance over 1/sqrt(eigenvalue), "
                 "each with its negation), frozen (airbench's first layer)",
         "choices": ("xavier", "whiten"), "added_later": True})
+    bn_momentum: float = field(default=0.9, metadata={
+        "help": "BatchNorm running-statistics momentum, gluon's form (running = m running + (1 - m) batch): d2l's 0.9; "
+                "airbench's 0.6 in PyTorch's form is 0.4 here (statistics that follow the last steps of a short run)",
+        "min": 0.0, "max_excl": 1.0, "added_later": True})
     epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "per-rank batch size; the global batch is this times the world size", "min": 1})
     lr: float = field(default=0.1, metadata={"help": "base learning rate", "min": 0.0})
