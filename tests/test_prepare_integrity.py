@@ -190,7 +190,10 @@ def build_dirs(out: Path) -> list[Path]:
 def start_and_stop(src: Path, out: Path, signum: int) -> subprocess.Popen:
     """Start prepare, send SIGNUM once its build directory exists, and wait for it to end."""
     args = [str(BIN / "cifar10-hvd"), "prepare", "--data", str(src), "--out", str(out), "--workers", "1", "--classes", "a,b"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=tool_env(), cwd=ROOT)
+    # SIGINT as a terminal's foreground job has it: a test runner started in the background (`cmd &` in a
+    # script) passes SIGINT on ignored, and an ignored signal stays ignored across exec
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=tool_env(), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not build_dirs(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
