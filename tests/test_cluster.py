@@ -120,8 +120,15 @@ class Cluster:
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{crash_head(proc.stdout)}{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
+
+
+def crash_head(text: str) -> str:
+    """The first lines of a rank's crash report (Open MPI's 'Signal:' block, where the failing frames are), which
+    a long stack trace pushes out of the output's tail; empty when there is none."""
+    at = text.find("Signal:")
+    return f"--- crash report ---\n{text[max(0, at - 500):at + 3000]}\n--- output's tail ---\n" if at >= 0 else ""
 
 
 def crcs(output: str) -> list[str]:
