@@ -8,7 +8,7 @@ while the other ranks wait.
 Under Open MPI (mpirun, horovodrun --mpi, an MPIJob) the decisions travel over mpi4py's COMM_WORLD, so
 none needs Horovod or MXNet. Horovod initialised later in the same process (the in-process train and
 predict) finds MPI initialised and uses MPI_COMM_WORLD; mpi4py asks for MPI_THREAD_MULTIPLE, which
-Horovod's background thread needs. horovodrun --gloo starts no MPI: there Horovod's broadcast carries them.
+Horovod's background thread needs. horovodrun --gloo starts no MPI: there Horovod's allreduce carries them (trainer.collectives).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class MpiWorld:
 
 
 class HorovodWorld:
-    """A world without MPI to join (horovodrun --gloo): the decisions go through Horovod's broadcast."""
+    """A world without MPI to join (horovodrun --gloo): the decisions go through Horovod (trainer.collectives)."""
 
     def __init__(self, rank: int, size: int, threads: int):
         self.rank, self.size = rank, size
@@ -97,9 +97,11 @@ class HorovodWorld:
             self.hvd = init_horovod("run")
         import mxnet as mx
 
+        from trainer.collectives import broadcast_json
+
         self.shared += 1
-        obj = self.hvd.broadcast_object(obj, root_rank=0, name=f"run.{name}.{self.shared}")
-        mx.nd.waitall()  # rank 0's broadcast is asynchronous: it must not exit before the others received it
+        obj = broadcast_json(obj, 0, f"run.{name}.{self.shared}")
+        mx.nd.waitall()  # rank 0's collectives are asynchronous: it must not exit before the others received it
         return obj
 
     def on_rank0(self, stage: str, cmd: list[str]) -> int:

@@ -232,8 +232,10 @@ def write_on_rank0(hvd, pairs: np.ndarray, expected_ids: np.ndarray, out: Path, 
     if hvd.size() > 1:
         import mxnet as mx
 
+        from trainer.collectives import broadcast
+
         # rank 0's write outcome, so no rank reports success for a file that was not written
-        ok = hvd.broadcast(mx.nd.array([0 if failure else 1], dtype="int32"), root_rank=0, name="predict.ok")
+        ok = broadcast(mx.nd.array([0 if failure else 1], dtype="int32"), 0, "predict.ok")
         if int(ok.asnumpy()[0]) == 0 and not failure:
             failure = f"{out}: rank 0 failed to write the submission"
     if failure:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import horovod.mxnet as hvd
 import mxnet as mx
 
+from trainer.collectives import broadcast_
+
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
 
 
@@ -72,5 +74,5 @@ def average_in_place(arrays: dict[str, mx.nd.NDArray]) -> None:
 
 
 def broadcast_in_place(arrays: dict[str, mx.nd.NDArray], root_rank: int = 0) -> None:
-    """Overwrite each array with root_rank's values (hvd.broadcast_parameters, MKLDNN-safe)."""
-    _through_buffer(arrays, lambda buf, name: hvd.broadcast_(buf, root_rank=root_rank, name=name))
+    """Overwrite each array with root_rank's values (hvd.broadcast_parameters, MKLDNN-safe; see trainer.collectives)."""
+    _through_buffer(arrays, lambda buf, name: broadcast_(buf, root_rank, name))

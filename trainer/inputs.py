@@ -23,7 +23,9 @@ def verify_prepared(hvd, prepared: str | Path, hashes: bool) -> None:
     if hvd.size() > 1:
         import mxnet as mx
 
-        problem = hvd.broadcast_object(problem, root_rank=0, name="prepared.verify")
+        from trainer.collectives import broadcast_json
+
+        problem = broadcast_json(problem, 0, "prepared.verify")
         # wait until every rank has the verdict (collectives are asynchronous): a rank that leaves ends Horovod
         hvd.allreduce(mx.nd.zeros(1), name="prepared.verified").wait_to_read()
     if problem:

@@ -49,10 +49,12 @@ def resume_loss_scale(trainer, record: dict | None, hvd) -> None:
     """
     import mxnet as mx
 
+    from trainer.collectives import broadcast
+
     if getattr(trainer, "_amp_loss_scaler", None) is None:
         return
     state = (record or {}).get("amp_loss_scale") if hvd.rank() == 0 else None
     values = [state["loss_scale"], state["next_loss_scale"], state["unskipped"]] if state else [0.0, 0.0, 0.0]
-    values = hvd.broadcast(mx.nd.array(values, dtype="float64"), root_rank=0, name="amp_loss_scale").asnumpy()
+    values = broadcast(mx.nd.array(values, dtype="float64"), 0, "amp_loss_scale").asnumpy()
     if values[0] > 0:
         restore_loss_scale(trainer, {"loss_scale": values[0], "next_loss_scale": values[1], "unskipped": values[2]})

@@ -210,7 +210,9 @@ def broadcast_scalar(world: World, value: float, name: str) -> float:
     """Rank 0's value on every rank."""
     import mxnet as mx
 
-    return float(world.hvd.broadcast(mx.nd.array([value]), root_rank=0, name=name).asscalar())
+    from trainer.collectives import broadcast
+
+    return float(broadcast(mx.nd.array([value]), 0, name).asscalar())
 
 
 def build_net(cfg: TrainConfig, n_classes: int, ctx, stem_images=None):
