@@ -23,9 +23,13 @@ demo: setup
 	@[ -d $(DEMO_DIR)/kaggle ] || $(CLI) demo-data --out $(DEMO_DIR)/kaggle --train 5000 --test 1000 --seed 0
 	$(CLI) run --config configs/demo.yaml --data $(DEMO_DIR)/kaggle --workdir $(DEMO_DIR)/run --np $(NP)
 
+# Two pytest workers, a test file each at a time: most tests wait on ranks, sshd, timeouts or containers for
+# much of their time, so one worker leaves a core idle. A file stays on one worker, so the cluster tests
+# (one set of network namespaces) never meet themselves. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: setup image
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The CPU image, localhost/cifar10-hvd:cpu (podman, installed with apt when missing; a Debian 12 base
 # bootstrapped with mmdebstrap where no registry serves one). Seconds when nothing changed.

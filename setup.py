@@ -36,6 +36,7 @@ setup(
             *ONNX,
             "pytest>=7",
             "pytest-timeout>=2",
+            "pytest-xdist>=3.5,<4",  # make test's two workers
             "ruff>=0.4",
             "kubernetes-validate>=1.31",  # schemas from k8s/README.md's floor, Kubernetes 1.31
             "jsonschema>=4",  # MPIJobs against the MPI Operator's CRD schemas (tests/crds/)
