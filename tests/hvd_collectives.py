@@ -8,8 +8,7 @@ import horovod.mxnet as hvd
 import mxnet as mx
 import numpy as np
 
-from trainer.collectives import broadcast, broadcast_json
-from trainer.hvd_trainer import broadcast_in_place
+from trainer.collectives import broadcast, broadcast_in_place, broadcast_json
 
 hvd.init()
 rank, rounds = hvd.rank(), int(sys.argv[1])

@@ -12,7 +12,8 @@ hvd = init_horovod()
 import mxnet as mx  # noqa: E402
 from mxnet import gluon  # noqa: E402
 
-from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place  # noqa: E402
+from trainer.collectives import broadcast_in_place  # noqa: E402
+from trainer.hvd_trainer import DenseGradTrainer  # noqa: E402
 from trainer.train import Model, make_objective, train_step  # noqa: E402
 
 out, rows = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8

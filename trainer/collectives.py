@@ -1,4 +1,6 @@
-"""Rank 0's values on every rank, carried by Horovod's allreduce rather than its broadcast.
+"""The collectives outside the gradient step: rank 0's values on every rank, and averages in place.
+
+Rank 0's values are carried by Horovod's allreduce rather than its broadcast.
 
 Horovod 0.28.1's EnqueueTensorBroadcast writes the tensor's name to its trace log after queueing the
 op, reading it from memory the op's completion frees (MXNet's engine deletes the op's parameters once
@@ -37,3 +39,24 @@ def broadcast_json(obj: Any, root_rank: int, name: str) -> Any:
     codes = np.frombuffer(data, np.uint8).astype(np.int32) if data else np.zeros(size, np.int32)
     got = broadcast(mx.nd.array(codes, dtype="int32"), root_rank, f"{name}.data").asnumpy()
     return json.loads(got.astype(np.uint8).tobytes())
+
+
+def _through_buffer(arrays: dict[str, mx.nd.NDArray], op) -> None:
+    """Apply op(buffer, name) to a plain-layout copy of each array, then copy the result back: an array MKLDNN
+    left in its own layout is refused by Horovod (trainer.hvd_trainer)."""
+    if hvd.size() == 1:
+        return
+    for name, arr in sorted(arrays.items()):
+        buf = arr.copy()
+        op(buf, name)
+        buf.copyto(arr)
+
+
+def average_in_place(arrays: dict[str, mx.nd.NDArray]) -> None:
+    """Average each array over ranks in place (through a plain-layout copy, as above)."""
+    _through_buffer(arrays, lambda buf, name: hvd.allreduce_(buf, average=True, name=name))
+
+
+def broadcast_in_place(arrays: dict[str, mx.nd.NDArray], root_rank: int = 0) -> None:
+    """Overwrite each array with root_rank's values (what hvd.broadcast_parameters does, MKLDNN-safe)."""
+    _through_buffer(arrays, lambda buf, name: broadcast_(buf, root_rank, name))

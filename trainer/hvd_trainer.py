@@ -1,4 +1,4 @@
-"""Horovod's gradient averaging and parameter broadcast, with the MKLDNN-safe buffers CPU ranks need.
+"""Horovod's gradient averaging, with the MKLDNN-safe buffers CPU ranks need.
 
 With MXNet's MKLDNN backend a gradient, or a weight after a forward pass, may be in an
 MKLDNN memory layout (possibly set asynchronously, after Horovod has looked at it when
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import horovod.mxnet as hvd
 import mxnet as mx
-
-from trainer.collectives import broadcast_
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
 
@@ -57,22 +55,3 @@ class DenseGradTrainer(hvd.DistributedTrainer):
                            postscale_factor=self._postscale_factor)
             self._compression.decompress(wire, meta).copyto(grad)
 
-
-def _through_buffer(arrays: dict[str, mx.nd.NDArray], op) -> None:
-    """Apply op(buffer, name) to a plain-layout copy of each array, then copy the result back."""
-    if hvd.size() == 1:
-        return
-    for name, arr in sorted(arrays.items()):
-        buf = arr.copy()
-        op(buf, name)
-        buf.copyto(arr)
-
-
-def average_in_place(arrays: dict[str, mx.nd.NDArray]) -> None:
-    """Average each array over ranks in place (through a plain-layout copy, as above)."""
-    _through_buffer(arrays, lambda buf, name: hvd.allreduce_(buf, average=True, name=name))
-
-
-def broadcast_in_place(arrays: dict[str, mx.nd.NDArray], root_rank: int = 0) -> None:
-    """Overwrite each array with root_rank's values (hvd.broadcast_parameters, MKLDNN-safe; see trainer.collectives)."""
-    _through_buffer(arrays, lambda buf, name: broadcast_(buf, root_rank, name))

@@ -370,7 +370,7 @@ def read_average(net, cfg: TrainConfig, ck: rundir.Checkpoint):
 def start_ema(net, cfg: TrainConfig, point: Resume):
     """The weight average (None when cfg.ema is 0): rank 0's resumed one, else one of the (broadcast) weights;
     identical on every rank."""
-    from trainer.hvd_trainer import broadcast_in_place
+    from trainer.collectives import broadcast_in_place
 
     if not cfg.ema:
         return None
@@ -384,7 +384,7 @@ def share_optimizer_state(trainer, states: dict, point: Resume) -> None:
     fresh ones (fresh_optimizer_state), on rank 0 filled from the checkpoint, less the indices it has none for."""
     import mxnet as mx
 
-    from trainer.hvd_trainer import broadcast_in_place
+    from trainer.collectives import broadcast_in_place
 
     indices = [i for i, p in enumerate(trainer._params) if p.grad_req != "null"]
     # per index its update count, -1 where rank 0's checkpoint has no state (the parameter was never updated)
@@ -413,7 +413,8 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
           allow_changes: bool = False, train_images=None) -> Model:
     """Model (identical on every rank), optimizer, objective and the resume point. train_images: the
     training split, which a whitened stem is computed from (on rank 0)."""
-    from trainer.hvd_trainer import DenseGradTrainer, broadcast_in_place, compressor
+    from trainer.collectives import broadcast_in_place
+    from trainer.hvd_trainer import DenseGradTrainer, compressor
     from trainer.precision import resume_loss_scale
 
     amp = init_amp(cfg.amp)
@@ -426,7 +427,7 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
         amp.init_trainer(trainer)
     states = rundir.fresh_optimizer_state(trainer) if resume else None
     point = resume_point(out, phase, cfg, world, allow_changes, net, states)
-    # hvd.broadcast_parameters, through plain-layout copies (see trainer.hvd_trainer)
+    # hvd.broadcast_parameters, through plain-layout copies (see trainer.collectives)
     broadcast_in_place({f"param.{name}": p.data() for name, p in params.items()}, root_rank=0)
     if point.epoch:
         share_optimizer_state(trainer, states, point)
@@ -566,7 +567,7 @@ def train_one_epoch(model: Model, data: Data, cfg: TrainConfig, epoch: int, worl
 
 def sync_batchnorm_stats(net) -> None:
     """Average BatchNorm running statistics over ranks (each saw only its shard): one model everywhere."""
-    from trainer.hvd_trainer import average_in_place
+    from trainer.collectives import average_in_place
 
     average_in_place({f"aux.{name}": p.data() for name, p in net.collect_params().items() if p.grad_req == "null"})
 
