@@ -196,7 +196,7 @@ def check_out_dir(out: Path, resume: bool, world: World) -> Lock:
         except InputError as e:  # another writer holds RUN: "in use by pid N on host H"
             busy, bad = str(e), 2.0
         bad = bad or float(rundir.holds_run(out) and not resume)
-    verdict = broadcast_scalar(world, bad, "out_dir_check")
+    verdict = broadcast_scalar(bad, "out_dir_check")
     if verdict:
         lock.release()
     if verdict == 2:
@@ -206,7 +206,7 @@ def check_out_dir(out: Path, resume: bool, world: World) -> Lock:
     return lock
 
 
-def broadcast_scalar(world: World, value: float, name: str) -> float:
+def broadcast_scalar(value: float, name: str) -> float:
     """Rank 0's value on every rank."""
     import mxnet as mx
 
@@ -259,7 +259,7 @@ def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_ch
             point = load_resume(out, phase, cfg, world, allow_changes, net, states)
         except InputError as e:
             problem = str(e)
-    start = broadcast_scalar(world, -1 if problem else point.epoch, "resume_epoch")
+    start = broadcast_scalar(-1 if problem else point.epoch, "resume_epoch")
     if start < 0:
         raise InputError(problem or f"{out}: rank 0 could not resume this run (its message says why)")
     return point if world.rank == 0 else Resume(int(start))
