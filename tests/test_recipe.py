@@ -405,3 +405,75 @@ def test_bn_momentum_sets_how_far_one_training_batch_moves_every_running_statist
         out.backward()  # MXNet updates the running statistics with the backward pass
         batch_mean = net[0](x).mean(axis=(0, 2, 3)).asnumpy()
         np.testing.assert_allclose(net[1].running_mean.data().asnumpy(), (1 - momentum) * batch_mean, rtol=1e-4, atol=1e-6)
+
+
+BUDGETED = ["--width", "4", "--batch-size", "32", "--lr", "0.1", "--schedule", "cosine", "--warmup-epochs", "1",
+            "--augment", "padcrop", "--low-res", "16", "--low-res-epochs", "20", "--epochs", "40",
+            "--keep-checkpoints", "3", "--threads", "1"]
+
+
+def _budgeted(prepared: Path, out: Path, seconds: float, *extra: str, ranks: int = 1):
+    from conftest import horovodrun
+
+    args = ["--prepared", str(prepared), "--out", str(out), *BUDGETED, "--time-budget", f"{seconds:.6f}", *extra]
+    if ranks == 1:
+        return run_cli(["train", *args], timeout=600)
+    return horovodrun(ranks, ["python", "-m", "trainer", *args], timeout=600, check=False)
+
+
+def _budget_count(first_s: float, seconds: float) -> int:
+    """The count the budget must give BUDGETED, worked out here from trainer.budget's documented rule: epochs 2..n
+    cost the first epoch's seconds each at 16x16 and (32/16)^2 = 4 times them at 32x32, with 20 of 40 epochs
+    (at least one) small; the most that fit, at least 2 (the warmup and one epoch)."""
+    def cost(n: int) -> float:
+        low = max(1, round(20 * n / 40))
+        return (low - 1) * first_s + (n - low) * 4 * first_s
+
+    return max([n for n in range(2, 41) if cost(n) <= seconds - first_s], default=2)
+
+
+@pytest.mark.slow
+def test_time_budget_fits_the_epochs_to_the_first_ones_seconds_and_a_resume_keeps_the_count(prepared, tmp_path):
+    import json
+    import math
+
+    from trainer import rundir
+
+    # a budget shorter than one epoch: the warmup and one epoch after it
+    short = tmp_path / "short"
+    proc = _budgeted(prepared, short, 0.001)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_s = rundir.read_metrics(short)[0]["epoch_seconds"]
+    assert len(rundir.read_metrics(short)) == 2
+    # forty of them, on two ranks: each measures its own first epoch; rank 0's decides for both
+    run = tmp_path / "run"
+    seconds = 40 * first_s
+    proc = _budgeted(prepared, run, seconds, ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    rows = rundir.read_metrics(run)
+    n = _budget_count(rows[0]["epoch_seconds"], seconds)
+    assert 2 < n < 40 and len(rows) == n, (n, len(rows), rows[0]["epoch_seconds"], seconds)
+    assert f"time_budget {seconds:g} s: the first epoch took" in proc.stdout
+    record = json.loads((run / "config.json").read_text())["train"]
+    assert (record["epochs"], record["low_res_epochs"], record["time_budget"]) == (n, max(1, round(n / 2)),
+                                                                                    pytest.approx(seconds))
+    # the cosine schedule decays to the fitted count: the last epoch starts where an n-epoch run's does
+    assert rows[-1]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * (n - 2) / (n - 1))), rel=1e-6)
+    assert f"epoch {n}/{n} " in proc.stdout
+    # the last checkpoint lost, then resumed with the same flags: epoch n again, the count not fitted anew
+    for f in (run / "checkpoints").glob(f"epoch-{n:04d}.*"):
+        f.unlink()
+    proc = _budgeted(prepared, run, seconds, "--resume", ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert f"resuming at epoch {n}" in proc.stdout and f"epoch {n}/{n} " in proc.stdout
+    assert "the first epoch took" not in proc.stdout and len(rundir.read_metrics(run)) == n
+    # another budget on resume is a change of the run's training: refused without --resume-with-changes
+    proc = _budgeted(prepared, run, 2 * seconds, "--resume", "--batch-size", "64")  # one rank, the same global batch
+    assert proc.returncode == 2 and "time_budget" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_time_budget_under_a_decaying_schedule_without_warmup_is_refused_by_key(prepared, tmp_path):
+    out = tmp_path / "run"
+    proc = _budgeted(prepared, out, 60, "--warmup-epochs", "0")
+    assert proc.returncode == 2 and "key 'time_budget'" in proc.stderr and "warmup_epochs" in proc.stderr
+    assert not out.exists()

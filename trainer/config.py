@@ -56,6 +56,10 @@ class TrainConfig:
                 "airbench's 0.6 in PyTorch's form is 0.4 here (statistics that follow the last steps of a short run)",
         "min": 0.0, "max_excl": 1.0, "added_later": True})
     epochs: int = field(default=100, metadata={"help": "epochs per phase", "min": 1})
+    time_budget: float = field(default=0.0, metadata={
+        "help": "seconds the phase's epochs may take (0 = off): after the first epoch, rank 0 picks the most epochs, "
+                "at most `epochs`, that fit (low_res_epochs in proportion); the record and a resume keep that count",
+        "min": 0.0, "added_later": True})
     batch_size: int = field(default=128, metadata={"help": "per-rank batch size; the global batch is this times the world size", "min": 1})
     lr: float = field(default=0.1, metadata={"help": "base learning rate", "min": 0.0})
     lr_period: int = field(default=50, metadata={"help": "step schedule: multiply the LR by lr_decay every lr_period epochs", "min": 1})

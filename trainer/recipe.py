@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from contracts.errors import InputError
-from trainer.config import TrainConfig
+from trainer.config import DECAY_TO_END, TrainConfig
 
 
 def check_recipe(cfg: TrainConfig) -> None:
@@ -27,6 +27,9 @@ def check_recipe(cfg: TrainConfig) -> None:
         raise InputError("key 'low_res': d2l's per-image pipeline does not resize; use pipeline: batched")
     if cfg.flip == "alternate" and cfg.augment != "padcrop":
         raise InputError("key 'flip': alternate mirrors padcrop's crops; set augment: padcrop or flip: random")
+    if cfg.time_budget and cfg.schedule in DECAY_TO_END and not cfg.warmup_epochs:
+        raise InputError(f"key 'time_budget': the epochs are fitted to it after the first, whose learning rate under "
+                         f"the {cfg.schedule} schedule depends on their count; set warmup_epochs (1 or more)")
     if bool(cfg.low_res) != bool(cfg.low_res_epochs):
         raise InputError(f"keys 'low_res' ({cfg.low_res}) and 'low_res_epochs' ({cfg.low_res_epochs}): "
                          "set both (progressive resizing) or neither")

@@ -22,7 +22,7 @@ import numpy as np
 from contracts.errors import InputError, run_command
 from contracts.lock import DIR_LOCK, Lock, lock_dir
 from contracts.schema import Parser, add_flags, resolve
-from trainer import curves, rundir
+from trainer import budget, curves, rundir
 from trainer.config import RunRecord, TrainConfig, from_mapping, resume_changes
 from trainer.device import device_problem, set_cpu_threads
 from trainer.ema import EMA_SUFFIX, WeightAverage, averaged, checkpoint_files
@@ -139,6 +139,7 @@ class Model:
     scale_loss: bool = False  # float16 AMP: backward through amp.scale_loss
     ema: object | None = None  # trainer.ema.WeightAverage when cfg.ema is on
     changes: list[dict] = field(default_factory=list)  # rank 0: the run's training changes, for config.json
+    epochs: int = 0  # rank 0, resumed: the count of epochs the run trains (under a time budget, its decided one)
 
 
 @dataclass
@@ -247,6 +248,7 @@ class Resume:
     counts: dict[int, int] = field(default_factory=dict)
     ema: object | None = None
     changes: list[dict] = field(default_factory=list)
+    epochs: int = 0  # the count of epochs the resumed run trains (a budgeted run's decided one)
 
 
 def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_changes: bool, net,
@@ -288,10 +290,12 @@ def load_resume(out: Path, phase: str, cfg: TrainConfig, world: World, allow_cha
     ck = pick_checkpoint(out, phase)
     if ck is None:
         return Resume()
-    changes = training_changes(out, ck, cfg, world.size, allow_changes)
+    old = from_mapping(TrainConfig, ck.record.get("train"), f"{ck.path('.json')} (train)")
+    cfg = budget.kept(cfg, old)
+    changes = training_changes(out, ck, old, cfg, world.size, allow_changes)
     load_checkpoint_params(net, ck.stem, cfg, world.ctx)
     num_update, counts = rundir.fill_optimizer_state(states, ck)
-    return Resume(ck.epoch, ck.record, num_update, counts, read_average(net, cfg, ck), changes)
+    return Resume(ck.epoch, ck.record, num_update, counts, read_average(net, cfg, ck), changes, cfg.epochs)
 
 
 def describe_change(change: dict, cfg: TrainConfig) -> str:
@@ -304,11 +308,11 @@ def describe_change(change: dict, cfg: TrainConfig) -> str:
     return f"{key} {old:g} -> {new:g}" if key == "lr" else f"{key} {old} -> {new}"
 
 
-def training_changes(out: Path, ck: rundir.Checkpoint, cfg: TrainConfig, size: int, allow_changes: bool) -> list[dict]:
-    """The run's change history for config.json once it continues from ck as cfg on size ranks; a InputError
-    naming the keys this resume would change, unless allow_changes."""
+def training_changes(out: Path, ck: rundir.Checkpoint, old: TrainConfig, cfg: TrainConfig, size: int,
+                     allow_changes: bool) -> list[dict]:
+    """The run's change history for config.json once it continues from ck (trained as old) as cfg on size ranks;
+    a InputError naming the keys this resume would change, unless allow_changes."""
     source = str(ck.path(".json"))
-    old = from_mapping(TrainConfig, ck.record.get("train"), f"{source} (train)")
     old_size = ck.record.get("world_size")
     if type(old_size) is not int or old_size < 1:
         raise InputError(f"{source}: key 'world_size' must be a positive integer, got {old_size!r}")
@@ -433,7 +437,8 @@ def build(cfg: TrainConfig, classes: list[str], out: Path, phase: str, resume: b
         share_optimizer_state(trainer, states, point)
         resume_loss_scale(trainer, point.record, world.hvd)
     return Model(net, trainer, make_objective(len(classes), cfg.label_smoothing), amp, lr, point.epoch,
-                 scale_loss=cfg.amp == "float16", ema=start_ema(net, cfg, point), changes=point.changes)
+                 scale_loss=cfg.amp == "float16", ema=start_ema(net, cfg, point), changes=point.changes,
+                 epochs=point.epochs)
 
 
 def write_run_record(out: Path, cfg: TrainConfig, classes: list[str], phase: str, prepared: Path, size: int,
@@ -620,6 +625,18 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['epoch_seconds']:.1f}s")
 
 
+def fit_to_budget(cfg: TrainConfig, first_s: float, world: World, record_run) -> TrainConfig:
+    """cfg with the count of epochs rank 0 fits to its time_budget from the first epoch's first_s seconds
+    (trainer.budget); rank 0 records it in config.json and says so."""
+    epochs = int(broadcast_scalar(budget.fitted(cfg, first_s), "budget_epochs"))
+    fitted = budget.with_epochs(cfg, epochs)
+    if world.rank == 0:
+        record_run(fitted)
+        low = f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res}" if fitted.low_res_epochs else ""
+        world.log(f"time_budget {cfg.time_budget:g} s: the first epoch took {first_s:.1f} s, so {epochs} epochs{low}")
+    return fitted
+
+
 def check_same_model(net, world: World) -> None:
     """Every rank must end with the same parameters (crc32 compared across ranks)."""
     import mxnet as mx
@@ -675,17 +692,27 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
         out.mkdir(parents=True, exist_ok=True)
         rundir.start(out)
     model = build(cfg, data.classes, out, phase, resume, world, allow_changes, data.train.images)
+    if cfg.time_budget and model.start_epoch:
+        cfg = budget.with_epochs(cfg, int(broadcast_scalar(model.epochs, "budget_epochs")))
+
+    def record_run(run_cfg: TrainConfig) -> None:
+        write_run_record(out, run_cfg, data.classes, phase, prepared, world.size, model.lr, threads, model.changes)
+
     if world.rank == 0:
-        write_run_record(out, cfg, data.classes, phase, prepared, world.size, model.lr, threads, model.changes)
+        record_run(cfg)
     world.log(start_line(data, cfg, phase, model, world, threads))
     history = rundir.truncate_metrics(out, model.start_epoch) if world.rank == 0 else []
     if model.start_epoch:
         world.log(f"resuming at epoch {model.start_epoch + 1} from {out / rundir.CHECKPOINT_DIR}")
-    for epoch in range(model.start_epoch, cfg.epochs):
+    epoch = model.start_epoch
+    while epoch < cfg.epochs:
         record = run_epoch(model, data, cfg, phase, epoch, world)
+        if epoch == 0 and cfg.time_budget:
+            cfg = fit_to_budget(cfg, record["epoch_seconds"], world, record_run)
         if world.rank == 0:
             save_epoch(out, record, history, model, cfg, world.size)
             world.log(epoch_line(record, cfg.epochs))
+        epoch += 1
     if model.ema is not None:
         model.ema.apply()  # the final model is the weight average
     check_same_model(model.net, world)
