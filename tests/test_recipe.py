@@ -421,13 +421,13 @@ def _budgeted(prepared: Path, out: Path, seconds: float, *extra: str, ranks: int
     return horovodrun(ranks, ["python", "-m", "trainer", *args], timeout=600, check=False)
 
 
-def _budget_count(first_s: float, seconds: float) -> int:
+def _budget_count(first_s: float, ratio: float, seconds: float) -> int:
     """The count the budget must give BUDGETED, worked out here from trainer.budget's documented rule: epochs 2..n
-    cost the first epoch's seconds each at 16x16 and (32/16)^2 = 4 times them at 32x32, with 20 of 40 epochs
-    (at least one) small; the most that fit, at least 2 (the warmup and one epoch)."""
+    cost the first epoch's seconds each at 16x16 and `ratio` times them at 32x32, with 20 of 40 epochs (at least
+    one) small; the most that fit, at least 2 (the warmup and one epoch)."""
     def cost(n: int) -> float:
         low = max(1, round(20 * n / 40))
-        return (low - 1) * first_s + (n - low) * 4 * first_s
+        return (low - 1) * first_s + (n - low) * ratio * first_s
 
     return max([n for n in range(2, 41) if cost(n) <= seconds - first_s], default=2)
 
@@ -436,6 +436,7 @@ def _budget_count(first_s: float, seconds: float) -> int:
 def test_time_budget_fits_the_epochs_to_the_first_ones_seconds_and_a_resume_keeps_the_count(prepared, tmp_path):
     import json
     import math
+    import re
 
     from trainer import rundir
 
@@ -451,9 +452,13 @@ def test_time_budget_fits_the_epochs_to_the_first_ones_seconds_and_a_resume_keep
     proc = _budgeted(prepared, run, seconds, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     rows = rundir.read_metrics(run)
-    n = _budget_count(rows[0]["epoch_seconds"], seconds)
-    assert 2 < n < 40 and len(rows) == n, (n, len(rows), rows[0]["epoch_seconds"], seconds)
-    assert f"time_budget {seconds:g} s: the first epoch took" in proc.stdout
+    said = re.search(r"time_budget (\S+) s: the first epoch took \S+ s, so (\d+) epochs, (\d+) of them at 16x16 "
+                     r"\(a 32x32 step costs (\S+) of theirs\)", proc.stdout)
+    assert said, proc.stdout[-3000:]
+    ratio = float(said[4])
+    assert 1 < ratio < 16  # a 32x32 step does 4 times a 16x16 one's arithmetic
+    n = _budget_count(rows[0]["epoch_seconds"], ratio, seconds)
+    assert 2 < n < 40 and len(rows) == n and int(said[2]) == n, (n, len(rows), rows[0]["epoch_seconds"], seconds)
     record = json.loads((run / "config.json").read_text())["train"]
     assert (record["epochs"], record["low_res_epochs"], record["time_budget"]) == (n, max(1, round(n / 2)),
                                                                                     pytest.approx(seconds))
@@ -470,6 +475,20 @@ def test_time_budget_fits_the_epochs_to_the_first_ones_seconds_and_a_resume_keep
     # another budget on resume is a change of the run's training: refused without --resume-with-changes
     proc = _budgeted(prepared, run, 2 * seconds, "--resume", "--batch-size", "64")  # one rank, the same global batch
     assert proc.returncode == 2 and "time_budget" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_time_budget_that_holds_every_epoch_trains_exactly_the_run_without_one(prepared, tmp_path):
+    # the passes that time a 32x32 step against a 16x16 one leave the parameters and BatchNorm statistics alone
+    runs = {}
+    for name, extra in (("plain", ["--time-budget", "0"]), ("budgeted", [])):
+        out = tmp_path / name
+        proc = _budgeted(prepared, out, 1e6, "--epochs", "3", "--low-res-epochs", "1", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _final(out)
+    assert ("time_budget" in (tmp_path / "budgeted" / "config.json").read_text())
+    for key, value in runs["plain"].items():
+        np.testing.assert_array_equal(runs["budgeted"][key], value, err_msg=key)
 
 
 def test_time_budget_under_a_decaying_schedule_without_warmup_is_refused_by_key(prepared, tmp_path):

@@ -2,8 +2,9 @@
 
 A fresh run trains its first epoch; then rank 0 takes the largest count of epochs, at most `epochs`, whose
 cost fits what is left of the budget, scales low_res_epochs in proportion, and every rank trains that run.
-A 32x32 epoch is costed at (32/low_res)^2 times the first, low-resolution one: the ratio of their arithmetic,
-which the measured speeds stay under. The first epoch's learning rate must not depend on the count (check_recipe
+A 32x32 epoch is costed at `ratio` times the first, low-resolution one: what a 32x32 training step was timed
+to cost in low_res ones before the first epoch (their arithmetic's ratio, (32/low_res)^2, is no guide: on one
+2-core machine 24x24 steps ran 1.65 times as fast as 32x32 ones, on another 1.95). The first epoch's learning rate must not depend on the count (check_recipe
 asks for a warmup under a schedule that decays to the last epoch), so the run the first epoch began is the run
 that continues. Checkpoints and config.json record the count; a resume keeps it. Start-up is not counted.
 """
@@ -27,18 +28,20 @@ def least_epochs(cfg: TrainConfig) -> int:
     return min(cfg.epochs, cfg.warmup_epochs + 1)
 
 
-def cost(cfg: TrainConfig, epochs: int, first_s: float) -> float:
-    """The seconds of epochs 2..`epochs`, from the first epoch's first_s."""
+def cost(cfg: TrainConfig, epochs: int, first_s: float, ratio: float) -> float:
+    """The seconds of epochs 2..`epochs`, from the first epoch's first_s and a 32x32 epoch's cost in
+    low-resolution ones."""
     low = low_res_share(cfg, epochs)
     if not low:
         return (epochs - 1) * first_s
-    return (low - 1) * first_s + (epochs - low) * first_s * (32 / cfg.low_res) ** 2
+    return (low - 1) * first_s + (epochs - low) * first_s * ratio
 
 
-def fitted(cfg: TrainConfig, first_s: float) -> int:
-    """The count of epochs for cfg's budget, given that the first took first_s seconds."""
+def fitted(cfg: TrainConfig, first_s: float, ratio: float = 1.0) -> int:
+    """The count of epochs for cfg's budget, given that the first took first_s seconds and a 32x32 epoch
+    costs `ratio` low-resolution ones."""
     left = cfg.time_budget - first_s
-    fits = [n for n in range(least_epochs(cfg), cfg.epochs + 1) if cost(cfg, n, first_s) <= left]
+    fits = [n for n in range(least_epochs(cfg), cfg.epochs + 1) if cost(cfg, n, first_s, ratio) <= left]
     return max(fits, default=least_epochs(cfg))
 
 

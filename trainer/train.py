@@ -625,14 +625,46 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['epoch_seconds']:.1f}s")
 
 
-def fit_to_budget(cfg: TrainConfig, first_s: float, world: World, record_run) -> TrainConfig:
-    """cfg with the count of epochs rank 0 fits to its time_budget from the first epoch's first_s seconds
-    (trainer.budget); rank 0 records it in config.json and says so."""
-    epochs = int(broadcast_scalar(budget.fitted(cfg, first_s), "budget_epochs"))
+def resolution_ratio(model: Model, cfg: TrainConfig, world: World, steps: int = 4) -> float:
+    """How many low_res training steps' seconds a 32x32 one takes on this rank (to 3 decimals): the median of
+    `steps` forward-backward passes of noise at each size, after an untimed one (a shape's first pass builds its
+    kernels). Nothing is updated, and the BatchNorm statistics the passes move are put back."""
+    import mxnet as mx
+    from mxnet import autograd
+
+    from trainer.presets import downscale
+
+    kept = {name: p.data().copy() for name, p in model.net.collect_params().items() if p.grad_req == "null"}
+    noise = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, 32, 32)).astype(np.float32)
+
+    def seconds(size: int) -> float:
+        x = mx.nd.array(downscale(noise, size), ctx=world.ctx)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            with autograd.record():
+                loss = model.net(x).astype("float32").sum()
+            loss.backward()
+            mx.nd.waitall()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times[1:]))
+
+    ratio = round(seconds(32) / seconds(cfg.low_res), 3)
+    for name, p in model.net.collect_params().items():
+        if name in kept:
+            kept[name].copyto(p.data())
+    return ratio
+
+
+def fit_to_budget(cfg: TrainConfig, first_s: float, ratio: float, world: World, record_run) -> TrainConfig:
+    """cfg with the count of epochs rank 0 fits to its time_budget from the first epoch's first_s seconds and
+    the measured cost of a 32x32 step in low_res ones (trainer.budget); rank 0 records it and says so."""
+    epochs = int(broadcast_scalar(budget.fitted(cfg, first_s, ratio), "budget_epochs"))
     fitted = budget.with_epochs(cfg, epochs)
     if world.rank == 0:
         record_run(fitted)
-        low = f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res}" if fitted.low_res_epochs else ""
+        low = (f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res} (a 32x32 step costs {ratio:.3f} "
+               f"of theirs)") if cfg.low_res_epochs else ""
         world.log(f"time_budget {cfg.time_budget:g} s: the first epoch took {first_s:.1f} s, so {epochs} epochs{low}")
     return fitted
 
@@ -705,10 +737,11 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     if model.start_epoch:
         world.log(f"resuming at epoch {model.start_epoch + 1} from {out / rundir.CHECKPOINT_DIR}")
     epoch = model.start_epoch
+    ratio = resolution_ratio(model, cfg, world) if cfg.time_budget and cfg.low_res_epochs and not epoch else 1.0
     while epoch < cfg.epochs:
         record = run_epoch(model, data, cfg, phase, epoch, world)
         if epoch == 0 and cfg.time_budget:
-            cfg = fit_to_budget(cfg, record["epoch_seconds"], world, record_run)
+            cfg = fit_to_budget(cfg, record["epoch_seconds"], ratio, world, record_run)
         if world.rank == 0:
             save_epoch(out, record, history, model, cfg, world.size)
             world.log(epoch_line(record, cfg.epochs))
