@@ -625,16 +625,17 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['epoch_seconds']:.1f}s")
 
 
-def resolution_ratio(model: Model, cfg: TrainConfig, world: World, steps: int = 4) -> float:
+def resolution_ratio(cfg: TrainConfig, n_classes: int, world: World, steps: int = 4) -> float:
     """How many low_res training steps' seconds a 32x32 one takes on this rank (to 3 decimals): the median of
     `steps` forward-backward passes of noise at each size, after an untimed one (a shape's first pass builds its
-    kernels). Nothing is updated, and the BatchNorm statistics the passes move are put back."""
+    kernels), through a copy of the model, so that the one being trained is left exactly as it was (build_net
+    reseeds MXNet's generator as the model's own build did, leaving it where that build left it)."""
     import mxnet as mx
     from mxnet import autograd
 
     from trainer.presets import downscale
 
-    kept = {name: p.data().copy() for name, p in model.net.collect_params().items() if p.grad_req == "null"}
+    net = build_net(cfg, n_classes, world.ctx)
     noise = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, 32, 32)).astype(np.float32)
 
     def seconds(size: int) -> float:
@@ -643,17 +644,13 @@ def resolution_ratio(model: Model, cfg: TrainConfig, world: World, steps: int = 
         for _ in range(steps + 1):
             start = time.perf_counter()
             with autograd.record():
-                loss = model.net(x).astype("float32").sum()
+                loss = net(x).astype("float32").sum()
             loss.backward()
             mx.nd.waitall()
             times.append(time.perf_counter() - start)
         return float(np.median(times[1:]))
 
-    ratio = round(seconds(32) / seconds(cfg.low_res), 3)
-    for name, p in model.net.collect_params().items():
-        if name in kept:
-            kept[name].copyto(p.data())
-    return ratio
+    return round(seconds(32) / seconds(cfg.low_res), 3)
 
 
 def fit_to_budget(cfg: TrainConfig, first_s: float, ratio: float, world: World, record_run) -> TrainConfig:
@@ -737,7 +734,8 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     if model.start_epoch:
         world.log(f"resuming at epoch {model.start_epoch + 1} from {out / rundir.CHECKPOINT_DIR}")
     epoch = model.start_epoch
-    ratio = resolution_ratio(model, cfg, world) if cfg.time_budget and cfg.low_res_epochs and not epoch else 1.0
+    timed = cfg.time_budget and cfg.low_res_epochs and not epoch
+    ratio = resolution_ratio(cfg, len(data.classes), world) if timed else 1.0
     while epoch < cfg.epochs:
         record = run_epoch(model, data, cfg, phase, epoch, world)
         if epoch == 0 and cfg.time_budget:
