@@ -625,32 +625,32 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['epoch_seconds']:.1f}s")
 
 
-def resolution_ratio(cfg: TrainConfig, n_classes: int, world: World, steps: int = 4) -> float:
-    """How many low_res training steps' seconds a 32x32 one takes on this rank (to 3 decimals): the median of
-    `steps` forward-backward passes of noise at each size, after an untimed one (a shape's first pass builds its
-    kernels), through a copy of the model, so that the one being trained is left exactly as it was (build_net
-    reseeds MXNet's generator as the model's own build did, leaving it where that build left it)."""
+def resolution_ratio(cfg: TrainConfig, n_classes: int, world: World, steps: int = 8) -> float:
+    """How many low_res training steps' seconds a 32x32 one takes on this rank (to 3 decimals): the median ratio
+    of `steps` pairs of forward-backward passes of noise, one at each size in turn (a machine that slows or speeds
+    up weighs on both passes of a pair alike), after an untimed pair (a shape's first pass builds its kernels).
+    Two copies of the model, one per size (a hybridized model replans its memory whenever its input's shape
+    changes), leave the one being trained exactly as it was (build_net reseeds MXNet's generator as the model's
+    own build did, leaving it where that build left it). ~9 s at width 16 on one core, counted as start-up."""
     import mxnet as mx
     from mxnet import autograd
 
     from trainer.presets import downscale
 
-    net = build_net(cfg, n_classes, world.ctx)
     noise = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, 32, 32)).astype(np.float32)
-
-    def seconds(size: int) -> float:
-        x = mx.nd.array(downscale(noise, size), ctx=world.ctx)
-        times = []
-        for _ in range(steps + 1):
+    sizes = (32, cfg.low_res)
+    nets = {size: build_net(cfg, n_classes, world.ctx) for size in sizes}
+    inputs = {size: mx.nd.array(downscale(noise, size), ctx=world.ctx) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(steps + 1):
+        for size in sizes:
             start = time.perf_counter()
             with autograd.record():
-                loss = net(x).astype("float32").sum()
+                loss = nets[size](inputs[size]).astype("float32").sum()
             loss.backward()
             mx.nd.waitall()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times[1:]))
-
-    return round(seconds(32) / seconds(cfg.low_res), 3)
+            times[size].append(time.perf_counter() - start)
+    return round(float(np.median(np.divide(times[32][1:], times[cfg.low_res][1:]))), 3)
 
 
 def fit_to_budget(cfg: TrainConfig, first_s: float, ratio: float, world: World, record_run) -> TrainConfig:
