@@ -3,10 +3,11 @@
 A fresh run trains its first epoch; then rank 0 takes the largest count of epochs, at most `epochs`, whose
 cost fits what is left of the budget, scales low_res_epochs in proportion, and every rank trains that run.
 A 32x32 epoch is costed at `ratio` times the first, low-resolution one: what a 32x32 training step was timed
-to cost in low_res ones before the first epoch (their arithmetic's ratio, (32/low_res)^2, is no guide: on one
-2-core machine 24x24 steps ran 1.65 times as fast as 32x32 ones, on another 1.95). The first epoch's learning rate must not depend on the count (check_recipe
-asks for a warmup under a schedule that decays to the last epoch), so the run the first epoch began is the run
-that continues. Checkpoints and config.json record the count; a resume keeps it. Start-up is not counted.
+to cost in low_res ones before the first epoch (the arithmetic's ratio, (32/low_res)^2, is no guide: 24x24
+epochs ran 1.65 times as fast as 32x32 ones on one 2-core machine, 1.95 on another). The first epoch's learning
+rate must not depend on the count (check_recipe asks for a warmup under a schedule that decays to the last
+epoch), so the run the first epoch began is the run that continues. Checkpoints and config.json record the
+count; a resume keeps it. Start-up, the step timing included, is not counted.
 """
 from __future__ import annotations
 
