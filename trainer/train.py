@@ -139,7 +139,7 @@ class Model:
     scale_loss: bool = False  # float16 AMP: backward through amp.scale_loss
     ema: object | None = None  # trainer.ema.WeightAverage when cfg.ema is on
     changes: list[dict] = field(default_factory=list)  # rank 0: the run's training changes, for config.json
-    epochs: int = 0  # rank 0, resumed: the count of epochs the run trains (under a time budget, its decided one)
+    epochs: int = 0  # resumed: the count of epochs the run trains (under a time budget, its decided one)
 
 
 @dataclass
@@ -248,13 +248,14 @@ class Resume:
     counts: dict[int, int] = field(default_factory=dict)
     ema: object | None = None
     changes: list[dict] = field(default_factory=list)
-    epochs: int = 0  # the count of epochs the resumed run trains (a budgeted run's decided one)
+    epochs: int = 0  # the count of epochs the resumed run trains (a budgeted run's decided one), on every rank
 
 
 def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_changes: bool, net,
                  states: dict | None) -> Resume:
     """Rank 0 picks the newest intact checkpoint, checks that it may continue this run and loads it; every rank
-    learns the epoch to start at, or the refusal (InputError on every rank, rank 0's naming the reason)."""
+    learns the epoch to start at and the count of epochs, or the refusal (InputError on every rank, rank 0's naming
+    the reason)."""
     point, problem = Resume(), ""
     if states is not None and world.rank == 0:
         try:
@@ -264,7 +265,8 @@ def resume_point(out: Path, phase: str, cfg: TrainConfig, world: World, allow_ch
     start = broadcast_scalar(-1 if problem else point.epoch, "resume_epoch")
     if start < 0:
         raise InputError(problem or f"{out}: rank 0 could not resume this run (its message says why)")
-    return point if world.rank == 0 else Resume(int(start))
+    epochs = int(broadcast_scalar(point.epochs, "resume_epochs"))
+    return point if world.rank == 0 else Resume(int(start), epochs=epochs)
 
 
 def pick_checkpoint(out: Path, phase: str) -> rundir.Checkpoint | None:
@@ -722,7 +724,7 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
         rundir.start(out)
     model = build(cfg, data.classes, out, phase, resume, world, allow_changes, data.train.images)
     if cfg.time_budget and model.start_epoch:
-        cfg = budget.with_epochs(cfg, int(broadcast_scalar(model.epochs, "budget_epochs")))
+        cfg = budget.with_epochs(cfg, model.epochs)
 
     def record_run(run_cfg: TrainConfig) -> None:
         write_run_record(out, run_cfg, data.classes, phase, prepared, world.size, model.lr, threads, model.changes)
