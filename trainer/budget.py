@@ -1,13 +1,16 @@
 """train.time_budget: the seconds a phase's epochs may take (0 = off); the count of epochs is fitted to them once.
 
-A fresh run trains its first epoch; then rank 0 takes the largest count of epochs, at most `epochs`, whose
-cost fits what is left of the budget, scales low_res_epochs in proportion, and every rank trains that run.
-A 32x32 epoch is costed at `ratio` times the first, low-resolution one: what a 32x32 training step was timed
-to cost in low_res ones before the first epoch (the arithmetic's ratio, (32/low_res)^2, is no guide: 24x24
-epochs ran 1.65 times as fast as 32x32 ones on one 2-core machine, 1.95 on another). The first epoch's learning
-rate must not depend on the count (check_recipe asks for a warmup under a schedule that decays to the last
-epoch), so the run the first epoch began is the run that continues. Checkpoints and config.json record the
-count; a resume keeps it. Start-up, the step timing included, is not counted.
+A fresh run times its steps and trains its first epoch; then rank 0 takes the largest count of epochs, at most
+`epochs`, whose cost fits what is left of the budget, scales low_res_epochs in proportion, and every rank trains
+that run. Every later epoch is costed at the first, low-resolution one's seconds, a 32x32 one plus `extra_s`: its
+steps times what a 32x32 forward-backward pass was timed to take beyond a low_res one before the first epoch.
+Costing the difference rather than the ratio keeps the parts of an epoch that do not grow with the resolution
+(the optimizer's update, the allreduce, validation) at their measured seconds: a ratio of passes applied to whole
+epochs overstated a 32x32 epoch by a fifth on one 2-core machine, and the arithmetic's (32/low_res)^2 understated
+it on another. The first epoch's learning rate must not depend on the count (check_recipe asks for a warmup
+under a schedule that decays to the last epoch), so the run the first epoch began is the run that continues.
+Checkpoints and config.json record the count; a resume keeps it. The budget counts from the step timing on;
+start-up before it (loading the data, building the model) is not counted.
 """
 from __future__ import annotations
 
@@ -29,20 +32,17 @@ def least_epochs(cfg: TrainConfig) -> int:
     return min(cfg.epochs, cfg.warmup_epochs + 1)
 
 
-def cost(cfg: TrainConfig, epochs: int, first_s: float, ratio: float) -> float:
-    """The seconds of epochs 2..`epochs`, from the first epoch's first_s and a 32x32 epoch's cost in
-    low-resolution ones."""
+def cost(cfg: TrainConfig, epochs: int, first_s: float, extra_s: float) -> float:
+    """The seconds of epochs 2..`epochs`: each the first epoch's first_s, a 32x32 one extra_s more."""
     low = low_res_share(cfg, epochs)
-    if not low:
-        return (epochs - 1) * first_s
-    return (low - 1) * first_s + (epochs - low) * first_s * ratio
+    return (epochs - 1) * first_s + ((epochs - low) * extra_s if low else 0.0)
 
 
-def fitted(cfg: TrainConfig, first_s: float, ratio: float = 1.0) -> int:
-    """The count of epochs for cfg's budget, given that the first took first_s seconds and a 32x32 epoch
-    costs `ratio` low-resolution ones."""
-    left = cfg.time_budget - first_s
-    fits = [n for n in range(least_epochs(cfg), cfg.epochs + 1) if cost(cfg, n, first_s, ratio) <= left]
+def fitted(cfg: TrainConfig, first_s: float, extra_s: float = 0.0, spent: float | None = None) -> int:
+    """The count of epochs for cfg's budget, given that the first took first_s seconds, a 32x32 epoch takes
+    extra_s more, and `spent` seconds of the budget are gone (default: the first epoch's)."""
+    left = cfg.time_budget - (first_s if spent is None else spent)
+    fits = [n for n in range(least_epochs(cfg), cfg.epochs + 1) if cost(cfg, n, first_s, extra_s) <= left]
     return max(fits, default=least_epochs(cfg))
 
 

@@ -627,13 +627,13 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['epoch_seconds']:.1f}s")
 
 
-def resolution_ratio(cfg: TrainConfig, n_classes: int, world: World, steps: int = 8) -> float:
-    """How many low_res training steps' seconds a 32x32 one takes on this rank (to 3 decimals): the median ratio
-    of `steps` pairs of forward-backward passes of noise, one at each size in turn (a machine that slows or speeds
-    up weighs on both passes of a pair alike), after an untimed pair (a shape's first pass builds its kernels).
-    Two copies of the model, one per size (a hybridized model replans its memory whenever its input's shape
-    changes), leave the one being trained exactly as it was (build_net reseeds MXNet's generator as the model's
-    own build did, leaving it where that build left it). ~9 s at width 16 on one core, counted as start-up."""
+def extra_step_seconds(cfg: TrainConfig, n_classes: int, world: World, steps: int = 8) -> float:
+    """The seconds a 32x32 forward-backward pass takes beyond a low_res one on this rank (to 10 microseconds, at
+    least 0): the median difference of `steps` pairs of passes of noise, one at each size in turn (a machine that
+    slows or speeds up weighs on both passes of a pair alike), after an untimed pair (a shape's first pass builds
+    its kernels). Two copies of the model, one per size (a hybridized model replans its memory whenever its input's
+    shape changes), leave the one being trained exactly as it was (build_net reseeds MXNet's generator as the
+    model's own build did, leaving it where that build left it). ~9 s at width 16 on one core."""
     import mxnet as mx
     from mxnet import autograd
 
@@ -652,19 +652,23 @@ def resolution_ratio(cfg: TrainConfig, n_classes: int, world: World, steps: int 
             loss.backward()
             mx.nd.waitall()
             times[size].append(time.perf_counter() - start)
-    return round(float(np.median(np.divide(times[32][1:], times[cfg.low_res][1:]))), 3)
+    return max(0.0, round(float(np.median(np.subtract(times[32][1:], times[cfg.low_res][1:]))), 5))
 
 
-def fit_to_budget(cfg: TrainConfig, first_s: float, ratio: float, world: World, record_run) -> TrainConfig:
-    """cfg with the count of epochs rank 0 fits to its time_budget from the first epoch's first_s seconds and
-    the measured cost of a 32x32 step in low_res ones (trainer.budget); rank 0 records it and says so."""
-    epochs = int(broadcast_scalar(budget.fitted(cfg, first_s, ratio), "budget_epochs"))
+def fit_to_budget(cfg: TrainConfig, first_s: float, extra_step_s: float, spent: float, data: Data, world: World,
+                  record_run) -> TrainConfig:
+    """cfg with the count of epochs rank 0 fits to its time_budget (trainer.budget): `spent` seconds gone, the first
+    epoch's first_s, a 32x32 epoch its steps times extra_step_s more; rank 0 records it and says so."""
+    spent = round(spent, 3)
+    extra_s = data.steps * extra_step_s
+    epochs = int(broadcast_scalar(budget.fitted(cfg, first_s, extra_s, spent), "budget_epochs"))
     fitted = budget.with_epochs(cfg, epochs)
     if world.rank == 0:
         record_run(fitted)
-        low = (f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res} (a 32x32 step costs {ratio:.3f} "
-               f"of theirs)") if cfg.low_res_epochs else ""
-        world.log(f"time_budget {cfg.time_budget:g} s: the first epoch took {first_s:.1f} s, so {epochs} epochs{low}")
+        low = (f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res} (a 32x32 epoch takes {extra_s:.2f} s "
+               f"more: {data.steps} steps, each timed {extra_step_s * 1000:.2f} ms longer)") if cfg.low_res_epochs else ""
+        world.log(f"time_budget {cfg.time_budget:g} s: {spent:.3f} s spent, the first epoch {first_s:.1f} s, "
+                  f"so {epochs} epochs{low}")
     return fitted
 
 
@@ -736,12 +740,14 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     if model.start_epoch:
         world.log(f"resuming at epoch {model.start_epoch + 1} from {out / rundir.CHECKPOINT_DIR}")
     epoch = model.start_epoch
+    clock = time.perf_counter()  # the budget's seconds start here: the step timing counts
     timed = cfg.time_budget and cfg.low_res_epochs and not epoch
-    ratio = resolution_ratio(cfg, len(data.classes), world) if timed else 1.0
+    extra_step_s = extra_step_seconds(cfg, len(data.classes), world) if timed else 0.0
     while epoch < cfg.epochs:
         record = run_epoch(model, data, cfg, phase, epoch, world)
         if epoch == 0 and cfg.time_budget:
-            cfg = fit_to_budget(cfg, record["epoch_seconds"], ratio, world, record_run)
+            cfg = fit_to_budget(cfg, record["epoch_seconds"], extra_step_s, time.perf_counter() - clock, data, world,
+                                record_run)
         if world.rank == 0:
             save_epoch(out, record, history, model, cfg, world.size)
             world.log(epoch_line(record, cfg.epochs))
