@@ -3,14 +3,16 @@
 A fresh run times its steps and trains its first epoch; then rank 0 takes the largest count of epochs, at most
 `epochs`, whose cost fits what is left of the budget, scales low_res_epochs in proportion, and every rank trains
 that run. Every later epoch is costed at the first, low-resolution one's seconds, a 32x32 one plus `extra_s`: its
-steps times what a 32x32 forward-backward pass was timed to take beyond a low_res one before the first epoch.
-Costing the difference rather than the ratio keeps the parts of an epoch that do not grow with the resolution
-(the optimizer's update, the allreduce, validation) at their measured seconds: a ratio of passes applied to whole
-epochs overstated a 32x32 epoch by a fifth on one 2-core machine, and the arithmetic's (32/low_res)^2 understated
-it on another. The first epoch's learning rate must not depend on the count (check_recipe asks for a warmup
-under a schedule that decays to the last epoch), so the run the first epoch began is the run that continues.
+training pass grown by what a 32x32 step was timed to cost in low_res ones before the first epoch, while the rest
+of the epoch (validation, BatchNorm statistics) stays at its measured seconds. On one 2-core machine the timed ratio
+applied to whole tune epochs overstated their 32x32 ones by a fifth, and a timed difference of seconds per step
+understated them by 10-20% (augmentation and memory traffic grow with the pixels as well); the arithmetic's
+(32/low_res)^2 understated them on another machine. The first epoch's learning rate must not depend on the count
+(check_recipe asks for a warmup under a schedule that decays to the last epoch), so the run the first epoch began
+is the run that continues.
 Checkpoints and config.json record the count; a resume keeps it. The budget counts from the step timing on;
-start-up before it (loading the data, building the model) is not counted.
+start-up before it (loading the data, building the model) is not counted, nor can a machine that slows down after
+the first epoch be foreseen: a budget leaves room for that.
 """
 from __future__ import annotations
 

@@ -530,14 +530,16 @@ def progress_bar(world: World, steps: int, epoch: int):
 
 
 def gather_epoch(world: World, loss_sum: float, correct: float, images: int, steps: int, seconds: float) -> dict:
-    """Every rank's epoch totals combined: global loss, accuracy and speed, and each rank's step count."""
+    """Every rank's epoch totals combined: global loss, accuracy and speed, each rank's step count, and the
+    seconds of the slowest rank's pass."""
     import mxnet as mx
 
     local = mx.nd.array([loss_sum, correct, images, steps, seconds], dtype="float64")
     totals = world.hvd.allgather(local.reshape((1, -1)), name="train_totals").asnumpy()
     n = totals[:, 2].sum()
     return {"train_loss": totals[:, 0].sum() / n, "train_acc": totals[:, 1].sum() / n,
-            "images_per_sec": n / totals[:, 4].max(), "steps_per_rank": totals[:, 3].astype(int).tolist()}
+            "images_per_sec": n / totals[:, 4].max(), "steps_per_rank": totals[:, 3].astype(int).tolist(),
+            "pass_seconds": float(totals[:, 4].max())}  # the slowest rank's training pass, without validation
 
 
 def train_one_epoch(model: Model, data: Data, cfg: TrainConfig, epoch: int, world: World) -> dict:
@@ -627,13 +629,13 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['epoch_seconds']:.1f}s")
 
 
-def extra_step_seconds(cfg: TrainConfig, n_classes: int, world: World, steps: int = 8) -> float:
-    """The seconds a 32x32 forward-backward pass takes beyond a low_res one on this rank (to 10 microseconds, at
-    least 0): the median difference of `steps` pairs of passes of noise, one at each size in turn (a machine that
-    slows or speeds up weighs on both passes of a pair alike), after an untimed pair (a shape's first pass builds
-    its kernels). Two copies of the model, one per size (a hybridized model replans its memory whenever its input's
-    shape changes), leave the one being trained exactly as it was (build_net reseeds MXNet's generator as the
-    model's own build did, leaving it where that build left it). ~9 s at width 16 on one core."""
+def resolution_ratio(cfg: TrainConfig, n_classes: int, world: World, steps: int = 8) -> float:
+    """How many low_res training steps' seconds a 32x32 one takes on this rank (to 3 decimals): the median ratio
+    of `steps` pairs of forward-backward passes of noise, one at each size in turn (a machine that slows or speeds
+    up weighs on both passes of a pair alike), after an untimed pair (a shape's first pass builds its kernels).
+    Two copies of the model, one per size (a hybridized model replans its memory whenever its input's shape
+    changes), leave the one being trained exactly as it was (build_net reseeds MXNet's generator as the model's
+    own build did, leaving it where that build left it). ~9 s at width 16 on one core."""
     import mxnet as mx
     from mxnet import autograd
 
@@ -652,23 +654,23 @@ def extra_step_seconds(cfg: TrainConfig, n_classes: int, world: World, steps: in
             loss.backward()
             mx.nd.waitall()
             times[size].append(time.perf_counter() - start)
-    return max(0.0, round(float(np.median(np.subtract(times[32][1:], times[cfg.low_res][1:]))), 5))
+    return round(float(np.median(np.divide(times[32][1:], times[cfg.low_res][1:]))), 3)
 
 
-def fit_to_budget(cfg: TrainConfig, first_s: float, extra_step_s: float, spent: float, data: Data, world: World,
-                  record_run) -> TrainConfig:
+def fit_to_budget(cfg: TrainConfig, first: dict, ratio: float, spent: float, world: World, record_run) -> TrainConfig:
     """cfg with the count of epochs rank 0 fits to its time_budget (trainer.budget): `spent` seconds gone, the first
-    epoch's first_s, a 32x32 epoch its steps times extra_step_s more; rank 0 records it and says so."""
+    epoch's row `first`, a 32x32 training pass `ratio` times its pass; rank 0 records it and says so."""
     spent = round(spent, 3)
-    extra_s = data.steps * extra_step_s
-    epochs = int(broadcast_scalar(budget.fitted(cfg, first_s, extra_s, spent), "budget_epochs"))
+    extra_s = (ratio - 1) * first["pass_seconds"]
+    epochs = int(broadcast_scalar(budget.fitted(cfg, first["epoch_seconds"], extra_s, spent), "budget_epochs"))
     fitted = budget.with_epochs(cfg, epochs)
     if world.rank == 0:
         record_run(fitted)
-        low = (f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res} (a 32x32 epoch takes {extra_s:.2f} s "
-               f"more: {data.steps} steps, each timed {extra_step_s * 1000:.2f} ms longer)") if cfg.low_res_epochs else ""
-        world.log(f"time_budget {cfg.time_budget:g} s: {spent:.3f} s spent, the first epoch {first_s:.1f} s, "
-                  f"so {epochs} epochs{low}")
+        low = (f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res} (a 32x32 epoch takes {extra_s:.3f} s "
+               f"more: its training pass, {first['pass_seconds']:.3f} s at {cfg.low_res}x{cfg.low_res}, costed at "
+               f"{ratio:.3f} times, as a 32x32 step was timed)") if cfg.low_res_epochs else ""
+        world.log(f"time_budget {cfg.time_budget:g} s: {spent:.3f} s spent, the first epoch {first['epoch_seconds']:.1f} s,"
+                  f" so {epochs} epochs{low}")
     return fitted
 
 
@@ -742,12 +744,11 @@ def fit(prepared: Path, out: Path, cfg: TrainConfig, phase: str, resume: bool, t
     epoch = model.start_epoch
     clock = time.perf_counter()  # the budget's seconds start here: the step timing counts
     timed = cfg.time_budget and cfg.low_res_epochs and not epoch
-    extra_step_s = extra_step_seconds(cfg, len(data.classes), world) if timed else 0.0
+    ratio = resolution_ratio(cfg, len(data.classes), world) if timed else 1.0
     while epoch < cfg.epochs:
         record = run_epoch(model, data, cfg, phase, epoch, world)
         if epoch == 0 and cfg.time_budget:
-            cfg = fit_to_budget(cfg, record["epoch_seconds"], extra_step_s, time.perf_counter() - clock, data, world,
-                                record_run)
+            cfg = fit_to_budget(cfg, record, ratio, time.perf_counter() - clock, world, record_run)
         if world.rank == 0:
             save_epoch(out, record, history, model, cfg, world.size)
             world.log(epoch_line(record, cfg.epochs))
