@@ -6,13 +6,12 @@ that run. Every later epoch is costed at the first, low-resolution one's seconds
 training pass grown by what a 32x32 step was timed to cost in low_res ones before the first epoch, while the rest
 of the epoch (validation, BatchNorm statistics) stays at its measured seconds. On one 2-core machine the timed ratio
 applied to whole tune epochs overstated their 32x32 ones by a fifth, and a timed difference of seconds per step
-understated them by 10-20% (augmentation and memory traffic grow with the pixels as well); the arithmetic's
+understated them by 12% (augmentation and memory traffic grow with the pixels as well); the arithmetic's
 (32/low_res)^2 understated them on another machine. The first epoch's learning rate must not depend on the count
 (check_recipe asks for a warmup under a schedule that decays to the last epoch), so the run the first epoch began
-is the run that continues.
-Checkpoints and config.json record the count; a resume keeps it. The budget counts from the step timing on;
-start-up before it (loading the data, building the model) is not counted, nor can a machine that slows down after
-the first epoch be foreseen: a budget leaves room for that.
+is the run that continues. Checkpoints and config.json record the count; a resume keeps it. The budget counts from
+the step timing on; start-up before it (loading the data, building the model) is not counted, nor can a machine
+that slows down after the first epoch be foreseen: a budget leaves room for that.
 """
 from __future__ import annotations
 
@@ -40,10 +39,10 @@ def cost(cfg: TrainConfig, epochs: int, first_s: float, extra_s: float) -> float
     return (epochs - 1) * first_s + ((epochs - low) * extra_s if low else 0.0)
 
 
-def fitted(cfg: TrainConfig, first_s: float, extra_s: float = 0.0, spent: float | None = None) -> int:
+def fitted(cfg: TrainConfig, first_s: float, extra_s: float, spent: float) -> int:
     """The count of epochs for cfg's budget, given that the first took first_s seconds, a 32x32 epoch takes
-    extra_s more, and `spent` seconds of the budget are gone (default: the first epoch's)."""
-    left = cfg.time_budget - (first_s if spent is None else spent)
+    extra_s more, and `spent` seconds of the budget are gone (the first epoch's among them)."""
+    left = cfg.time_budget - spent
     fits = [n for n in range(least_epochs(cfg), cfg.epochs + 1) if cost(cfg, n, first_s, extra_s) <= left]
     return max(fits, default=least_epochs(cfg))
 
