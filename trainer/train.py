@@ -666,9 +666,10 @@ def fit_to_budget(cfg: TrainConfig, first: dict, ratio: float, spent: float, wor
     fitted = budget.with_epochs(cfg, epochs)
     if world.rank == 0:
         record_run(fitted)
-        low = (f", {fitted.low_res_epochs} of them at {cfg.low_res}x{cfg.low_res} (a 32x32 epoch takes {extra_s:.3f} s "
-               f"more: its training pass, {first['pass_seconds']:.3f} s at {cfg.low_res}x{cfg.low_res}, costed at "
-               f"{ratio:.3f} times, as a 32x32 step was timed)") if cfg.low_res_epochs else ""
+        size = f"{cfg.low_res}x{cfg.low_res}"
+        low = (f", {fitted.low_res_epochs} of them at {size} (a 32x32 epoch takes {extra_s:.3f} s more: its training "
+               f"pass, {first['pass_seconds']:.3f} s at {size}, costed at {ratio:.3f} times, as a 32x32 step was "
+               f"timed)") if cfg.low_res_epochs else ""
         world.log(f"time_budget {cfg.time_budget:g} s: {spent:.3f} s spent, the first epoch {first['epoch_seconds']:.1f} s,"
                   f" so {epochs} epochs{low}")
     return fitted
