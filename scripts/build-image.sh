@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make image`: the CPU image, localhost/cifar10-hvd:cpu, built from this checkout with podman (Docker
-# where it is present and podman is not).
+# where its daemon answers and podman is not installed).
 #
 # usage: scripts/build-image.sh [TAG]        (default: $IMAGE or localhost/cifar10-hvd:cpu)
 # env:   BASE_CPU  the Debian 12 base to build on; default: debian:12 if the registry serves it, else
@@ -30,10 +30,11 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-# 1. The engine: podman (with runc beside its default runtime), or an existing Docker.
+# 1. The engine: podman (with runc beside its default runtime), or a Docker whose daemon answers (a Docker
+# client alone, with no daemon to talk to, builds nothing).
 if command -v podman >/dev/null 2>&1; then
   engine=podman
-elif command -v docker >/dev/null 2>&1; then
+elif command -v docker >/dev/null 2>&1 && timeout 30 docker info >/dev/null 2>&1; then
   engine=docker
 else
   apt_install podman runc
@@ -61,7 +62,7 @@ if [ -z "$base" ]; then
     mmdebstrap --quiet --variant=minbase --mode=root --include=ca-certificates \
       --aptopt='Acquire::Check-Valid-Until "false"' --aptopt='Acquire::Check-Date "false"' \
       bookworm "$tmp/base.tar" "${sources[@]}"
-    "$engine" import --quiet "$tmp/base.tar" "$local_base" >/dev/null
+    "$engine" import "$tmp/base.tar" "$local_base" >/dev/null  # docker import has no --quiet
     base=$local_base
   fi
 fi
