@@ -7,7 +7,7 @@ string-sorted-ids mix-up cannot happen), checks every test id is there exactly o
 streams the CSV to a temporary sibling that is renamed into place.
 
     python -m predictor.predict --prepared PREP --model RUN [--out RUN/submission.csv]
-                              [--batch-size 512] [--tta flip] [--precision int8] [--engine onnxruntime]
+                              [--batch-size 512] [--tta flip|flip-translate] [--precision int8] [--engine onnxruntime]
 """
 from __future__ import annotations
 
@@ -211,7 +211,11 @@ def onnx_engine(model_dir: Path, cfg: PredictConfig, calib, threads: int, verbos
 
     session, classes = onnx_predict.load(model_dir, cfg.precision, calib, threads,
                                          log=(lambda line: print(line, flush=True)) if verbose else None)
-    rows = forward_rows(cfg.batch_size, read_run_record(model_dir).train.width, ACTIVATION_BUDGET)
+    train = read_run_record(model_dir).train
+    if cfg.tta == "flip-translate" and train.eval_crop:
+        raise InputError(f"predict.tta flip-translate with the onnxruntime engine: {model_dir} was validated at "
+                         f"train.eval_crop {train.eval_crop}, a view this engine cannot move (use --engine mxnet)")
+    rows = forward_rows(cfg.batch_size, train.width, ACTIVATION_BUDGET)
 
     def infer(images: np.ndarray, shard: slice, bar: str | None) -> np.ndarray:
         with progress_bar(bar, shard.stop - shard.start) as progress:

@@ -102,6 +102,11 @@ def test_onnxruntime_engine_writes_the_same_submission_as_mxnet(run, prepared, t
         run_cli(["predict", *args, "--tta", "flip", "--engine", engine, "--out", str(tmp_path / f"{engine}-flip.csv")],
                 check=True)
     assert (tmp_path / "mxnet-flip.csv").read_bytes() == (tmp_path / "onnxruntime-flip.csv").read_bytes()
+    # moved views of raw images are not moved views of the 36 crop's resample inside model.onnx: refused
+    proc = run_cli(["predict", *args, "--tta", "flip-translate", "--engine", "onnxruntime",
+                    "--out", str(tmp_path / "moved.csv")])
+    assert proc.returncode == 2 and "train.eval_crop 36" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "moved.csv").exists()
 
 
 def test_engine_is_a_predict_config_key(run, prepared, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,11 @@ def make_run(run: Path, seed: int = 0, classes: list[str] | None = None) -> Path
     return run
 
 
-def reference_logits(run: Path, src: Path, ids: list[int], flip: bool = False, crop: int = 0) -> np.ndarray:
+def reference_logits(run: Path, src: Path, ids: list[int], view: str = "none", crop: int = 0) -> np.ndarray:
     """Logits for src/test/ID.png, decoded from the PNGs here (not through data_prep), one image at a time,
-    seen through the evaluation view eval_transform(crop)."""
+    seen through the evaluation view eval_transform(crop); view flip averages the image and its mirror,
+    flip-translate that pair (weight 1/2) and the pairs of the image moved one pixel up-left and down-right with
+    reflected borders (1/4 each), moved here on the decoded pixels."""
     import mxnet as mx
     from PIL import Image
 
@@ -71,14 +74,21 @@ def reference_logits(run: Path, src: Path, ids: list[int], flip: bool = False, c
 
     net = resnet18(len(CLASSES), width=WIDTH)
     net.load_parameters(str(run / "model-final.params"))
+
+    def pair(img: np.ndarray) -> np.ndarray:
+        return sum(net(mx.nd.array(eval_transform(np.ascontiguousarray(v), crop))).asnumpy()[0] / 2
+                   for v in (img, img[:, :, ::-1]))
+
     out = []
     for i in ids:
         img = np.asarray(Image.open(src / "test" / f"{i}.png").convert("RGB"))[None]
-        x = mx.nd.array(eval_transform(img, crop))
-        logits = net(x)
-        if flip:
-            logits = (logits + net(x.flip(axis=3))) / 2
-        out.append(logits.asnumpy()[0])
+        if view == "none":
+            out.append(net(mx.nd.array(eval_transform(img, crop))).asnumpy()[0])
+        elif view == "flip":
+            out.append(pair(img))
+        else:
+            padded = np.pad(img, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+            out.append(pair(img) / 2 + (pair(padded[:, :32, :32]) + pair(padded[:, 2:, 2:])) / 4)
     return np.stack(out)
 
 
@@ -132,7 +142,25 @@ def test_flip_tta_in_process_returns_figures(twelve, tmp_path):
     assert res["count"] == 12 and res["path"] == str(tmp_path / "tta.csv") and res["images_per_sec"] > 0
     _, ids, labels = read_submission(tmp_path / "tta.csv")
     assert ids == list(range(1, 13))
-    assert_matches_reference(labels, reference_logits(run, src, ids, flip=True))
+    assert_matches_reference(labels, reference_logits(run, src, ids, view="flip"))
+    moved = predict(prep, run, tmp_path / "moved.csv", PredictConfig(batch_size=5, tta="flip-translate"), quiet=True)
+    assert moved["count"] == 12
+    _, ids, moved_labels = read_submission(tmp_path / "moved.csv")
+    reference = reference_logits(run, src, ids, view="flip-translate")
+    assert_matches_reference(moved_labels, reference)
+    # the moved views weigh in: some image's label differs from the flip view's
+    assert mismatches(labels, reference)
+    # onnxruntime moves the raw images: the same view at eval_crop 0 (the run exported as a final phase would)
+    import mxnet as mx
+
+    from predictor.predict import load_model
+    from trainer.export import write_final_model
+
+    exported = shutil.copytree(run, tmp_path / "exported")
+    write_final_model(exported, load_model(run, mx.cpu())[0], CLASSES, 0)
+    predict(prep, exported, tmp_path / "ort.csv",
+            PredictConfig(batch_size=5, tta="flip-translate", engine="onnxruntime"), quiet=True)
+    assert (tmp_path / "ort.csv").read_bytes() == (tmp_path / "moved.csv").read_bytes()
     # default output path is RUN/submission.csv, and a second run replaces it whole
     for _ in range(2):
         predict(prep, run, None, PredictConfig(batch_size=512), quiet=True)

@@ -29,6 +29,9 @@ from contracts.schema import (  # noqa: F401 - re-exported: trainer and launcher
     section,
 )
 
+# the views a validation or a prediction may average (trainer.inference.view_logits)
+TTA_VIEWS = ("none", "flip", "flip-translate")
+
 # "seed" is accepted for "d2l": configs, overrides and run records that spell it so keep working
 D2L_ALIAS = {"seed": "d2l"}
 
@@ -91,7 +94,7 @@ class TrainConfig:
     zero_init_residual: bool = field(default=False, metadata={"help": "initialise each residual block's last BatchNorm gamma to 0 (the block starts as an identity)"})
     wd_bn_bias: bool = field(default=True, metadata={"help": "weight decay on BatchNorm gamma/beta and biases too, as d2l (false: on conv and dense weights only)"})
     nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (trainer.recipe.NesterovSGD) instead of d2l's sgd"})
-    tta: str = field(default="none", metadata={"help": "validation view: flip = the average of the image's and its mirror's logits, as predict --tta flip (the plain view's accuracy is recorded beside it)", "choices": ("none", "flip")})
+    tta: str = field(default="none", metadata={"help": "validation view, as predict --tta: flip = the image's and its mirror's logits summed, flip-translate = that pair and the pairs moved one pixel up-left and down-right (the plain view's accuracy is recorded beside it)", "choices": TTA_VIEWS})
     low_res: int = field(default=0, metadata={"help": "progressive resizing: the first low_res_epochs epochs train on batches downscaled to low_res x low_res (area average; 0 = off, d2l's 32)", "choices": (0, *range(8, 32))})
     low_res_epochs: int = field(default=0, metadata={"help": "progressive resizing: epochs at low_res before training at 32x32", "min": 0})
 

@@ -93,15 +93,26 @@ def forward_batches(fn, images: np.ndarray, ctx, batch_size: int, crop: int = 0)
 
 
 def view_logits(net, x, tta: str = "none") -> tuple:
-    """(plain logits, logits in the tta view) of net for batch x; tta='flip' adds the mirrored view's
-    logits to the plain ones (the same array when tta is 'none')."""
+    """(plain logits, logits in the tta view) of net for NCHW batch x. flip: the plain and mirrored views'
+    logits summed. flip-translate (airbench's view): half that pair, and a quarter each of the pairs of x moved
+    one pixel up-left and one down-right with reflected borders, scaled as flip's sum (twice the mean)."""
     plain = net(x)
-    return plain, (plain + net(x.flip(axis=3)) if tta == "flip" else plain)
+    if tta == "none":
+        return plain, plain
+    pair = plain + net(x.flip(axis=3))
+    if tta == "flip":
+        return plain, pair
+    import mxnet as mx
+
+    h, w = x.shape[2:]
+    padded = mx.nd.pad(x, mode="reflect", pad_width=(0, 0, 0, 0, 1, 1, 1, 1))
+    moved = [padded[:, :, 0:h, 0:w], padded[:, :, 2:h + 2, 2:w + 2]]
+    return plain, pair + 0.5 * sum(net(m) + net(m.flip(axis=3)) for m in moved)
 
 
 def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,
                   tta: str = "none") -> Iterator[tuple[int, int, object]]:
     """(start, stop, logits of rows start..stop) for images seen through eval_transform(crop)
-    (forward_batches); tta='flip' adds the mirrored view's logits."""
+    (forward_batches), in the tta view (view_logits)."""
     for start, stop, (_, logits) in forward_batches(lambda x: view_logits(net, x, tta), images, ctx, batch_size, crop):
         yield start, stop, logits[: stop - start]
