@@ -421,13 +421,16 @@ def _budgeted(prepared: Path, out: Path, seconds: float, *extra: str, ranks: int
     return horovodrun(ranks, ["python", "-m", "trainer", *args], timeout=600, check=False)
 
 
-def _budget_count(first: dict, ratio: float, spent: float, seconds: float) -> int:
+def _budget_count(first: dict, ratio: float, spent: float, seconds: float, every: int) -> int:
     """The count the budget must give BUDGETED, worked out here from trainer.budget's documented rule: with `spent`
     seconds gone, epochs 2..n cost the first epoch's seconds each, a 32x32 one its training pass `ratio` times, with
-    20 of 40 epochs (at least one) small; the most that fit, at least 2 (the warmup and one epoch)."""
+    20 of 40 epochs (at least one) small, and one of epochs 2..n-1 whose number is not a multiple of `every` (not
+    validated) the first's validation seconds less; the most that fit, at least 2 (the warmup and one epoch)."""
     def cost(n: int) -> float:
         low = max(1, round(20 * n / 40))
-        return (n - 1) * first["epoch_seconds"] + (n - low) * (ratio - 1) * first["pass_seconds"]
+        skipped = sum(1 for number in range(2, n) if number % every)
+        return ((n - 1) * first["epoch_seconds"] - skipped * first["valid_seconds"]
+                + (n - low) * (ratio - 1) * first["pass_seconds"])
 
     return max([n for n in range(2, 41) if cost(n) <= seconds - spent], default=2)
 
@@ -446,10 +449,11 @@ def test_time_budget_fits_the_epochs_to_the_first_ones_seconds_and_a_resume_keep
     assert proc.returncode == 0, proc.stderr[-3000:]
     first_s = rundir.read_metrics(short)[0]["epoch_seconds"]
     assert len(rundir.read_metrics(short)) == 2
-    # forty of them, on two ranks: each measures its own first epoch; rank 0's decides for both
+    # forty of them, on two ranks: each measures its own first epoch; rank 0's decides for both; every third
+    # epoch validated (and the first and the last), the others costed without the first's validation seconds
     run = tmp_path / "run"
     seconds = 40 * first_s
-    proc = _budgeted(prepared, run, seconds, ranks=2)
+    proc = _budgeted(prepared, run, seconds, "--valid-every", "3", ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     rows = rundir.read_metrics(run)
     said = re.search(r"time_budget \S+ s: (\S+) s spent, the first epoch \S+ s, so (\d+) epochs, (\d+) of them at "
@@ -460,21 +464,25 @@ def test_time_budget_fits_the_epochs_to_the_first_ones_seconds_and_a_resume_keep
     # the step timing comes before the first epoch and counts; a 32x32 step does 4 times a 16x16 one's arithmetic
     assert rows[0]["pass_seconds"] < rows[0]["epoch_seconds"] < spent < rows[0]["epoch_seconds"] + 60
     assert 1 < ratio < 16
-    n = _budget_count(rows[0], ratio, spent, seconds)
+    n = _budget_count(rows[0], ratio, spent, seconds, every=3)
     assert 2 < n < 40 and len(rows) == n and int(said[2]) == n, (n, len(rows), rows[0], spent, seconds)
+    assert [r["epoch"] + 1 for r in rows if r["valid_acc"] is not None] == sorted({1, *range(3, n + 1, 3), n})
+    assert all(r["valid_seconds"] < 0.01 for r in rows if r["valid_acc"] is None) and rows[0]["valid_seconds"] > 0
     record = json.loads((run / "config.json").read_text())["train"]
     assert (record["epochs"], record["low_res_epochs"], record["time_budget"]) == (n, max(1, round(n / 2)),
                                                                                     pytest.approx(seconds))
     # the cosine schedule decays to the fitted count: the last epoch starts where an n-epoch run's does
     assert rows[-1]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * (n - 2) / (n - 1))), rel=1e-6)
     assert f"epoch {n}/{n} " in proc.stdout
-    # the last checkpoint lost, then resumed with the same flags: epoch n again, the count not fitted anew
+    # the last checkpoint lost, then resumed with the same flags but valid_every's (how a run is carried out, free
+    # to change): epoch n again, validated as the last, the count not fitted anew
     for f in (run / "checkpoints").glob(f"epoch-{n:04d}.*"):
         f.unlink()
     proc = _budgeted(prepared, run, seconds, "--resume", ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert f"resuming at epoch {n}" in proc.stdout and f"epoch {n}/{n} " in proc.stdout
     assert "s spent, the first epoch" not in proc.stdout and len(rundir.read_metrics(run)) == n
+    assert rundir.read_metrics(run)[-1]["valid_acc"] is not None
     # another budget on resume is a change of the run's training: refused without --resume-with-changes
     proc = _budgeted(prepared, run, 2 * seconds, "--resume", "--batch-size", "64")  # one rank, the same global batch
     assert proc.returncode == 2 and "time_budget" in proc.stderr, proc.stderr[-2000:]

@@ -79,6 +79,7 @@ class TrainConfig:
     pipeline: str = field(default="batched", metadata={"help": "input pipeline: batched numpy augmentation, or d2l's per-image DataLoader", "choices": ("batched", "d2l"), "aliases": D2L_ALIAS})
     eval_crop: int = field(default=0, metadata={"help": "evaluation/predict view: 0 = d2l's (normalize only); S in 32..40 = centre SxS crop of the 40x40 upscale, resized to 32 (the zoom training crops show)", "choices": (0, *range(32, 41))})
     eval_batch_size: int = field(default=512, metadata={"help": "per-rank batch size for validation", "min": 1})
+    valid_every: int = field(default=1, metadata={"help": "validate the first epoch, every Nth and the last (1: every epoch, as d2l)", "min": 1})
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept in RUN/checkpoints", "min": 1})
     threads: int = field(default=0, metadata={"help": "OMP threads per rank (0 = cores / ranks on this host)", "min": 0})
     # recipe ingredients for short schedules; each default is d2l's behaviour
@@ -104,7 +105,7 @@ class TrainConfig:
 
 CHANGE_KEYS = {"epoch", "key", "old", "new"}
 # keys that decide how a run is carried out, not what it computes: a resume may change them freely
-OPERATIONAL_KEYS = ("threads", "keep_checkpoints", "eval_batch_size")
+OPERATIONAL_KEYS = ("threads", "keep_checkpoints", "eval_batch_size", "valid_every")
 DECAY_TO_END = ("cosine", "linear")  # schedules whose LR at an epoch depends on `epochs`
 
 

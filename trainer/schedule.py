@@ -28,3 +28,8 @@ def lr_at(cfg: TrainConfig, position: float, world_size: int = 1) -> float:
         return 0.5 * peak * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else peak * (1 - t)
     # d2l's: lr * lr_decay ** (epoch // lr_period), constant within an epoch
     return peak * cfg.lr_decay ** (int(position) // cfg.lr_period)
+
+
+def validates(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch (0-based) of a cfg.epochs run is validated: the first, every valid_every-th, the last."""
+    return epoch == 0 or (epoch + 1) % cfg.valid_every == 0 or epoch == cfg.epochs - 1

@@ -30,7 +30,7 @@ from trainer.export import write_final_model
 from trainer.inputs import verify_prepared
 from trainer.precision import loss_scale_state
 from trainer.recipe import WHITEN_IMAGES, check_recipe, freeze_stem, optimizer_spec, prepare_net, train_size, whiten_stem
-from trainer.schedule import base_lr, lr_at
+from trainer.schedule import base_lr, lr_at, validates
 from trainer.sharding import steps_per_epoch, train_shard
 
 
@@ -593,16 +593,17 @@ def evaluate_valid(model: Model, data: Data, cfg: TrainConfig, world: World) -> 
 
 
 def run_epoch(model: Model, data: Data, cfg: TrainConfig, phase: str, epoch: int, world: World) -> dict:
-    """Train one epoch, agree on BatchNorm statistics, validate; the epoch's metrics row."""
+    """Train one epoch, agree on BatchNorm statistics, validate (when schedule.validates); the epoch's metrics row."""
     t0 = time.perf_counter()
     lr = lr_at(cfg, epoch, world.size)
     record = train_one_epoch(model, data, cfg, epoch, world)
     sync_batchnorm_stats(model.net)
-    valid = evaluate_valid(model, data, cfg, world)
+    t1 = time.perf_counter()
+    valid = evaluate_valid(model, data, cfg, world) if validates(cfg, epoch) else None
     return {"epoch": epoch, "phase": phase, "lr": lr, **record,
             "valid_acc": valid["acc"] if valid else None, "valid_loss": valid["loss"] if valid else None,
             **({"valid_acc_plain": valid["plain_acc"]} if valid and cfg.tta != "none" else {}),
-            "epoch_seconds": time.perf_counter() - t0}
+            "valid_seconds": time.perf_counter() - t1, "epoch_seconds": time.perf_counter() - t0}
 
 
 # --- recording ---------------------------------------------------------------------------------------
@@ -662,7 +663,8 @@ def fit_to_budget(cfg: TrainConfig, first: dict, ratio: float, spent: float, wor
     epoch's row `first`, a 32x32 training pass `ratio` times its pass; rank 0 records it and says so."""
     spent = round(spent, 3)
     extra_s = (ratio - 1) * first["pass_seconds"]
-    epochs = int(broadcast_scalar(budget.fitted(cfg, first["epoch_seconds"], extra_s, spent), "budget_epochs"))
+    epochs = int(broadcast_scalar(budget.fitted(cfg, first["epoch_seconds"], extra_s, spent, first["valid_seconds"]),
+                                  "budget_epochs"))
     fitted = budget.with_epochs(cfg, epochs)
     if world.rank == 0:
         record_run(fitted)
