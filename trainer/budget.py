@@ -7,12 +7,12 @@ training pass grown by what a 32x32 step was timed to cost in low_res ones befor
 of the epoch (validation, BatchNorm statistics) stays at its measured seconds, less the validation's in an epoch
 that valid_every leaves unvalidated. On one 2-core machine the timed ratio applied to whole tune epochs overstated
 their 32x32 ones by a fifth, and a timed difference of seconds per step understated them by 12% (augmentation and
-memory traffic grow with the pixels as well); the arithmetic's
-(32/low_res)^2 understated them on another machine. The first epoch's learning rate must not depend on the count
-(check_recipe asks for a warmup under a schedule that decays to the last epoch), so the run the first epoch began
-is the run that continues. Checkpoints and config.json record the count; a resume keeps it. The budget counts from
-the step timing on; start-up before it (loading the data, building the model) is not counted, nor can a machine
-that slows down after the first epoch be foreseen: a budget leaves room for that.
+memory traffic grow with the pixels as well); the arithmetic's (32/low_res)^2 understated them on another machine.
+The first epoch's learning rate must not depend on the count (check_recipe asks for a warmup under a schedule that
+decays to the last epoch), so the run the first epoch began is the run that continues. Checkpoints and config.json
+record the count; a resume keeps it. The budget counts from the step timing on; start-up before it (loading the
+data, building the model) is not counted, nor can a machine that slows down after the first epoch be foreseen: a
+budget leaves room for that.
 """
 from __future__ import annotations
 
