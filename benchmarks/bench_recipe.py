@@ -44,8 +44,8 @@ INGREDIENTS = {"padcrop": ["train.augment=d2l", "train.flip=random"], "cutout": 
                "zero_init_residual": ["train.zero_init_residual=false"], "no_wd_bn_bias": ["train.wd_bn_bias=true"],
                "nesterov": ["train.nesterov=false"], "label_smoothing": ["train.label_smoothing=0"],
                "low_res": ["train.low_res=0", "train.low_res_epochs=0"], "stage_mult": ["train.stage_mult=1,2,4,8"],
-               "stem_stride": ["train.stem_stride=1"], "stem_init": ["train.stem_init=xavier"],
-               "flip": ["train.flip=random"], "bn_momentum": ["train.bn_momentum=0.9"]}
+               "stem_stride": ["train.stem_stride=1"], "stem_pool": ["train.stem_pool=0"],
+               "stem_init": ["train.stem_init=xavier"], "flip": ["train.flip=random"], "bn_momentum": ["train.bn_momentum=0.9"]}
 
 
 @dataclass

@@ -41,7 +41,8 @@ def run(cmd: list[str], threads: int = 1, **extra_env: str) -> str:
     return proc.stdout
 
 
-def model_alone(width: int, batch: int, steps: int, amp: str, stage_mult: str = "1,2,4,8", stem_stride: int = 1) -> float:
+def model_alone(width: int, batch: int, steps: int, amp: str, stage_mult: str = "1,2,4,8", stem_stride: int = 1,
+                stem_pool: int = 0) -> float:
     """Images/s of forward+backward+step on one fixed in-memory batch (run in this process)."""
     if amp != "none":
         from mxnet.contrib import amp as mxamp
@@ -56,7 +57,7 @@ def model_alone(width: int, batch: int, steps: int, amp: str, stage_mult: str = 
     from trainer.model import resnet18
 
     init_horovod()
-    net = resnet18(10, width, stage_mult, stem_stride)
+    net = resnet18(10, width, stage_mult, stem_stride, stem_pool)
     net.initialize(mx.init.Xavier())
     net.hybridize(static_alloc=True)
     trainer = DenseGradTrainer(net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9, "wd": 5e-4})

@@ -13,8 +13,8 @@ from trainer.config import TrainConfig
 
 RECIPE_KEYS = {"augment": "d2l", "pad": 4, "pad_mode": "reflect", "cutout": 0, "ema": 0.0,
                "zero_init_residual": False, "wd_bn_bias": True, "nesterov": False, "tta": "none", "low_res": 0,
-               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1, "stem_init": "xavier", "flip": "random",
-               "bn_momentum": 0.9}
+               "low_res_epochs": 0, "stage_mult": "1,2,4,8", "stem_stride": 1, "stem_pool": 0, "stem_init": "xavier",
+               "flip": "random", "bn_momentum": 0.9}
 
 
 def _images(n: int = 48, seed: int = 0) -> np.ndarray:
@@ -210,7 +210,7 @@ def test_weight_average_equals_the_hand_computed_average_after_k_steps(tmp_path)
 TINY = ["--width", "4", "--batch-size", "16", "--lr", "0.1", "--lr-period", "1", "--lr-decay", "0.5", "--keep-checkpoints", "5",
         "--ema", "0.9", "--augment", "padcrop", "--cutout", "8", "--zero-init-residual", "--no-wd-bn-bias",
         "--nesterov", "--tta", "flip", "--low-res", "16", "--low-res-epochs", "1", "--stage-mult", "1,2,4,16",
-        "--stem-stride", "2", "--stem-init", "whiten", "--flip", "alternate",
+        "--stem-stride", "2", "--stem-pool", "2", "--stem-init", "whiten", "--flip", "alternate",
         "--bn-momentum", "0.5"]
 
 
@@ -244,7 +244,7 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     import data_prep
 
     valid = data_prep.open_split(prepared, "valid", data_prep.read_manifest(prepared))
-    net = load_model(whole, mx.cpu())[0]  # predict's loader rebuilds the recorded stage_mult 1,2,4,16, stem_stride 2
+    net = load_model(whole, mx.cpu())[0]  # predict's loader rebuilds the recorded stage_mult, stem_stride and stem_pool
     # ... in the flip view (train.tta), with the plain view's accuracy beside it
     row = rundir.read_metrics(whole)[-1]
     flip, plain = (evaluate(net, valid.images, valid.labels, mx.cpu(), 64, tta=t)["acc"] for t in ("flip", "none"))
@@ -263,8 +263,10 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
     np.testing.assert_allclose(final[stem], first[stem], rtol=1e-6, atol=1e-7)
     # parameters of the same shapes under another stem stride are another model: refused, exit 2
     proc = _train(prepared, part, "--epochs", "3", "--resume", "--stem-stride", "1")
-    assert proc.returncode == 2 and "stem_stride 1: its model has width 4, stage_mult 1,2,4,16, stem_stride 2" \
-        in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "stem_stride 1, stem_pool 2: its model has width 4, stage_mult 1,2,4,16, " \
+        "stem_stride 2, stem_pool 2" in proc.stderr, proc.stderr[-2000:]
+    proc = _train(prepared, part, "--epochs", "3", "--resume", "--stem-pool", "0")  # and without the pool
+    assert proc.returncode == 2 and "stem_stride 2, stem_pool 0: its model has" in proc.stderr, proc.stderr[-2000:]
     # checkpoints without their average cannot continue one: exit 2 naming the files
     for ema_file in (part / "checkpoints").glob("*.ema"):
         ema_file.unlink()
@@ -275,8 +277,9 @@ def test_ema_run_validates_exports_and_resumes_the_average(prepared, tmp_path):
 def test_a_model_key_at_its_default_leaves_older_workdirs_stage_keys_alone():
     from contracts.schema import alias_spelled
 
-    assert "stem_stride" not in alias_spelled(TrainConfig())  # markers written before the key existed still match
-    assert alias_spelled(TrainConfig(stem_stride=2))["stem_stride"] == 2
+    for key, value in (("stem_stride", 2), ("stem_pool", 3)):
+        assert key not in alias_spelled(TrainConfig())  # markers written before the key existed still match
+        assert alias_spelled(TrainConfig(**{key: value}))[key] == value
 
 
 def test_recipe_flags_parse_and_the_d2l_pipeline_spelled_seed_refuses_padcrop(prepared, tmp_path):
@@ -309,6 +312,18 @@ def test_stage_mult_widens_only_the_named_stages_and_bad_values_are_refused(prep
     strided.initialize()
     assert strided[:3](mx.nd.zeros((2, 3, 32, 32))).shape == (2, 4, 16, 16)
     assert strided(mx.nd.zeros((2, 3, 32, 32))).shape == (2, 10)
+    x = mx.nd.array(np.random.default_rng(0).standard_normal((2, 3, 32, 32)))
+    for pool in (2, 3):  # the stem's ReLU at all 32x32 positions, then each 16x16 cell its window's maximum
+        pooled = resnet18(10, 4, stem_pool=pool)
+        pooled.initialize()
+        full = pooled[:3](x).asnumpy()
+        assert full.shape == (2, 4, 32, 32) and pooled[:4](x).shape == (2, 4, 16, 16)
+        assert pooled(x).shape == (2, 10)  # the same parameters as d2l's model: the pool has none
+        assert [p.shape for p in pooled.collect_params().values()] == [p.shape for p in d2l.collect_params().values()]
+        padded = np.pad(full, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf) if pool == 3 \
+            else full  # 3x3 windows padded by 1 start one pixel above and left of each 2x2 cell
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (pool, pool), axis=(2, 3))[:, :, ::2, ::2]
+        np.testing.assert_allclose(pooled[:4](x).asnumpy(), windows.max(axis=(4, 5))[:, :, :16, :16], rtol=1e-6)
     for bad in ("2,2,4,8", "1,2,4", "1,2,x,8", "1,2,4,0"):
         proc = run_cli(["train", "--prepared", str(prepared), "--out", str(tmp_path / "r"), "--stage-mult", bad])
         assert proc.returncode == 2 and "stage_mult" in proc.stderr and not (tmp_path / "r").exists(), bad

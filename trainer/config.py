@@ -49,6 +49,10 @@ class TrainConfig:
     stem_stride: int = field(default=1, metadata={
         "help": "stride of the stem conv: d2l's 1 keeps the stages at 32, 16, 8, 4 pixels; 2 runs them at 16, 8, 4, 2",
         "choices": (1, 2), "added_later": True})
+    stem_pool: int = field(default=0, metadata={
+        "help": "a stride-2 max-pool after the stem's ReLU: d2l's 0 has none; 2 = 2x2 (airbench's), 3 = 3x3 padded by 1 "
+                "(ImageNet ResNet-18's); with stem_stride 1 the stages then run at 16, 8, 4, 2 pixels",
+        "choices": (0, 2, 3), "added_later": True})
     stem_init: str = field(default="xavier", metadata={
         "help": "the stem conv's filters: d2l's Xavier init, trained; or whiten = the training images' 3x3 patch-"
                 "whitening directions (the top width/2 eigenvectors of the patch covariance over 1/sqrt(eigenvalue), "

@@ -32,15 +32,17 @@ def stage_widths(width: int, stage_mult: str = D2L_STAGE_MULT) -> tuple[int, ...
     return tuple(width * int(m) for m in stage_mult.split(","))
 
 
-ARCH_KEYS = ("width", "stage_mult", "stem_stride")  # the TrainConfig keys that shape the model's parameters
+ARCH_KEYS = ("width", "stage_mult", "stem_stride", "stem_pool")  # the TrainConfig keys that shape the model
 
 
 def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE_MULT,
-             stem_stride: int = 1, bn_momentum: float = 0.9) -> nn.HybridSequential:
+             stem_stride: int = 1, stem_pool: int = 0, bn_momentum: float = 0.9) -> nn.HybridSequential:
     """ResNet-18 as in d2l: 3x3 stem, no max-pool, stages of width x (1, 2, 4, 8) (or x stage_mult).
 
     stem_stride 2 halves the resolution in the stem, so the stages run at 16, 8, 4 and 2 pixels: the same
     layers at a quarter of the arithmetic per channel, which wider stages can spend where maps are small.
+    stem_pool 2 or 3 halves it after the stem's ReLU instead, by a 2x2 max-pool (airbench's) or a 3x3 one
+    padded by 1 (ImageNet ResNet-18's): the stem's filters see every position, the pool keeps the strongest.
     bn_momentum: every BatchNorm's running-statistics momentum (gluon's and d2l's 0.9); it shapes no parameter.
     """
     widths = stage_widths(width, stage_mult)
@@ -49,6 +51,8 @@ def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE
     net = nn.HybridSequential()
     net.add(nn.Conv2D(width, kernel_size=3, strides=stem_stride, padding=1), nn.BatchNorm(momentum=bn_momentum),
             nn.Activation("relu"))
+    if stem_pool:
+        net.add(nn.MaxPool2D(pool_size=stem_pool, strides=2, padding=stem_pool // 2 if stem_pool == 3 else 0))
 
     def stage(num_channels: int, first: bool) -> nn.HybridSequential:
         blk = nn.HybridSequential()
