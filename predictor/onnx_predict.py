@@ -52,20 +52,17 @@ def load(model_dir: str | Path, precision: str, calib: np.ndarray | None, thread
 
 
 def logits(session, x: np.ndarray, tta: str = "none") -> np.ndarray:
-    """Logits of a uint8 NHWC batch in the tta view, as trainer.inference.view_logits weighs them (the moved views
-    are the raw images moved, the same as moving the model's input when train.eval_crop is 0)."""
-    def pair(batch: np.ndarray) -> np.ndarray:
-        return (session.run(None, {INPUT_NAME: batch})[0]
-                + session.run(None, {INPUT_NAME: np.ascontiguousarray(batch[:, :, ::-1])})[0])
+    """Logits of a uint8 NHWC batch in the tta view (trainer.inference.combine_views; the moved views are the raw
+    images moved, the same as moving the model's input when train.eval_crop is 0)."""
+    from trainer.inference import combine_views
 
-    if tta == "none":
-        return session.run(None, {INPUT_NAME: x})[0]
-    if tta == "flip":
-        return pair(x)
-    h, w = x.shape[1:3]
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    moved = [np.ascontiguousarray(padded[:, 0:h, 0:w]), np.ascontiguousarray(padded[:, 2:h + 2, 2:w + 2])]
-    return pair(x) + 0.5 * sum(pair(m) for m in moved)
+    def moved(batch: np.ndarray) -> list[np.ndarray]:
+        h, w = batch.shape[1:3]
+        padded = np.pad(batch, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        return [np.ascontiguousarray(padded[:, 0:h, 0:w]), np.ascontiguousarray(padded[:, 2:h + 2, 2:w + 2])]
+
+    return combine_views(lambda batch: session.run(None, {INPUT_NAME: batch})[0], x, tta,
+                         lambda batch: np.ascontiguousarray(batch[:, :, ::-1]), moved)[1]
 
 
 def predict_rows(session, images: np.ndarray, batch_size: int, tta: str = "none", progress=None) -> np.ndarray:

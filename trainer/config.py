@@ -29,7 +29,7 @@ from contracts.schema import (  # noqa: F401 - re-exported: trainer and launcher
     section,
 )
 
-# the views a validation or a prediction may average (trainer.inference.view_logits)
+# the views a validation or a prediction may average (trainer.inference.combine_views)
 TTA_VIEWS = ("none", "flip", "flip-translate")
 
 # "seed" is accepted for "d2l": configs, overrides and run records that spell it so keep working

@@ -92,22 +92,30 @@ def forward_batches(fn, images: np.ndarray, ctx, batch_size: int, crop: int = 0)
             released = stop
 
 
-def view_logits(net, x, tta: str = "none") -> tuple:
-    """(plain logits, logits in the tta view) of net for NCHW batch x. flip: the plain and mirrored views'
-    logits summed. flip-translate (airbench's view): half that pair, and a quarter each of the pairs of x moved
-    one pixel up-left and one down-right with reflected borders, scaled as flip's sum (twice the mean)."""
-    plain = net(x)
+def combine_views(forward, x, tta: str, mirror, moved) -> tuple:
+    """(plain logits, logits in the tta view) of batch x for any engine's arrays: forward(batch) gives logits,
+    mirror(batch) the left-right mirror, moved(batch) the batch moved one pixel up-left and one down-right with
+    reflected borders. flip: the plain and mirrored views' logits summed. flip-translate (airbench's view): half
+    that pair and a quarter each of the moved pairs, scaled as flip's sum (twice the mean)."""
+    plain = forward(x)
     if tta == "none":
         return plain, plain
-    pair = plain + net(x.flip(axis=3))
+    pair = plain + forward(mirror(x))
     if tta == "flip":
         return plain, pair
-    import mxnet as mx
+    return plain, pair + 0.5 * sum(forward(m) + forward(mirror(m)) for m in moved(x))
 
-    h, w = x.shape[2:]
-    padded = mx.nd.pad(x, mode="reflect", pad_width=(0, 0, 0, 0, 1, 1, 1, 1))
-    moved = [padded[:, :, 0:h, 0:w], padded[:, :, 2:h + 2, 2:w + 2]]
-    return plain, pair + 0.5 * sum(net(m) + net(m.flip(axis=3)) for m in moved)
+
+def view_logits(net, x, tta: str = "none") -> tuple:
+    """(plain logits, logits in the tta view) of net for NCHW batch x (combine_views)."""
+    def moved(batch) -> list:
+        import mxnet as mx
+
+        h, w = batch.shape[2:]
+        padded = mx.nd.pad(batch, mode="reflect", pad_width=(0, 0, 0, 0, 1, 1, 1, 1))
+        return [padded[:, :, 0:h, 0:w], padded[:, :, 2:h + 2, 2:w + 2]]
+
+    return combine_views(net, x, tta, lambda batch: batch.flip(axis=3), moved)
 
 
 def logit_batches(net, images: np.ndarray, ctx, batch_size: int, crop: int = 0,

@@ -52,7 +52,7 @@ def resnet18(num_classes: int = 10, width: int = 64, stage_mult: str = D2L_STAGE
     net.add(nn.Conv2D(width, kernel_size=3, strides=stem_stride, padding=1), nn.BatchNorm(momentum=bn_momentum),
             nn.Activation("relu"))
     if stem_pool:
-        net.add(nn.MaxPool2D(pool_size=stem_pool, strides=2, padding=stem_pool // 2 if stem_pool == 3 else 0))
+        net.add(nn.MaxPool2D(pool_size=stem_pool, strides=2, padding=(stem_pool - 1) // 2))
 
     def stage(num_channels: int, first: bool) -> nn.HybridSequential:
         blk = nn.HybridSequential()
