@@ -14,6 +14,7 @@ import numpy as np
 
 from contracts.errors import InputError
 from trainer import onnx_export, onnx_int8
+from trainer.inference import combine_views
 from trainer.onnx_export import INPUT_NAME, ONNX_MODEL
 
 
@@ -54,8 +55,6 @@ def load(model_dir: str | Path, precision: str, calib: np.ndarray | None, thread
 def logits(session, x: np.ndarray, tta: str = "none") -> np.ndarray:
     """Logits of a uint8 NHWC batch in the tta view (trainer.inference.combine_views; the moved views are the raw
     images moved, the same as moving the model's input when train.eval_crop is 0)."""
-    from trainer.inference import combine_views
-
     def moved(batch: np.ndarray) -> list[np.ndarray]:
         h, w = batch.shape[1:3]
         padded = np.pad(batch, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
